@@ -1,0 +1,1 @@
+"""Command-line tools: ``synthstrip`` (strip), ``synthseg`` (seg), ``synthmorph`` (morph)."""

@@ -1,0 +1,172 @@
+"""``synthgen``: synthesise samples, preview the generator, train and export.
+
+  synthgen sample LABELMAP -o IMAGE [--labels-out SEG] [--seed S] [-n N] [--config TOML]
+  synthgen preview LABELMAP -o GRID.png [-n 24] [--seed S] [--max] [--config TOML]
+  synthgen train CONFIG -o RUNDIR [--steps N] [--minutes M] [--set section.key=value ...]
+  synthgen export RUNDIR --config CONFIG --dest models/NAME [--name NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"synthgen: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _synth_config(path: str | None):
+    from .generator.synth import SynthConfig
+    from .recipes import load_config
+    if not path:
+        return SynthConfig()
+    return SynthConfig.from_dict(load_config(path).get("generator"))
+
+
+def _load_labels(path: str):
+    from synthtools.io import InputError, load_volume
+    from .generator.labels import LabelSet, unique_values
+    try:
+        vol = load_volume(path, dtype=None)
+    except InputError as e:
+        _fail(str(e))
+    data = np.rint(vol.data).astype(np.int64)
+    values = unique_values([data])
+    if values[0] != 0:
+        values = [0] + values
+    if len(values) > 255:
+        _fail(f"{path}: {len(values)} distinct labels, at most 255 supported")
+    ls = LabelSet(values)
+    return vol, ls, torch.from_numpy(ls.to_index(data))
+
+
+def cmd_sample(a) -> None:
+    from synthtools.io import InputError, check_output_path, save_volume
+    from .generator.synth import Synthesizer, generator
+    vol, ls, idx = _load_labels(a.labelmap)
+    synth = Synthesizer(_synth_config(a.config), num_labels=len(ls))
+    values = torch.as_tensor(ls.values)
+    jobs = []
+    for k in range(a.n):
+        if a.n == 1:
+            img_out, lab_out = a.output, a.labels_out
+        else:
+            os.makedirs(a.output, exist_ok=True)
+            img_out = os.path.join(a.output, f"image_{k:03d}.nii.gz")
+            lab_out = None
+            if a.labels_out:
+                os.makedirs(a.labels_out, exist_ok=True)
+                lab_out = os.path.join(a.labels_out, f"labels_{k:03d}.nii.gz")
+        jobs.append((k, img_out, lab_out))
+    try:
+        for _, img_out, lab_out in jobs:
+            check_output_path(img_out, input_paths=[a.labelmap])
+            if lab_out:
+                check_output_path(lab_out, input_paths=[a.labelmap])
+        for k, img_out, lab_out in jobs:
+            s = synth(idx, tuple(vol.voxsize), generator(a.seed + k))
+            save_volume(s.image[0].numpy(), vol, img_out, dtype=np.float32)
+            if lab_out:
+                save_volume(values[s.labels.long()].numpy().astype(np.int32), vol, lab_out, dtype=np.int32)
+            print(img_out)
+    except InputError as e:
+        _fail(str(e))
+
+
+def cmd_preview(a) -> None:
+    from .generator.synth import Synthesizer, generator
+    from .preview import grid_png
+    vol, ls, idx = _load_labels(a.labelmap)
+    cfg = _synth_config(a.config)
+    if a.max:
+        cfg = cfg.maximal()
+    synth = Synthesizer(cfg, num_labels=len(ls))
+    vox = tuple(float(v) for v in vol.voxsize)
+    if a.voxsize:
+        shape = [int(round(s * v / a.voxsize)) for s, v in zip(idx.shape, vox)]
+        samples = [synth(idx, vox, generator(a.seed + k), out_shape=shape, out_voxsize=(a.voxsize,) * 3).image[0]
+                   for k in range(a.n)]
+    else:
+        samples = [synth(idx, vox, generator(a.seed + k)).image[0] for k in range(a.n)]
+    if not a.output.lower().endswith(".png"):
+        _fail(f"{a.output}: output must be a .png file")
+    grid_png([s.numpy() for s in samples], a.output)
+    print(a.output)
+
+
+def _overrides(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def cmd_train(a) -> None:
+    from .loop import train
+    from .recipes import get_recipe, load_config
+    cfg = load_config(a.config, _overrides(a.set))
+    recipe = get_recipe(cfg)
+    result = train(recipe, a.output, steps=a.steps, minutes=a.minutes)
+    print(result)
+
+
+def cmd_export(a) -> None:
+    from .loop import export
+    from .recipes import get_recipe, load_config
+    recipe = get_recipe(load_config(a.config, _overrides(a.set)))
+    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="synthgen", description="Synthetic image generator and training.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample", help="write synthetic image/label pairs in the label map's geometry")
+    s.add_argument("labelmap")
+    s.add_argument("-o", "--output", required=True, help="image file (a folder when -n > 1)")
+    s.add_argument("--labels-out", help="label map file (a folder when -n > 1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", type=int, default=1)
+    s.add_argument("--config", help="TOML whose [generator] section overrides the ranges")
+    s.set_defaults(func=cmd_sample)
+    v = sub.add_parser("preview", help="PNG grid of samples (three middle slices each)")
+    v.add_argument("labelmap")
+    v.add_argument("-o", "--output", required=True)
+    v.add_argument("-n", type=int, default=24)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--max", action="store_true", help="every range at its upper bound")
+    v.add_argument("--voxsize", type=float, help="synthesise on a grid of this voxel size (mm)")
+    v.add_argument("--config")
+    v.set_defaults(func=cmd_preview)
+    t = sub.add_parser("train", help="train a recipe from a config file (resumes)")
+    t.add_argument("config", help="TOML file or bundled config name (skullstrip)")
+    t.add_argument("-o", "--output", required=True, help="run folder (checkpoint, log)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--minutes", type=float)
+    t.add_argument("--set", nargs="*", help="override config values: section.key=value")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="write shipped weights + metadata from a run")
+    e.add_argument("rundir")
+    e.add_argument("--config", required=True)
+    e.add_argument("--dest", required=True)
+    e.add_argument("--name")
+    e.add_argument("--set", nargs="*")
+    e.set_defaults(func=cmd_export)
+    a = p.parse_args(argv)
+    if getattr(a, "n", 1) < 1:
+        _fail("-n must be >= 1")
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()

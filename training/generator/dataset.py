@@ -1,0 +1,90 @@
+"""Streaming training data: an IterableDataset over a folder of label maps
+that synthesises a new sample at every step. Each (rank, worker, step) gets
+its own seed, so no two workers or ranks ever draw the same sample, and a
+resumed run continues the stream instead of repeating it."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .labels import LabelSet
+from .noise import randint
+from .synth import generator
+
+
+def label_map_files(folder_or_files: str | Sequence[str]) -> list[str]:
+    """Sorted label-map files (NIfTI/MGZ) of a folder, or a given list."""
+    if isinstance(folder_or_files, (str, os.PathLike)):
+        p = Path(folder_or_files)
+        if p.is_dir():
+            files = sorted(glob.glob(str(p / "*.nii*")) + glob.glob(str(p / "*.mgz")))
+        else:
+            files = sorted(glob.glob(str(p)))
+    else:
+        files = list(folder_or_files)
+    if not files:
+        raise FileNotFoundError(f"no label maps found in {folder_or_files}")
+    return files
+
+
+def load_index_map(path: str, label_set: LabelSet) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Label map file -> (uint8 index map, voxel size in mm). Maps stored as
+    float are rounded to integers first."""
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: label map must be 3D, got shape {data.shape}")
+    vox = tuple(float(v) for v in img.header.get_zooms()[:3])
+    return torch.from_numpy(label_set.to_index(data)), vox
+
+
+def sample_seed(seed: int, stream: int, step: int) -> int:
+    """A 64-bit seed unique to (base seed, stream, step)."""
+    return int(np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0])
+
+
+class LabelMapDataset(IterableDataset):
+    """Endless stream of ``make(index_map, voxsize, gen) -> dict`` samples.
+
+    ``rank``/``world`` split the stream across distributed processes, DataLoader
+    workers split it further; ``start`` (the resume step) shifts it."""
+
+    def __init__(self, files: Sequence[str], make: Callable[[torch.Tensor, tuple, torch.Generator], Any],
+                 label_set: LabelSet | None = None, seed: int = 0, start: int = 0, rank: int = 0,
+                 world: int = 1, cache: bool = True):
+        self.files = list(files)
+        self.make = make
+        self.label_set = label_set or LabelSet()
+        self.seed, self.start, self.rank, self.world = seed, start, rank, world
+        self.cache = cache
+        self._maps: dict[str, tuple[torch.Tensor, tuple]] = {}
+
+    def label_map(self, path: str) -> tuple[torch.Tensor, tuple]:
+        if path in self._maps:
+            return self._maps[path]
+        item = load_index_map(path, self.label_set)
+        if self.cache:
+            self._maps[path] = item
+        return item
+
+    def sample(self, stream: int, step: int) -> Any:
+        gen = generator(sample_seed(self.seed, stream, step))
+        path = self.files[randint(gen, 0, len(self.files) - 1)]
+        index_map, vox = self.label_map(path)
+        return self.make(index_map, vox, gen)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        stream = self.rank * nworkers + wid
+        step = self.start
+        while True:
+            yield self.sample(stream, step)
+            step += 1

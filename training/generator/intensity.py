@@ -1,0 +1,43 @@
+"""Image synthesis from a label map: a Gaussian mixture with one random mean
+per label (paper section "Image synthesis"), implemented as a lookup table
+indexed by a zero-based label-index map."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .noise import uniform
+
+
+@dataclass
+class RandomGMM:
+    """Per-label intensities mu_j ~ U(mean) (a.u.) and, optionally, a per-label
+    SD ~ U(std) (fraction of the [0, 1] range) for voxel-wise Gaussian noise.
+    ``classes[j]`` ties labels that share an intensity (e.g. left/right
+    twins); None gives every label its own mean."""
+    mean: tuple[float, float] = (0.0, 1.0)
+    std: tuple[float, float] = (0.0, 0.0)
+    classes: torch.Tensor | None = None
+    background_zero_prob: float = 0.0  # label 0 forced dark part of the time (air)
+
+    def lookup(self, num_labels: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample (means, stds), each (num_labels,) float32."""
+        classes = self.classes if self.classes is not None else torch.arange(num_labels)
+        nclass = int(classes.max()) + 1
+        mu = torch.tensor(uniform(gen, *self.mean, n=nclass), dtype=torch.float32)[classes]
+        sd = torch.tensor(uniform(gen, *self.std, n=nclass), dtype=torch.float32)[classes]
+        if self.background_zero_prob > 0 and uniform(gen, 0, 1) < self.background_zero_prob:
+            mu[0] = 0.0
+        return mu, sd
+
+    def __call__(self, index_map: torch.Tensor, num_labels: int, gen: torch.Generator) -> torch.Tensor:
+        """Mean image x_mu = mu(s) (plus per-label noise when std > 0), float32
+        of the index map's shape."""
+        mu, sd = self.lookup(num_labels, gen)
+        idx = index_map.long()
+        image = mu.to(index_map.device)[idx]
+        if self.std[1] > 0:
+            noise = torch.randn(index_map.shape, generator=gen).to(index_map.device)
+            image = image + sd.to(index_map.device)[idx] * noise
+        return image

@@ -1,0 +1,36 @@
+"""Training recipes: each turns the generator into (input, target) pairs for
+one task and says how to score a model on real data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A TOML config from a path or a bundled config name (``skullstrip``)."""
+    p = Path(path_or_name)
+    if not p.is_file():
+        p = CONFIGS / f"{path_or_name}.toml"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path_or_name}: no such config file or bundled config")
+    cfg = tomllib.loads(p.read_text())
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        cfg.setdefault(section, {})[name] = value
+    return cfg
+
+
+def get_recipe(cfg: dict[str, Any]):
+    name = cfg["recipe"]["name"]
+    if name == "skullstrip":
+        from .skullstrip import SkullStripRecipe
+        return SkullStripRecipe(cfg)
+    raise ValueError(f"unknown recipe {name!r}")

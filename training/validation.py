@@ -1,0 +1,96 @@
+"""Real validation cases from ``../shared/data/validation`` (never trained
+on), and the metrics used to score models on them. Paths are relative to the
+data root so runs work from any checkout beside ``shared/``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from synthtools.io import Volume, load_volume
+
+
+def data_root() -> Path:
+    """``SYNTHTOOLS_DATA`` or ``../shared/data`` next to the repository."""
+    env = os.environ.get("SYNTHTOOLS_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class StripCase:
+    name: str
+    contrast: str
+    image: str
+    mask: str
+    mask_threshold: float = 0.5
+    crop_neck: bool = False   # drop slices below the foramen magnum (cord in the mask)
+
+    def available(self, root: Path | None = None) -> bool:
+        root = root or data_root()
+        return (root / self.image).is_file() and (root / self.mask).is_file()
+
+
+V = "validation/"
+LJ = V + "lesjak_longitudinal_ms_p01/"
+STRIP_CASES = [
+    *(StripCase(f"lesjak_{s}_{c}", c, f"{LJ}raw/{s}_{c}.nii.gz", f"{LJ}derived/{s}_{c}_brainmask_derived.nii.gz")
+      for s in ("study1", "study2") for c in ("T1W", "T2W", "FLAIR")),
+    *(StripCase(f"brainweb_{c}", c, f"{V}brainweb_subject04/{c}w_sim.nii.gz",
+                f"{V}brainweb_subject04/mask_intracranial_csf_gm_wm_filled_1mm.nii.gz", crop_neck=True)
+      for c in ("T1", "T2", "PD")),
+    StripCase("robex_T1", "T1", f"{V}robex_atlas_t1/atlas.nii.gz", f"{V}robex_atlas_t1/atlas_mask.nii.gz"),
+    *(StripCase(f"spm_avg152{c}", c, f"{V}spm12_mni_templates/avg152{c}.nii.gz",
+                f"{V}spm12_mni_templates/brainmask_prob_2mm.nii.gz", mask_threshold=0.5 * 255)
+      for c in ("T1", "T2", "PD")),
+    StripCase("ct_template", "CT", f"{V}ct_template_scct/scct_cormack_head.nii.gz",
+              f"{V}ct_template_scct/brainmask_derived.nii.gz"),
+]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def neck_crop(mask: np.ndarray, affine: np.ndarray, min_area_mm2: float = 1000.0) -> np.ndarray:
+    """Boolean region keeping voxels above the lowest axial (world z) level
+    where the reference mask's cross-section reaches ``min_area_mm2``: below
+    that the mask is spinal cord, which brain-extraction tools disagree on."""
+    ijk = np.indices(mask.shape).reshape(3, -1)
+    z = (affine[2, :3] @ ijk + affine[2, 3]).reshape(mask.shape)
+    zs = np.round(z[mask > 0]).astype(int)
+    levels, counts = np.unique(zs, return_counts=True)
+    area = counts * float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
+    # area per ~1 mm level in mm^2 (voxel volume / 1 mm)
+    ok = levels[area >= min_area_mm2]
+    return z >= (ok.min() if len(ok) else -np.inf)
+
+
+def load_case(case: StripCase, root: Path | None = None) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """(image, reference mask, region to score) of one case, native grid."""
+    root = root or data_root()
+    img = load_volume(root / case.image, allow_4d=True)
+    if img.data.ndim == 4:
+        img = Volume(img.data[..., 0], img.affine, img.header, img.path)
+    ref = load_volume(root / case.mask, allow_4d=True).data
+    ref = (ref[..., 0] if ref.ndim == 4 else ref) > case.mask_threshold
+    region = neck_crop(ref, img.affine) if case.crop_neck else np.ones(ref.shape, bool)
+    return img, ref, region
+
+
+def score_strip(predict_mask: Callable[[Volume], np.ndarray], cases=None, root: Path | None = None) -> dict[str, float]:
+    """Dice per available case of a function Volume -> native brain mask."""
+    out = {}
+    for case in cases or STRIP_CASES:
+        if not case.available(root):
+            continue
+        img, ref, region = load_case(case, root)
+        pred = predict_mask(img) > 0
+        out[case.name] = dice(pred & region, ref & region)
+    return out
