@@ -35,7 +35,12 @@ def models_dir() -> Path:
     env = os.environ.get("SYNTHTOOLS_MODELS")
     if env:
         return Path(env)
-    return Path(str(resources.files("synthtools.models")))
+    try:
+        return Path(str(resources.files("synthtools.models")))
+    except ModuleNotFoundError:
+        # Source checkout run via PYTHONPATH: the package is the repo's
+        # models/ folder, not importable as synthtools.models there.
+        return Path(__file__).resolve().parents[1] / "models"
 
 
 def sha256(path: Path) -> str:

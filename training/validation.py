@@ -45,7 +45,7 @@ STRIP_CASES = [
       for c in ("T1", "T2", "PD")),
     StripCase("robex_T1", "T1", f"{V}robex_atlas_t1/atlas.nii.gz", f"{V}robex_atlas_t1/atlas_mask.nii.gz"),
     *(StripCase(f"spm_avg152{c}", c, f"{V}spm12_mni_templates/avg152{c}.nii.gz",
-                f"{V}spm12_mni_templates/brainmask_prob_2mm.nii.gz", mask_threshold=0.5 * 255)
+                f"{V}spm12_mni_templates/brainmask_prob_2mm.nii.gz")  # scaled uint8: probability 0..1
       for c in ("T1", "T2", "PD")),
     StripCase("ct_template", "CT", f"{V}ct_template_scct/scct_cormack_head.nii.gz",
               f"{V}ct_template_scct/brainmask_derived.nii.gz"),

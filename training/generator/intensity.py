@@ -18,12 +18,12 @@ class RandomGMM:
     twins); None gives every label its own mean."""
     mean: tuple[float, float] = (0.0, 1.0)
     std: tuple[float, float] = (0.0, 0.0)
-    classes: torch.Tensor | None = None
+    classes: torch.Tensor | tuple[int, ...] | None = None
     background_zero_prob: float = 0.0  # label 0 forced dark part of the time (air)
 
     def lookup(self, num_labels: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample (means, stds), each (num_labels,) float32."""
-        classes = self.classes if self.classes is not None else torch.arange(num_labels)
+        classes = torch.as_tensor(self.classes if self.classes is not None else range(num_labels)).long()
         nclass = int(classes.max()) + 1
         mu = torch.tensor(uniform(gen, *self.mean, n=nclass), dtype=torch.float32)[classes]
         sd = torch.tensor(uniform(gen, *self.std, n=nclass), dtype=torch.float32)[classes]
