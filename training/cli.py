@@ -4,6 +4,7 @@
   synthgen preview LABELMAP -o GRID.png [-n 24] [--seed S] [--max] [--config TOML]
   synthgen train CONFIG -o RUNDIR [--steps N] [--minutes M] [--set section.key=value ...]
   synthgen export RUNDIR --config CONFIG --dest models/NAME [--name NAME]
+  synthgen eval RUNDIR --config CONFIG
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def cmd_train(a) -> None:
     from .recipes import get_recipe, load_config
     cfg = load_config(a.config, _overrides(a.set))
     recipe = get_recipe(cfg)
-    result = train(recipe, a.output, steps=a.steps, minutes=a.minutes)
+    result = train(recipe, a.output, steps=a.steps, minutes=a.minutes, sanity=a.sanity)
     print(result)
 
 
@@ -126,6 +127,25 @@ def cmd_export(a) -> None:
     from .recipes import get_recipe, load_config
     recipe = get_recipe(load_config(a.config, _overrides(a.set)))
     print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name))
+
+
+def cmd_eval(a) -> None:
+    """Score a run's checkpoint on every available real validation case."""
+    import json
+    from .recipes import get_recipe, load_config
+    cfg = load_config(a.config, _overrides(a.set))
+    cfg.setdefault("validation", {})["cases"] = None
+    recipe = get_recipe(cfg)
+    state = torch.load(Path(a.rundir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    net = recipe.build_model()
+    net.load_state_dict(state["model"])
+    net.eval()
+    torch.set_num_threads(int(cfg["train"].get("threads", 2)))
+    with torch.no_grad():
+        metrics = recipe.validate(net)
+    metrics = {k: round(v, 4) for k, v in metrics.items()}
+    metrics["mean"] = round(float(np.mean(list(metrics.values()))), 4) if metrics else float("nan")
+    print(json.dumps({"step": int(state["step"]), **metrics}))
 
 
 def main(argv=None) -> None:
@@ -154,6 +174,8 @@ def main(argv=None) -> None:
     t.add_argument("--steps", type=int)
     t.add_argument("--minutes", type=float)
     t.add_argument("--set", nargs="*", help="override config values: section.key=value")
+    t.add_argument("--sanity", action="store_true",
+                   help="train on ONE synthetic sample (written to the run folder): the loss must reach ~0")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="write shipped weights + metadata from a run")
     e.add_argument("rundir")
@@ -162,6 +184,11 @@ def main(argv=None) -> None:
     e.add_argument("--name")
     e.add_argument("--set", nargs="*")
     e.set_defaults(func=cmd_export)
+    v = sub.add_parser("eval", help="score a run's checkpoint on all real validation cases")
+    v.add_argument("rundir")
+    v.add_argument("--config", required=True)
+    v.add_argument("--set", nargs="*")
+    v.set_defaults(func=cmd_eval)
     a = p.parse_args(argv)
     if getattr(a, "n", 1) < 1:
         _fail("-n must be >= 1")

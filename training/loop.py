@@ -89,6 +89,57 @@ def plot_log(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+class GeneratorCheckError(RuntimeError):
+    """The generator produces samples no network should train on."""
+
+
+def preflight(recipe, n: int = 4, seed: int = 12345) -> None:
+    """Draw ``n`` samples and stop with a clear message on the paper's
+    failure modes: NaNs, all-zero or constant images, targets that lost the
+    anatomy (moved out of the FOV or cropped away)."""
+    from training.generator.synth import generator
+    ds = recipe.dataset(start=0)
+    problems = []
+    for k in range(n):
+        sample = ds.sample(stream=10_000 + k, step=seed)
+        for key, v in sample.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                problems.append(f"sample {k}: {key} has NaN/Inf values")
+        img = sample["image"]
+        if float(img.abs().max()) == 0:
+            problems.append(f"sample {k}: image is all zero")
+        elif float(img.std()) < 1e-4:
+            problems.append(f"sample {k}: image is constant")
+        check = getattr(recipe, "sample_problems", None)
+        problems += [f"sample {k}: {p}" for p in (check(sample) if check else [])]
+    if len(problems) > n // 2:  # an occasional empty crop is fine, a pattern is not
+        raise GeneratorCheckError("generator check failed: " + "; ".join(problems[:4]))
+
+
+class RepeatDataset(torch.utils.data.IterableDataset):
+    """One fixed sample forever: the paper's sanity check (loss must reach ~0)."""
+
+    def __init__(self, sample: dict):
+        self.sample = sample
+
+    def __iter__(self):
+        while True:
+            yield self.sample
+
+
+def sanity_dataset(recipe, out: Path) -> RepeatDataset:
+    """Synthesise one sample, write it to ``out`` for inspection, repeat it."""
+    import nibabel as nib
+    import numpy as np
+    sample = recipe.dataset(start=0).sample(stream=0, step=0)
+    for key, v in sample.items():
+        arr = v.float().numpy()
+        arr = arr[0] if arr.ndim == 4 else arr
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([*(recipe.voxsize,) * 3, 1.0])),
+                 str(out / f"sanity_{key}.nii.gz"))
+    return RepeatDataset(sample)
+
+
 def _save_checkpoint(path: Path, model, opt, step: int, seconds: float) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds}, tmp)
@@ -96,9 +147,10 @@ def _save_checkpoint(path: Path, model, opt, step: int, seconds: float) -> None:
 
 
 def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float | None = None,
-          log=print) -> dict[str, Any]:
+          log=print, sanity: bool = False, check: bool = True) -> dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` until ``steps`` total steps or
-    ``minutes`` of wall time; resumes from ``out_dir/checkpoint.pt``."""
+    ``minutes`` of wall time; resumes from ``out_dir/checkpoint.pt``.
+    ``sanity``: train on one fixed synthetic sample (written to out_dir)."""
     cfg = recipe.cfg["train"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +182,12 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     def on_signal(signum, frame):
         stop["flag"] = True
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    loader = DataLoader(recipe.dataset(start=step), batch_size=int(cfg.get("batch", 1)),
-                        num_workers=int(cfg.get("workers", 1)),
-                        persistent_workers=int(cfg.get("workers", 1)) > 0)
+    if check and not sanity:
+        preflight(recipe)
+    workers = 0 if sanity else int(cfg.get("workers", 1))
+    dataset = sanity_dataset(recipe, out) if sanity else recipe.dataset(start=step)
+    loader = DataLoader(dataset, batch_size=int(cfg.get("batch", 1)), num_workers=workers,
+                        persistent_workers=workers > 0)
     bf16 = bool(cfg.get("bf16", True))
     log_every, val_every = int(cfg.get("log_every", 10)), int(cfg.get("val_every", 500))
     last_ckpt, t_start, running = time.time(), time.time(), []

@@ -94,3 +94,63 @@ def score_strip(predict_mask: Callable[[Volume], np.ndarray], cases=None, root: 
         pred = predict_mask(img) > 0
         out[case.name] = dice(pred & region, ref & region)
     return out
+
+
+# ---------------------------------------------------------------- segmentation
+
+@dataclass(frozen=True)
+class SegCase:
+    name: str
+    contrast: str
+    image: str
+    labels: str
+    kind: str  # "aseg": FreeSurfer labels; "tissue": BrainWeb classes (1 CSF, 2 GM, 3 WM)
+
+    def available(self, root: Path | None = None) -> bool:
+        root = root or data_root()
+        return (root / self.image).is_file() and (root / self.labels).is_file()
+
+
+SEG_CASES = [
+    SegCase("vxm_T1", "T1", f"{V}voxelmorph_test_scan/vol.nii.gz", f"{V}voxelmorph_test_scan/seg.nii.gz", "aseg"),
+    *(SegCase(f"brainweb_{c}", c, f"{V}brainweb_subject04/{c}w_sim.nii.gz",
+              f"{V}brainweb_subject04/crisp_labels_1mm_majority.nii.gz", "tissue") for c in ("T1", "T2", "PD")),
+]
+
+# SynthSeg labels merged into BrainWeb's tissue classes.
+TISSUE = {
+    "CSF": (4, 5, 14, 15, 24, 43, 44),
+    "GM": (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58),
+    "WM": (2, 41, 7, 46, 16, 28, 60),
+}
+BRAINWEB_CLASS = {"CSF": 1, "GM": 2, "WM": 3}
+LARGE = (2, 41, 3, 42, 4, 43, 7, 46, 8, 47, 10, 49, 12, 51)  # WM, cortex, ventricles, cerebellum, thalamus, putamen
+
+
+def seg_dice(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
+    """Dice per label value present in the reference."""
+    return {int(k): dice(pred == k, ref == k) for k in labels if (ref == k).any()}
+
+
+def score_seg(predict_labels: Callable[[Volume], np.ndarray], cases=None, root: Path | None = None,
+              detail: bool = False) -> dict[str, float]:
+    """Mean Dice per case (``detail``: also per label / tissue class)."""
+    from training.generator.labels import SYNTHSEG_LABELS
+    out: dict[str, float] = {}
+    for case in cases or SEG_CASES:
+        if not case.available(root):
+            continue
+        root_ = root or data_root()
+        img = load_volume(root_ / case.image)
+        ref = np.rint(load_volume(root_ / case.labels, dtype=None).data).astype(np.int32)
+        pred = predict_labels(img)
+        if case.kind == "aseg":
+            d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
+            out[f"{case.name}_mean"] = float(np.mean(list(d.values())))
+            out[f"{case.name}_large"] = float(np.mean([d[k] for k in LARGE if k in d]))
+            if detail:
+                out.update({f"{case.name}_{k}": v for k, v in d.items()})
+        else:
+            for cls, labs in TISSUE.items():
+                out[f"{case.name}_{cls}"] = dice(np.isin(pred, labs), ref == BRAINWEB_CLASS[cls])
+    return out

@@ -33,4 +33,7 @@ def get_recipe(cfg: dict[str, Any]):
     if name == "skullstrip":
         from .skullstrip import SkullStripRecipe
         return SkullStripRecipe(cfg)
+    if name == "segment":
+        from .segment import SegmentRecipe
+        return SegmentRecipe(cfg)
     raise ValueError(f"unknown recipe {name!r}")

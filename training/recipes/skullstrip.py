@@ -57,6 +57,14 @@ class SkullStripRecipe:
         sdt = signed_distance(brain.numpy(), self.voxsize, self.band)
         return {"image": s.image, "target": torch.from_numpy(sdt)[None]}
 
+    def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
+        t = sample["target"]
+        if not (t < 0).any():
+            return ["no brain in the target (moved out of the FOV or cropped away)"]
+        if not (t > 0).any():
+            return ["target is all brain (no boundary to learn)"]
+        return []
+
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         t = self.cfg["train"]
         root = t.get("label_maps") or str(data_root() / "label_maps")

@@ -1,0 +1,104 @@
+"""Segmentation recipe (SynthSeg 2.0 labels): synthetic image -> 33-class
+softmax, trained with soft Dice on the deformed, FOV-cropped label map.
+Random left/right flips swap the lateral labels so the network cannot learn
+a side from anything but anatomy."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from synthtools.nets.unet import UNet
+from synthtools.weights import Model
+
+from ..generator.dataset import LabelMapDataset, label_map_files
+from ..generator.labels import SYNTHSEG_LABELS, LabelSet
+from ..generator.noise import uniform
+from ..generator.synth import SynthConfig, Synthesizer
+from ..validation import SEG_CASES, data_root, score_seg
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over channels present in the batch (B, C, *S)."""
+    prob = torch.softmax(logits.float(), dim=1)
+    onehot = torch.nn.functional.one_hot(target.long(), prob.shape[1]).movedim(-1, 1).float()
+    dims = tuple(range(2, prob.ndim))
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    present = onehot.sum(dims) > 0
+    return 1 - dice[present].mean()
+
+
+class SegmentRecipe:
+    name = "segment"
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        r = cfg["recipe"]
+        self.voxsize = float(r.get("voxsize", 2.0))
+        self.shape = tuple(r.get("shape", (80, 80, 80)))
+        self.flip_prob = float(r.get("flip_prob", 0.5))
+        self.labels = LabelSet()
+        values = self.labels.synthseg_lut()
+        channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
+        self.to_channel = torch.tensor([channel[int(v)] for v in values])   # index -> channel
+        flip = self.labels.flip_lut()
+        self.flip_index = flip                                              # index -> twin index
+        gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
+        gen_cfg.crop_labels = True  # segment what the image shows
+        self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels),
+                                 brain_lut=self.labels.brain_lut(csf=True))
+
+    def build_model(self) -> UNet:
+        m = self.cfg["model"]
+        return UNet(3, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
+                    convs=int(m.get("convs", 2)))
+
+    def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * 3)
+        image, labels = s.image, s.labels.long()
+        if uniform(gen, 0, 1) < self.flip_prob:
+            # Axis 0 of the label maps (LIA) is left-right: mirror and swap sides.
+            image = image.flip(1)
+            labels = self.flip_index[labels.flip(0)]
+        return {"image": image, "target": self.to_channel[labels]}
+
+    def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
+        present = sample["target"].unique().numel()
+        return [] if present > 2 else [f"only {present} label(s) left in the target (anatomy out of the FOV?)"]
+
+    def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
+        t = self.cfg["train"]
+        files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
+        if t.get("max_label_maps"):
+            files = files[: int(t["max_label_maps"])]
+        return LabelMapDataset(files, self.make_sample, self.labels, seed=int(t.get("seed", 0)),
+                               start=start, rank=rank, world=world)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return soft_dice_loss(model(batch["image"]), batch["target"])
+
+    def metadata(self) -> dict[str, Any]:
+        from synthtools.lut import names_for
+        return {
+            "task": "segment",
+            "input": {"voxsize": self.voxsize, "orientation": "LIA", "multiple": 16,
+                      "normalization": "min to 0, 99.5th percentile to 1, clipped"},
+            "output": {"type": "softmax", "labels": list(SYNTHSEG_LABELS), "names": names_for(SYNTHSEG_LABELS)},
+            "inference": {"bf16": False},
+            "data": "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)",
+        }
+
+    def as_model(self, net: torch.nn.Module) -> Model:
+        meta = self.metadata()
+        meta["architecture"] = dict(type="unet", **net.config)
+        return Model(net, meta, path=None)
+
+    def validate(self, net: torch.nn.Module) -> dict[str, float]:
+        from synthtools.seg import segment
+        names = self.cfg.get("validation", {}).get("cases")
+        cases = [c for c in SEG_CASES if names is None or c.name in names]
+        model = self.as_model(net)
+        return score_seg(lambda v: segment(model, v).labels, cases)
