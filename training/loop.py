@@ -250,4 +250,10 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str) -> Path:
     meta.update(name=name, steps=int(state["step"]), training_minutes=round(state.get("seconds", 0) / 60, 1),
                 code_revision=code_revision(), validation=history.last_val(), recipe=recipe.name,
                 config=recipe.cfg)
-    return save_model(model, meta, dest)
+    folder = save_model(model, meta, dest)
+    # The training record travels with the weights: loss + validation curves.
+    plot_log(out / "log.jsonl", out / "log.png")
+    for src, name in ((out / "log.jsonl", "training_log.jsonl"), (out / "log.png", "training_log.png")):
+        if src.exists():
+            (folder / name).write_bytes(src.read_bytes())
+    return folder
