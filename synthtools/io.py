@@ -7,6 +7,7 @@ command-line tools can print it as is.
 
 from __future__ import annotations
 
+import gzip
 import os
 import secrets
 from contextlib import ExitStack
@@ -343,6 +344,7 @@ def save_volume(
     affine: np.ndarray | None = None,
     dtype: Any = None,
     overwrite: bool = True,
+    mgh_tags: bytes = b"",
 ) -> str:
     """Write ``data`` on the grid of ``like`` (or with ``affine``) to ``path``.
 
@@ -352,7 +354,9 @@ def save_volume(
     qform/sform code 1 is written. The format follows the extension of
     ``path``. ``dtype`` is the on-disk type (default: float32 for floats,
     uint8 for bools, int32 for 64-bit ints). The write is atomic (temp file in
-    the same folder, then rename). Returns the path.
+    the same folder, then rename). ``mgh_tags``: raw FreeSurfer tag bytes
+    appended after the MGH footer (e.g. an embedded colour table, see
+    :func:`synthtools.lut.mgh_colortable`); ignored for NIfTI. Returns the path.
     """
     path = check_output_path(path)
     if not overwrite and os.path.exists(path):
@@ -382,6 +386,13 @@ def save_volume(
     tmp = os.path.join(folder, f".{name[: -len(ext)]}.{secrets.token_hex(4)}.tmp{ext}")
     try:
         nib.save(img, tmp)
+        if mgh_tags and ext in _MGH_EXTENSIONS:
+            # nibabel writes no tags: FreeSurfer reads them after the footer,
+            # to the end of the file. For .mgz a second gzip member is the
+            # same stream to every gzip reader (zlib's gzread, Python's gzip).
+            opener = gzip.open if ext == ".mgz" else open
+            with opener(tmp, "ab") as f:
+                f.write(mgh_tags)
         os.replace(tmp, path)
     except OSError as exc:
         raise _error(path, f"could not write image ({exc.strerror or exc})") from None

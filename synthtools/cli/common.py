@@ -1,0 +1,481 @@
+"""Machinery shared by the command-line tools (``synthstrip``, ``synthseg``).
+
+Every tool follows the same flow: parse arguments, collect inputs (``IN
+OUT`` or ``-i``, with .txt lists), plan and validate every output path, check
+the device and model, then process the inputs one at a time. Errors are
+single lines ``<prog>: error: ...``; exit code 2 means nothing was processed
+(bad arguments, outputs, device or model), 1 that at least one input failed,
+130 an interrupt.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+
+import numpy as np
+
+from ..io import SUPPORTED_EXTENSIONS, InputError, check_input_path, check_output_path
+
+
+class UsageError(Exception):
+    """Bad arguments or environment: nothing is processed, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised as UsageError)."""
+
+    # argparse prints the whole usage block before the error; we promise a
+    # single line, so raise instead and let run_tool() print it.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} -h)")
+
+
+def say_error(prog: str, message: str) -> None:
+    """Print ``<prog>: error: message`` on one line to stderr."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def say_warning(prog: str, message: str) -> None:
+    """Print ``<prog>: warning: message`` on one line to stderr."""
+    print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- inputs --
+
+def read_list(path: str) -> list[str]:
+    """Paths listed in a .txt file, one per line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: input list not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read input list ({type(exc).__name__})") from None
+    paths = [line for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UsageError(f"{path}: input list is empty")
+    return paths
+
+
+def collect_inputs(args: argparse.Namespace, prog: str, output_name: str) -> list[str]:
+    """Input paths from ``IN [OUT]`` or ``-i``, with .txt lists expanded.
+
+    A positional OUT goes to ``args.out`` (``output_name`` names it in errors);
+    ``args.example`` (if the tool has it) replaces the input by the bundled scan.
+    """
+    example = getattr(args, "example", False)
+    pos = list(args.positional)
+    if args.inputs and pos:
+        raise UsageError("give inputs either as 'IN OUT' or with -i, not both")
+    if len(pos) > 2:
+        raise UsageError(f"too many positional arguments ({len(pos)}); use -i for many inputs")
+    if example and len(pos) == 1:
+        pos = [None, pos[0]]  # '<prog> --example OUT'
+    if len(pos) == 2:
+        if args.out is not None:
+            raise UsageError(f"the {output_name} output is given twice (positional OUT and -o)")
+        args.out = pos[1]
+    raw = args.inputs or [p for p in pos[:1] if p]
+    if example:
+        if raw:
+            raise UsageError("--example replaces the input: give no other input")
+        from ..data import example_scan
+        raw = [str(example_scan())]
+    if not raw:
+        raise UsageError(f"no input image (use '{prog} IN OUT' or -i IN)")
+    inputs: list[str] = []
+    for path in raw:
+        inputs.extend(read_list(path) if path.lower().endswith(".txt") else [path])
+    return inputs
+
+
+def list_files(args: argparse.Namespace) -> list[str]:
+    """The .txt input lists given with -i (outputs must not replace them)."""
+    return [p for p in (args.inputs or []) if p.lower().endswith(".txt")]
+
+
+# --------------------------------------------------------------- outputs --
+
+def is_folder_arg(path: str) -> bool:
+    """An output argument naming a folder: existing, or ending with '/'."""
+    return path.endswith(("/", os.sep)) or os.path.isdir(path)
+
+
+def check_creatable_folder(folder: str, option: str) -> None:
+    """A missing output folder is created later: its nearest existing
+    ancestor must be a writable folder."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"{option} {folder}: cannot create the folder ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder}: cannot create the folder ({probe} is not writable)")
+
+
+def split_ext(path: str) -> tuple[str, str]:
+    """File name without and with its image extension ('a.nii.gz' -> 'a', '.nii.gz')."""
+    name = os.path.basename(path)
+    for ext in SUPPORTED_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    # Unsupported input: the input check reports it; any name will do here.
+    return name, ".nii.gz"
+
+
+@dataclass
+class Job:
+    """One input and where its results go."""
+
+    input: str
+    outputs: dict[str, str] = field(default_factory=dict)  # kind -> path
+
+
+def expand_outputs(requested: Mapping[str, str], jobs: list[Job], option_of: Mapping[str, str],
+                   file_name: Callable[[str, str, str], str]) -> list[str]:
+    """Fill each job's output paths; returns the folders to create.
+
+    ``requested``: kind -> argument (a file, or a folder for many inputs);
+    in a folder each input writes ``file_name(kind, stem, ext)``.
+    """
+    to_create: list[str] = []
+    for kind, arg in requested.items():
+        option = option_of[kind]
+        if not arg:
+            raise UsageError(f"{option}: empty path")
+        if is_folder_arg(arg):
+            if os.path.exists(arg) and not os.path.isdir(arg):
+                raise UsageError(f"{option} {arg}: is a file, not a folder")
+            if not os.path.isdir(arg):
+                check_creatable_folder(arg, option)
+                to_create.append(arg)
+            elif not os.access(arg, os.W_OK | os.X_OK):
+                raise UsageError(f"{option} {arg}: output folder is not writable")
+            for job in jobs:
+                stem, ext = split_ext(job.input)
+                job.outputs[kind] = os.path.join(arg, file_name(kind, stem, ext))
+        else:
+            if len(jobs) > 1:
+                raise UsageError(f"{option} {arg}: with {len(jobs)} inputs, {option} must be a "
+                                 "folder (an existing one, or a path ending with '/')")
+            jobs[0].outputs[kind] = arg
+    return to_create
+
+
+Checker = Callable[[str, Sequence[str]], Any]  # (path, paths it must not replace) -> raise InputError
+
+
+def check_outputs(jobs: list[Job], to_create: list[str], option_of: Mapping[str, str], *,
+                  overwrite_input: bool = False, checkers: Mapping[str, Checker] | None = None,
+                  shared: Mapping[str, str] | None = None, protect: Iterable[str] = ()) -> None:
+    """Validate every output path; raises UsageError, nothing is written.
+
+    Refuses duplicated inputs, two outputs on one path, outputs replacing an
+    input (one's own only with ``overwrite_input``) or a path in ``protect``,
+    and unwritable paths. ``checkers``: kind -> check of that kind's paths
+    (default: an image path). ``shared``: kind -> one path common to all
+    jobs (e.g. a table with a row per input).
+    """
+    checkers = dict(checkers or {})
+
+    def check(kind: str, path: str, protected: Sequence[str]) -> None:
+        try:
+            checkers.get(kind, lambda p, prot: check_output_path(p, input_paths=prot))(path, protected)
+        except InputError as exc:
+            raise UsageError(f"{option_of[kind]} {exc}") from None
+
+    all_inputs = [os.path.realpath(j.input) for j in jobs]
+    if len(set(all_inputs)) < len(all_inputs):
+        dup = next(p for k, p in enumerate(all_inputs) if p in all_inputs[:k])
+        raise UsageError(f"{dup}: given more than once as input")
+    extra = [os.path.realpath(p) for p in protect]
+
+    def pending(path: str) -> bool:
+        # In a folder created later: nothing there to collide with yet.
+        return any(os.path.abspath(path).startswith(os.path.abspath(f).rstrip(os.sep) + os.sep)
+                   for f in to_create)
+
+    seen: dict[str, tuple[str | None, str]] = {}  # output realpath -> (input, option)
+    for kind, path in (shared or {}).items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"{option_of[kind]} {path}: same output path as {seen[real][1]}")
+        seen[real] = (None, option_of[kind])
+        if not pending(path):
+            check(kind, path, all_inputs + extra)
+    for i, job in enumerate(jobs):
+        # Never overwrite another job's input; one's own only if allowed.
+        protected = [p for k, p in enumerate(all_inputs) if k != i or not overwrite_input] + extra
+        for kind, path in job.outputs.items():
+            option = option_of[kind]
+            real = os.path.realpath(path)
+            if real in seen:
+                other_input, other_option = seen[real]
+                if other_input is not None and other_input != job.input:  # same stem in two folders
+                    raise UsageError(f"{option} {path}: inputs {other_input} and {job.input} "
+                                     "would both write here (same file name)")
+                raise UsageError(f"{option} {path}: same output path as {other_option}")
+            seen[real] = (job.input, option)
+            if not pending(path):
+                check(kind, path, protected)
+
+
+def check_file_path(path: str, protect: Sequence[str], suffix: str, what: str) -> None:
+    """A plain (non-image) output file: ``suffix`` extension, writable folder,
+    not one of ``protect`` (real paths). Raises InputError."""
+    if not path.lower().endswith(suffix):
+        raise InputError(f"{path}: {what} must be a {suffix} file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, a {suffix} file name is required")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable")
+    if os.path.realpath(path) in protect:
+        raise InputError(f"{path}: would overwrite an input, choose another output path")
+
+
+def check_png_path(path: str, protect: Sequence[str]) -> None:
+    """A snapshot path (see check_file_path)."""
+    check_file_path(path, protect, ".png", "snapshot")
+
+
+def check_matplotlib() -> None:
+    """--snapshot needs matplotlib: UsageError before anything runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--snapshot needs matplotlib (pip install matplotlib)") from None
+
+
+class OutputSet:
+    """Makes one input's outputs all-or-nothing: each write is atomic; on
+    any exception inside the ``with`` block the files written so far are
+    removed. Files staged with :meth:`stage` (temp files) are moved into
+    place only on success, last."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.staged: list[tuple[str, str]] = []  # (temp, final)
+
+    def add(self, path: str) -> str:
+        self.written.append(path)
+        return path
+
+    def stage(self, path: str, text: str) -> None:
+        """Write ``text`` to a temp file beside ``path``; it replaces ``path`` on success."""
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        self.staged.append((tmp, path))
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                for tmp, path in self.staged:
+                    os.replace(tmp, path)
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        for tmp, _ in self.staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        for path in self.written:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+# ------------------------------------------------------- device and model --
+
+def choose_device(gpu: bool, threads: int | None) -> str:
+    """'cuda' or 'cpu'; ``threads`` sets torch's CPU threads. UsageError if unusable."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"-t {threads}: the number of threads must be at least 1")
+        torch.set_num_threads(threads)
+    if not gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UsageError("-g: no CUDA GPU available to torch (torch.cuda.is_available() is False); "
+                         "run without -g to use the CPU")
+    return "cuda"
+
+
+def load_task_model(name: str, device: str, *, task: str, task_text: str, user_given: bool):
+    """Load a model and check its task and input space (UsageError if unusable).
+
+    A shipped (not ``user_given``) model that does not exist yet is reported
+    as 'not yet available'.
+    """
+    from ..weights import ModelError, load_model, models_dir
+
+    try:
+        model = load_model(name, device)
+    except ModelError as exc:
+        if not user_given and "no such model" in str(exc):
+            raise UsageError(f"model '{name}' not yet available (looked in {models_dir()}); "
+                             "see the issue tracker, or pass --model PATH") from None
+        raise UsageError(f"{exc}") from None
+    except Exception as exc:  # corrupt pickle, wrong state dict, bad metadata...
+        raise UsageError(f"model {name}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+    meta = model.meta
+    if meta.get("task") != task:
+        raise UsageError(f"model {model.path}: not a {task_text} model (task {meta.get('task')!r})")
+    if not all(k in meta.get("input", {}) for k in ("voxsize", "orientation", "multiple")):
+        raise UsageError(f"model {model.path}: metadata lacks the input space (voxsize, orientation, multiple)")
+    return model
+
+
+# -------------------------------------------------------------- snapshot --
+
+def save_snapshot(image: np.ndarray, affine: np.ndarray, path: str, *, mask: np.ndarray | None = None,
+                  labels: np.ndarray | None = None,
+                  colors: Mapping[int, tuple[int, int, int]] | None = None) -> str:
+    """PNG of the middle sagittal, coronal and axial slices, shown in the
+    closest RAS orientation, with the ``mask`` outline in red and/or the
+    ``labels`` as a translucent colour overlay (``colors``: value -> RGB
+    0-255; label 0 is transparent). Atomic write."""
+    import nibabel as nib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Reorient to the closest RAS axes so every scan is shown the same way.
+    ornt = nib.orientations.io_orientation(affine)
+    img = nib.orientations.apply_orientation(np.asarray(image, np.float32), ornt)
+    msk = None if mask is None else nib.orientations.apply_orientation(np.asarray(mask), ornt)
+    lab = None if labels is None else nib.orientations.apply_orientation(np.asarray(labels), ornt)
+    voxsize = np.sqrt(np.sum(np.asarray(affine)[:3, :3] ** 2, axis=0))
+    vs = np.empty(3)
+    vs[ornt[:, 0].astype(int)] = voxsize
+    lo, hi = np.percentile(img, [0.5, 99.5])
+
+    fig = Figure(figsize=(9, 3.2), facecolor="black")
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend state touched
+    mid = [n // 2 for n in img.shape]
+    views = [  # (slice, (horizontal, vertical) voxel size, title)
+        (np.s_[mid[0], :, :], (vs[1], vs[2]), "sagittal"),
+        (np.s_[:, mid[1], :], (vs[0], vs[2]), "coronal"),
+        (np.s_[:, :, mid[2]], (vs[0], vs[1]), "axial"),
+    ]
+    for k, (sl, (h, v), title) in enumerate(views):
+        ax = fig.add_subplot(1, 3, k + 1)
+        ax.imshow(img[sl].T, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), origin="lower",
+                  aspect=v / h, interpolation="nearest")
+        if lab is not None:
+            ax.imshow(_label_rgba(lab[sl].T, colors or {}), origin="lower", aspect=v / h,
+                      interpolation="nearest")
+        if msk is not None and msk[sl].any() and not msk[sl].all():
+            ax.contour(msk[sl].T.astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title(title, color="white", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png", facecolor="black", dpi=100)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: could not write snapshot ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _label_rgba(lab: np.ndarray, colors: Mapping[int, tuple[int, int, int]], alpha: float = 0.45) -> np.ndarray:
+    rgba = np.zeros(lab.shape + (4,), dtype=np.float32)
+    for v in np.unique(lab):
+        if v == 0:
+            continue
+        rgba[lab == v] = [*(np.asarray(colors.get(int(v), (255, 255, 0))) / 255.0), alpha]
+    return rgba
+
+
+# ------------------------------------------------------------------ main --
+
+def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run a tool's body; returns its exit code, 2 on UsageError, 130 on Ctrl-C."""
+    try:
+        return body(argv)
+    except UsageError as exc:
+        say_error(prog, str(exc))
+        return 2
+    except KeyboardInterrupt:
+        say_error(prog, "interrupted")
+        return 130
+
+
+def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
+             load: Callable[[], Any], process: Callable[[Job, Any], None],
+             after_load: Callable[[Any], None] | None = None) -> int:
+    """Process every job with one model; returns 0, or 1 if any input failed.
+
+    Cheap input checks run first, so a typo is reported before the model
+    loads; ``after_load(model)`` may still refuse the run (UsageError) before
+    anything is written. A failing input is reported on one line and the
+    batch goes on.
+    """
+    failed = 0
+    model = None
+    ready: list[Job] = []
+    for job in jobs:
+        try:
+            check_input_path(job.input)
+            ready.append(job)
+        except InputError as exc:
+            say_error(prog, str(exc))
+            failed += 1
+    if ready:
+        model = load()
+        if after_load is not None:
+            after_load(model)
+        print(f"{prog}: model {model.path} on {device}", flush=True)
+        for folder in to_create:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
+
+    for k, job in enumerate(ready):
+        start = time.perf_counter()
+        try:
+            process(job, model)
+        except InputError as exc:
+            say_error(prog, str(exc))
+            failed += 1
+            continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # any other failure of one scan must not stop the batch
+            if os.environ.get("SYNTHTOOLS_DEBUG"):
+                raise
+            say_error(prog, f"{job.input}: processing failed ({type(exc).__name__}: {exc})")
+            failed += 1
+            continue
+        counter = f"[{k + 1}/{len(ready)}] " if len(jobs) > 1 else ""
+        print(f"{prog}: {counter}{job.input}: done in {time.perf_counter() - start:.1f} s", flush=True)
+
+    if failed:
+        if len(jobs) > 1:
+            say_error(prog, f"{failed} of {len(jobs)} inputs failed")
+        return 1
+    return 0

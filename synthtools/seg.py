@@ -1,0 +1,334 @@
+"""Whole-brain segmentation: image in, FreeSurfer label map, posteriors and
+volumes out, on the input's native grid (or on the network's grid).
+
+Native-resolution labels come from the posteriors, never from a label map:
+the network's softmax on its ~1 mm grid is mapped to the native grid with
+trilinear interpolation, then the argmax is taken there. The mapping runs a
+few channels at a time while keeping a running maximum and argmax, so no
+native (X, Y, Z, C) array exists unless the posteriors are asked for (33
+float32 channels of a 256^3 grid are 2.2 GB).
+
+Model metadata (written by the training recipe)::
+
+    {"task": "segment",
+     "input": {"voxsize": 1.0, "orientation": "LIA", "multiple": 16},
+     "output": {"type": "softmax", "labels": [0, 2, 3, ...], "names": [...]},
+     "inference": {"bf16": false}}
+
+``output.labels`` gives the FreeSurfer value of each output channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .conform import Conformed, conform
+from .infer import normalize_intensities, predict
+from .io import Volume
+from .lut import names_for, twin
+from .weights import Model
+
+__all__ = ["SegResult", "GridSummary", "segment", "volumes", "total_intracranial", "qc_scores",
+           "QC_GROUPS", "flip_permutation", "crop_conformed", "label_values"]
+
+# Channels resampled to the native grid per step: bounds the temporary
+# native array to CHUNK * X * Y * Z float32 (268 MB for 256^3).
+CHUNK = 4
+
+# Structure groups of the QC score (FreeSurfer values; groups whose labels a
+# model lacks are left out).
+QC_GROUPS: dict[str, tuple[int, ...]] = {
+    "white-matter": (2, 41),
+    "cortex": (3, 42),
+    "ventricles-csf": (4, 5, 14, 15, 24, 43, 44),
+    "cerebellum": (7, 8, 46, 47),
+    "brain-stem": (16,),
+    "thalamus": (10, 49),
+    "basal-ganglia": (11, 12, 13, 26, 50, 51, 52, 58),
+    "hippocampus-amygdala": (17, 18, 53, 54),
+    "ventral-dc": (28, 60),
+}
+
+
+@dataclass
+class GridSummary:
+    """Per-channel totals over one voxel grid, gathered while labelling it.
+
+    ``posterior_sums``: sum of each channel's posterior over the grid (in
+    voxels); ``counts``: voxels whose hard label is the channel;
+    ``confidence_sums``: sum of the maximum posterior over those voxels;
+    ``voxel_volume``: mm^3 per voxel.
+    """
+
+    posterior_sums: np.ndarray
+    counts: np.ndarray
+    confidence_sums: np.ndarray
+    voxel_volume: float
+
+    @property
+    def soft_volumes(self) -> np.ndarray:
+        """(C,) soft volumes in mm^3: sum of posteriors times voxel volume."""
+        return volumes(self.posterior_sums, self.voxel_volume)
+
+    @property
+    def hard_volumes(self) -> np.ndarray:
+        """(C,) volumes of the hard labels in mm^3 (voxel counts times voxel volume)."""
+        return self.counts.astype(np.float64) * self.voxel_volume
+
+
+@dataclass
+class SegResult:
+    """Segmentation of one image.
+
+    ``labels``: (X, Y, Z) int32 FreeSurfer values on the native grid;
+    ``native``: its :class:`GridSummary` (soft volumes, QC);
+    ``conformed``: the network's grid (``conformed.data`` is the normalised
+    image it saw, ``conformed.affine`` its voxel->world matrix in mm);
+    ``conformed_posteriors``: (C, X', Y', Z') float32 softmax on that grid.
+    ``posteriors`` (native, channel-last) is computed on first use unless
+    :func:`segment` was asked for it.
+    """
+
+    label_values: np.ndarray
+    names: list[str]
+    labels: np.ndarray
+    native: GridSummary
+    conformed: Conformed
+    conformed_posteriors: torch.Tensor
+    _posteriors: np.ndarray | None = field(default=None, repr=False)
+    _conformed_summary: GridSummary | None = field(default=None, repr=False)
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """(C,) soft volumes (mm^3) on the native grid, in channel order."""
+        return self.native.soft_volumes
+
+    @property
+    def posteriors(self) -> np.ndarray:
+        """(X, Y, Z, C) float32 posteriors on the native grid (linear interpolation)."""
+        if self._posteriors is None:
+            self._posteriors = _map_to_native(self.conformed, self.conformed_posteriors,
+                                              self.label_values, keep=True)[2]
+        return self._posteriors
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel->world matrix (mm) of the network's grid."""
+        return self.conformed.affine
+
+    @property
+    def image(self) -> np.ndarray:
+        """(X', Y', Z') float32 normalised image that the network saw."""
+        return self.conformed.data.numpy()
+
+    @property
+    def conformed_labels(self) -> np.ndarray:
+        """(X', Y', Z') int32 FreeSurfer values on the network's grid."""
+        return self.label_values[self.conformed_posteriors.argmax(0).numpy()]
+
+    @property
+    def conformed_summary(self) -> GridSummary:
+        """:class:`GridSummary` of the network's grid (for --keep-conformed)."""
+        if self._conformed_summary is None:
+            p = self.conformed_posteriors
+            best, arg = p.max(0)
+            self._conformed_summary = _summary(p.sum(dim=(1, 2, 3), dtype=torch.float64).numpy(),
+                                               arg.numpy(), best.numpy(), len(self.label_values),
+                                               _voxel_volume(self.conformed.affine))
+        return self._conformed_summary
+
+
+# ------------------------------------------------------------- helpers --
+
+def label_values(model: Model) -> np.ndarray:
+    """(C,) int32 FreeSurfer value of each output channel, from the metadata."""
+    return np.asarray(model.meta["output"]["labels"], dtype=np.int32)
+
+
+def flip_permutation(values: Sequence[int]) -> np.ndarray:
+    """Channel index of each channel's left/right twin (itself on the midline):
+    ``posteriors[perm]`` swaps the hemispheres' labels."""
+    pos = {int(v): k for k, v in enumerate(values)}
+    return np.array([pos.get(twin(int(v)), k) for k, v in enumerate(values)], dtype=np.int64)
+
+
+def _lr_axis(orientation: str) -> int:
+    """Array axis of a grid with this orientation code that runs left-right."""
+    return [c in "LR" for c in orientation.upper()].index(True)
+
+
+def _voxel_volume(affine: np.ndarray) -> float:
+    return float(abs(np.linalg.det(np.asarray(affine, np.float64)[:3, :3])))
+
+
+def crop_conformed(conf: Conformed, size: int | Sequence[int], multiple: int | None = None) -> Conformed:
+    """Centre crop of a conformed image to ``size`` voxels (one size or three),
+    each rounded up to ``multiple`` and never beyond the image. The affine
+    follows, so results still map back to the native grid."""
+    want = np.broadcast_to(np.asarray(size, dtype=np.int64), (3,))
+    if np.any(want < 1):
+        raise ValueError(f"crop size must be positive, got {size}")
+    m = int(multiple) if multiple else 1
+    full = np.array(conf.shape)
+    n = np.minimum(-(-want // m) * m, full)
+    start = (full - n) // 2
+    sl = tuple(slice(int(s), int(s + k)) for s, k in zip(start, n))
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return Conformed(data=conf.data[(...,) + sl].contiguous(), affine=conf.affine @ shift,
+                     native_affine=conf.native_affine, native_shape=conf.native_shape)
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """In-place softmax over channels: a second 2.2 GB array is avoided."""
+    logits -= logits.max(dim=0, keepdim=True).values
+    logits.exp_()
+    logits /= logits.sum(dim=0, keepdim=True)
+    return logits
+
+
+def _channel_runs(n: int, fills: np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
+    """Consecutive channel ranges of at most ``chunk`` channels sharing one fill value."""
+    c0 = 0
+    while c0 < n:
+        c1 = c0 + 1
+        while c1 < n and c1 - c0 < chunk and fills[c1] == fills[c0]:
+            c1 += 1
+        yield c0, c1
+        c0 = c1
+
+
+def _summary(post_sums: np.ndarray, arg: np.ndarray, best: np.ndarray, n: int,
+             voxel_volume: float) -> GridSummary:
+    flat = arg.ravel()
+    return GridSummary(posterior_sums=np.asarray(post_sums, np.float64),
+                       counts=np.bincount(flat, minlength=n).astype(np.int64),
+                       confidence_sums=np.bincount(flat, weights=best.ravel(), minlength=n),
+                       voxel_volume=voxel_volume)
+
+
+def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool,
+                   chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
+    """Posteriors to the native grid, a few channels at a time.
+
+    Returns the native channel index of the maximum posterior, the grid's
+    :class:`GridSummary`, and (if ``keep``) the (X, Y, Z, C) posteriors.
+    Native voxels outside the conformed grid (possible after a crop) are
+    background: posterior 1 for label 0, 0 for the others.
+    """
+    n = prob.shape[0]
+    shape = tuple(conf.native_shape)
+    fills = (values == 0).astype(np.float32)
+    best = np.full(shape, -np.inf, dtype=np.float32)
+    arg = np.zeros(shape, dtype=np.uint8 if n <= 256 else np.int32)
+    better = np.empty(shape, dtype=bool)
+    sums = np.zeros(n, dtype=np.float64)
+    post = np.empty(shape + (n,), dtype=np.float32) if keep else None
+    for c0, c1 in _channel_runs(n, fills, chunk):
+        nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
+        # The background fill is applied as a shift (p - 1, then + 1): undo its rounding below 0.
+        np.clip(nat, 0.0, 1.0, out=nat)
+        for k in range(c1 - c0):
+            p = nat[k]
+            # Strict '>': ties keep the lower channel, as np.argmax does.
+            np.greater(p, best, out=better)
+            np.copyto(best, p, where=better)
+            np.copyto(arg, c0 + k, where=better)
+            sums[c0 + k] = p.sum(dtype=np.float64)
+            if post is not None:
+                post[..., c0 + k] = p
+        del nat
+    summary = _summary(sums, arg, best, n, _voxel_volume(conf.native_affine))
+    return arg, summary, post
+
+
+# ---------------------------------------------------------------- main --
+
+@torch.inference_mode()  # predict() returns inference tensors; the softmax updates them in place
+def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: bool = False,
+            crop: int | Sequence[int] | None = None, posteriors: bool = False) -> SegResult:
+    """Segment a 3D image (or one ``frame`` of a 4D image).
+
+    Steps: conform (trilinear) to the model's space, optional centre ``crop``
+    (voxels of that space, rounded up to its multiple), normalise
+    intensities, predict, softmax on the network grid, map the posteriors to
+    the native grid (trilinear) and take the argmax there. ``flip``: also
+    predict on the left-right mirrored image and average the two softmaxes,
+    the mirrored one mirrored back with its left/right channels swapped.
+    ``posteriors``: build the native (X, Y, Z, C) posteriors in the same pass
+    (otherwise :attr:`SegResult.posteriors` computes them on first use).
+    """
+    data = volume.data if frame is None else volume.data[..., frame]
+    if data.ndim != 3:
+        raise ValueError(f"a 3D image (or frame) is required, got shape {tuple(data.shape)}")
+    space = model.meta["input"]
+    values = label_values(model)
+    conf = conform((data, volume.affine), voxsize=space["voxsize"], orientation=space["orientation"],
+                   multiple=space["multiple"])
+    if crop is not None:
+        conf = crop_conformed(conf, crop, space["multiple"])
+    conf.data = normalize_intensities(conf.data)
+
+    prob = _softmax_(predict(model, conf.data[None]))
+    if prob.shape[0] != len(values):
+        raise ValueError(f"model outputs {prob.shape[0]} channels but its metadata lists "
+                         f"{len(values)} labels")
+    if flip:
+        axis = _lr_axis(space["orientation"])
+        mirrored = _softmax_(predict(model, conf.data.flip(axis)[None]))
+        # Channel j at x is "label j": in the mirrored run that is its twin at
+        # the mirror voxel. Channel by channel: flipping or permuting the
+        # whole array would copy it (2.2 GB at 256^3).
+        for j, k in enumerate(flip_permutation(values)):
+            prob[j] += mirrored[int(k)].flip(axis)
+        prob *= 0.5
+        del mirrored
+
+    arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
+    names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
+    return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
+                     conformed=conf, conformed_posteriors=prob, _posteriors=post)
+
+
+# ------------------------------------------------------------- volumes --
+
+def volumes(posteriors_or_sums: np.ndarray, voxel_volume: float) -> np.ndarray:
+    """Soft volume of each structure in mm^3: the sum of its posterior over
+    the grid times the voxel volume (mm^3). Takes (X, Y, Z, C) posteriors or
+    the (C,) per-channel sums gathered during the native mapping."""
+    a = np.asarray(posteriors_or_sums)
+    sums = a.astype(np.float64) if a.ndim == 1 else a.reshape(-1, a.shape[-1]).sum(0, dtype=np.float64)
+    return sums * float(voxel_volume)
+
+
+def total_intracranial(soft_volumes: np.ndarray, values: Sequence[int]) -> float:
+    """Total intracranial volume (mm^3): the soft volumes of all non-background
+    labels summed. With the SynthSeg labels this is brain tissue, ventricles
+    and the CSF label (which covers the extra-cerebral CSF), i.e. everything
+    inside the skull; parts cut by the field of view or ``crop`` are missing."""
+    v = np.asarray(soft_volumes, np.float64)
+    return float(v[np.asarray(values) != 0].sum())
+
+
+def qc_scores(summary: GridSummary, values: Sequence[int]) -> dict[str, float]:
+    """Quality-control scores in [0, 1], one per structure group of
+    :data:`QC_GROUPS` the model has, plus ``mean`` over the groups.
+
+    A group's score is the mean maximum posterior over the voxels labelled
+    as one of its structures: near 1 when the network is confident there,
+    low on unusual images; 0 when no voxel got the group's labels at all (a
+    missing structure is a failure).
+    """
+    vals = np.asarray(values)
+    out: dict[str, float] = {}
+    for group, members in QC_GROUPS.items():
+        sel = np.isin(vals, members)
+        if not sel.any():
+            continue
+        count = summary.counts[sel].sum()
+        out[group] = float(summary.confidence_sums[sel].sum() / count) if count else 0.0
+    out["mean"] = float(np.mean(list(out.values()))) if out else 0.0
+    return out
