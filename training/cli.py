@@ -84,6 +84,8 @@ def cmd_sample(a) -> None:
 def cmd_preview(a) -> None:
     from .generator.synth import Synthesizer, generator
     from .preview import grid_png
+    if not a.output.lower().endswith(".png"):
+        _fail(f"{a.output}: output must be a .png file")
     vol, ls, idx = _load_labels(a.labelmap)
     cfg = _synth_config(a.config)
     if a.max:
@@ -96,8 +98,6 @@ def cmd_preview(a) -> None:
                    for k in range(a.n)]
     else:
         samples = [synth(idx, vox, generator(a.seed + k)).image[0] for k in range(a.n)]
-    if not a.output.lower().endswith(".png"):
-        _fail(f"{a.output}: output must be a .png file")
     grid_png([s.numpy() for s in samples], a.output)
     print(a.output)
 

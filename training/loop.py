@@ -156,7 +156,10 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(int(cfg.get("seed", 0)))
-    model = recipe.build_model()
+    device = torch.device(cfg.get("device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but torch sees no CUDA GPU")
+    model = recipe.build_model().to(device)
     channels_last = bool(cfg.get("channels_last", True)) and getattr(model, "ndim", 3) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -184,8 +187,12 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     if check and not sanity:
         preflight(recipe)
-    workers = 0 if sanity else int(cfg.get("workers", 1))
+    # On a GPU the generator runs in the main process on the GPU (no workers):
+    # synthesis there is cheap next to the copies it would otherwise need.
+    workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", 1))
     dataset = sanity_dataset(recipe, out) if sanity else recipe.dataset(start=step)
+    if device.type == "cuda" and hasattr(dataset, "device"):
+        dataset.device = device
     loader = DataLoader(dataset, batch_size=int(cfg.get("batch", 1)), num_workers=workers,
                         persistent_workers=workers > 0)
     bf16 = bool(cfg.get("bf16", True))
@@ -197,10 +204,11 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
             if step >= total or time.time() > deadline or stop["flag"]:
                 break
             t0 = time.time()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if channels_last:
                 batch = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.ndim == 5 else v
                          for k, v in batch.items()}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = recipe.loss(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: check the generator settings")

@@ -64,12 +64,14 @@ class LabelMapDataset(IterableDataset):
         self.label_set = label_set or LabelSet()
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
         self.cache = cache
+        self.device = torch.device("cpu")  # where label maps live and synthesis runs
         self._maps: dict[str, tuple[torch.Tensor, tuple]] = {}
 
     def label_map(self, path: str) -> tuple[torch.Tensor, tuple]:
         if path in self._maps:
             return self._maps[path]
-        item = load_index_map(path, self.label_set)
+        index_map, vox = load_index_map(path, self.label_set)
+        item = (index_map.to(self.device), vox)
         if self.cache:
             self._maps[path] = item
         return item

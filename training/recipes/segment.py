@@ -62,8 +62,8 @@ class SegmentRecipe:
         if uniform(gen, 0, 1) < self.flip_prob:
             # Axis 0 of the label maps (LIA) is left-right: mirror and swap sides.
             image = image.flip(1)
-            labels = self.flip_index[labels.flip(0)]
-        return {"image": image, "target": self.to_channel[labels]}
+            labels = self.flip_index.to(labels.device)[labels.flip(0)]
+        return {"image": image, "target": self.to_channel.to(labels.device)[labels]}
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
         present = sample["target"].unique().numel()

@@ -53,9 +53,9 @@ class SkullStripRecipe:
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * 3)
-        brain = (self.brain_lut[s.labels.long()] > 0) & s.fov
-        sdt = signed_distance(brain.numpy(), self.voxsize, self.band)
-        return {"image": s.image, "target": torch.from_numpy(sdt)[None]}
+        brain = (self.brain_lut.to(s.labels.device)[s.labels.long()] > 0) & s.fov
+        sdt = signed_distance(brain.cpu().numpy(), self.voxsize, self.band)  # scipy EDT: CPU
+        return {"image": s.image, "target": torch.from_numpy(sdt)[None].to(s.image.device)}
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
         t = sample["target"]
