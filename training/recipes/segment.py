@@ -6,17 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from synthtools.nets.unet import UNet
-from synthtools.weights import Model
 
-from ..generator.dataset import LabelMapDataset, label_map_files
-from ..generator.labels import SYNTHSEG_LABELS, LabelSet
+from ..generator.labels import SYNTHSEG_LABELS
 from ..generator.noise import uniform
 from ..generator.synth import SynthConfig, Synthesizer
-from ..validation import SEG_CASES, data_root, score_seg
+from ..validation import SEG_CASES, score_seg
+from .base import Recipe
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -31,21 +29,18 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return 1 - dice[present].mean()
 
 
-class SegmentRecipe:
-    name = "segment"
+class SegmentRecipe(Recipe):
+    name = task = "segment"
 
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
+        super().__init__(cfg)
         r = cfg["recipe"]
-        self.voxsize = float(r.get("voxsize", 2.0))
         self.shape = tuple(r.get("shape", (80, 80, 80)))
         self.flip_prob = float(r.get("flip_prob", 0.5))
-        self.labels = LabelSet()
         values = self.labels.synthseg_lut()
         channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
         self.to_channel = torch.tensor([channel[int(v)] for v in values])   # index -> channel
-        flip = self.labels.flip_lut()
-        self.flip_index = flip                                              # index -> twin index
+        self.flip_index = self.labels.flip_lut()                            # index -> twin index
         gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
         gen_cfg.crop_labels = True  # segment what the image shows
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels),
@@ -69,36 +64,14 @@ class SegmentRecipe:
         present = sample["target"].unique().numel()
         return [] if present > 2 else [f"only {present} label(s) left in the target (anatomy out of the FOV?)"]
 
-    def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
-        t = self.cfg["train"]
-        files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
-        if t.get("max_label_maps"):
-            files = files[: int(t["max_label_maps"])]
-        return LabelMapDataset(files, self.make_sample, self.labels, seed=int(t.get("seed", 0)),
-                               start=start, rank=rank, world=world)
-
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return soft_dice_loss(model(batch["image"]), batch["target"])
 
-    def metadata(self) -> dict[str, Any]:
+    def output_metadata(self) -> dict[str, Any]:
         from synthtools.lut import names_for
-        return {
-            "task": "segment",
-            "input": {"voxsize": self.voxsize, "orientation": "LIA", "multiple": 16,
-                      "normalization": "min to 0, 99.5th percentile to 1, clipped"},
-            "output": {"type": "softmax", "labels": list(SYNTHSEG_LABELS), "names": names_for(SYNTHSEG_LABELS)},
-            "inference": {"bf16": False},
-            "data": "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)",
-        }
-
-    def as_model(self, net: torch.nn.Module) -> Model:
-        meta = self.metadata()
-        meta["architecture"] = dict(type="unet", **net.config)
-        return Model(net, meta, path=None)
+        return {"type": "softmax", "labels": list(SYNTHSEG_LABELS), "names": names_for(SYNTHSEG_LABELS)}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         from synthtools.seg import segment
-        names = self.cfg.get("validation", {}).get("cases")
-        cases = [c for c in SEG_CASES if names is None or c.name in names]
         model = self.as_model(net)
-        return score_seg(lambda v: segment(model, v).labels, cases)
+        return score_seg(lambda v: segment(model, v).labels, self.validation_cases(SEG_CASES))

@@ -9,15 +9,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from synthtools.io import Volume
 from synthtools.nets.unet import UNet
 from synthtools.strip import brain_sdt, mask_from_sdt
-from synthtools.weights import Model
 
-from ..generator.dataset import LabelMapDataset, label_map_files
-from ..generator.labels import LabelSet
 from ..generator.synth import SynthConfig, Synthesizer
-from ..validation import STRIP_CASES, data_root, score_strip
+from ..validation import STRIP_CASES, score_strip
+from .base import Recipe
 
 
 def signed_distance(mask: np.ndarray, voxsize: float, band: float) -> np.ndarray:
@@ -33,16 +30,14 @@ def signed_distance(mask: np.ndarray, voxsize: float, band: float) -> np.ndarray
     return np.clip(out - inside, -band, band).astype(np.float32)
 
 
-class SkullStripRecipe:
-    name = "skullstrip"
+class SkullStripRecipe(Recipe):
+    name = task = "skullstrip"
 
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
+        super().__init__(cfg)
         r = cfg["recipe"]
-        self.voxsize = float(r.get("voxsize", 2.0))
         self.shape = tuple(r.get("shape", (96, 96, 96)))
         self.band = float(r.get("band", 5.0))
-        self.labels = LabelSet()
         self.brain_lut = self.labels.brain_lut(csf=bool(r.get("csf", True)))
         gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels), brain_lut=self.brain_lut)
@@ -65,37 +60,14 @@ class SkullStripRecipe:
             return ["target is all brain (no boundary to learn)"]
         return []
 
-    def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
-        t = self.cfg["train"]
-        root = t.get("label_maps") or str(data_root() / "label_maps")
-        files = label_map_files(root)
-        if t.get("max_label_maps"):
-            files = files[: int(t["max_label_maps"])]
-        return LabelMapDataset(files, self.make_sample, self.labels, seed=int(t.get("seed", 0)),
-                               start=start, rank=rank, world=world)
-
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pred = model(batch["image"]).float()
         return torch.mean((pred - batch["target"]) ** 2)
 
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "task": "skullstrip",
-            "input": {"voxsize": self.voxsize, "orientation": "LIA", "multiple": 16,
-                      "normalization": "min to 0, 99.5th percentile to 1, clipped"},
-            "output": {"type": "signed_distance_mm", "band_mm": self.band, "sign": "negative inside",
-                       "csf": bool(self.cfg["recipe"].get("csf", True))},
-            "inference": {"bf16": False},
-            "data": "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)",
-        }
-
-    def as_model(self, net: torch.nn.Module) -> Model:
-        meta = self.metadata()
-        meta["architecture"] = dict(type="unet", **net.config)
-        return Model(net, meta, path=None)
+    def output_metadata(self) -> dict[str, Any]:
+        return {"type": "signed_distance_mm", "band_mm": self.band, "sign": "negative inside",
+                "csf": bool(self.cfg["recipe"].get("csf", True))}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
-        names = self.cfg.get("validation", {}).get("cases")
-        cases = [c for c in STRIP_CASES if names is None or c.name in names]
         model = self.as_model(net)
-        return score_strip(lambda v: mask_from_sdt(brain_sdt(model, v), 1.0), cases)
+        return score_strip(lambda v: mask_from_sdt(brain_sdt(model, v), 1.0), self.validation_cases(STRIP_CASES))
