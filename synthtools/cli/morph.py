@@ -1,14 +1,338 @@
-"""``synthmorph``: placeholder until its model is trained and shipped."""
+"""``synthmorph``: registration from the command line, after FreeSurfer's
+``mri_synthmorph``.
+
+    synthmorph apply TRANS IMAGE OUTPUT [IMAGE OUTPUT ...] [-m linear|nearest]
+                     [-t DTYPE] [-f FILL] [-H] [--fixed FIXED_IMAGE]
+    synthmorph register [-m rigid|affine|deform|joint] MOVING FIXED [-o MOVED]
+                     [-O FIXED_IN_MOVING] [-t TRANS] [-T INVERSE] [-H] [-i INIT] ...
+
+``apply`` resamples images with a transform file (.lta, ITK .txt/.tfm,
+.nii.gz displacement field, FreeSurfer .mgz warp; see
+:mod:`synthtools.morph.transforms`). ``register`` checks its arguments, then
+reports that no registration model is shipped yet. As ``mri_synthmorph``,
+``synthmorph MOVING FIXED ...`` without a subcommand means ``register``.
+
+Errors are single lines ``synthmorph: error: ...``; exit code 2 means nothing
+was processed (bad arguments, outputs, transform or model), 1 that at least
+one image failed.
+"""
 from __future__ import annotations
 
+import math
+import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, Sequence
+
+import numpy as np
+
+from ..io import InputError, check_input_path, check_output_path
+from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
+from .common import (Parser, UsageError, choose_device, load_task_model, run_tool, say_error,
+                     say_warning)
+
+PROG = "synthmorph"
+SUBCOMMANDS = ("register", "apply")
+MODES = ("rigid", "affine", "deform", "joint")
+LINEAR_MODES = ("rigid", "affine")
+DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
+
+FORMATS_TEXT = ("Transform files: .lta (FreeSurfer), .txt/.tfm (ITK/ANTs affine), .nii.gz/.nii "
+                "(ITK/ANTs displacement field), .mgz (FreeSurfer/mri_synthmorph warp).")
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    """Parse nothing; report that the model is not available yet (exit 2)."""
-    print("synthmorph: error: model not yet available (see issue tracker)", file=sys.stderr)
-    raise SystemExit(2)
+# --------------------------------------------------------------- parsers --
+
+def top_parser() -> Parser:
+    return Parser(
+        prog=PROG, usage=f"{PROG} {{register,apply}} ... (see '{PROG} register -h', '{PROG} apply -h')",
+        description="Registration of brain images of any contrast or resolution (SynthMorph method). "
+        "Subcommands: 'register' aligns a moving image to a fixed image; 'apply' resamples images "
+        "with a transform file. Without a subcommand, 'register' is assumed (as mri_synthmorph).",
+        epilog=FORMATS_TEXT,
+    )
+
+
+def apply_parser() -> Parser:
+    p = Parser(
+        prog=f"{PROG} apply",
+        description="Apply a transform to images: each IMAGE is resampled into the fixed space "
+        "and written to its OUTPUT. The output grid is that of --fixed if given, else the fixed "
+        "image recorded in the transform (LTA destination, warp grid).",
+        epilog=FORMATS_TEXT + " An ITK affine records no image grid: give --fixed (or -H). "
+        "A 4D image is resampled frame by frame with the same transform.",
+    )
+    p.add_argument("trans", metavar="TRANS", help="transform file (moving to fixed)")
+    p.add_argument("pairs", nargs="+", metavar="IMAGE OUTPUT", help="input image and its output, repeatable")
+    p.add_argument("-m", "--method", choices=("linear", "nearest"), default="linear",
+                   help="interpolation: linear (default) or nearest (label maps)")
+    p.add_argument("-t", "--type", choices=DTYPES, metavar="DTYPE",
+                   help=f"output data type ({', '.join(DTYPES)}); default: the input's type")
+    p.add_argument("-f", "--fill", type=float, default=0.0, metavar="FILL",
+                   help="value of output voxels outside the input image (default: 0)")
+    p.add_argument("-H", "--header-only", action="store_true",
+                   help="do not resample: keep the voxels and set the header so that the image lies "
+                   "in the fixed space (linear transforms only)")
+    p.add_argument("--fixed", metavar="FIXED_IMAGE", help="image whose grid the outputs are resampled onto")
+    p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
+    return p
+
+
+def register_parser() -> Parser:
+    p = Parser(
+        prog=f"{PROG} register",
+        description="Register a MOVING image to a FIXED image: rigid, affine, deformable (assumes "
+        "prior affine alignment) or joint (affine then deformable).",
+        epilog=FORMATS_TEXT + " -t/-T take a linear file for rigid/affine and a warp for deform/joint.",
+    )
+    p.add_argument("moving", metavar="MOVING", help="moving image")
+    p.add_argument("fixed", metavar="FIXED", help="fixed image")
+    p.add_argument("-m", "--mode", choices=MODES, default="joint",
+                   help="transformation model (default: joint)")
+    p.add_argument("-o", "--out-moving", metavar="MOVED", help="moving image moved into the fixed space")
+    p.add_argument("-O", "--out-fixed", metavar="FIXED_IN_MOVING",
+                   help="fixed image moved into the moving space")
+    p.add_argument("-t", "--trans", metavar="TRANS", help="transform from moving to fixed")
+    p.add_argument("-T", "--inverse", metavar="INVERSE", help="transform from fixed to moving")
+    p.add_argument("-H", "--header-only", action="store_true",
+                   help="update the output headers instead of resampling (rigid/affine only)")
+    p.add_argument("-i", "--init", metavar="INIT", help="linear transform to start from (.lta, .txt, .tfm)")
+    p.add_argument("-r", "--regularization", type=float, default=0.5, metavar="LAMBDA",
+                   help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5)")
+    p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
+    p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
+    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json")
+    return p
+
+
+# --------------------------------------------------------------- helpers --
+
+def _fits(value: float, dtype: np.dtype) -> bool:
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return value == round(value) and info.min <= value <= info.max
+    return True
+
+
+def _check_transform_output(path: str, option: str, kinds: Sequence[str], protect: Sequence[str]) -> None:
+    """A transform output: right kind for the mode, writable folder, not an input."""
+    if transform_kind(path) not in kinds:
+        exts = LINEAR_EXTENSIONS if "lta" in kinds else WARP_EXTENSIONS
+        raise UsageError(f"{option} {path}: use a {' or '.join(exts)} file for this transform")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder, a file name is required")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: output folder {folder} is not writable")
+    if os.path.realpath(path) in protect:
+        raise UsageError(f"{option} {path}: would overwrite an input, choose another output path")
+
+
+def _no_duplicates(paths: dict[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"{option} {path}: same output path as {seen[real]}")
+        seen[real] = option
+
+
+def _grid_of(path: str, option: str):
+    """Geometry of an image (its data is read and validated too)."""
+    from ..io import load_volume
+    from ..morph.transforms import as_geometry
+
+    try:
+        return as_geometry(load_volume(path, allow_4d=True, dtype=None))
+    except InputError as exc:
+        raise UsageError(f"{option} {exc}") from None
+
+
+# ----------------------------------------------------------------- apply --
+
+def run_apply(argv: Sequence[str]) -> int:
+    from ..io import load_volume, save_volume
+    from ..morph.transforms import Warp, apply_transform, read_transform, update_header
+
+    args = apply_parser().parse_intermixed_args(argv)
+    pairs = list(args.pairs)
+    if len(pairs) % 2:
+        raise UsageError(f"images and outputs must come in IMAGE OUTPUT pairs after TRANS "
+                         f"(got {len(pairs)} paths; see {PROG} apply -h)")
+    images, outputs = pairs[0::2], pairs[1::2]
+    if not math.isfinite(args.fill):
+        raise UsageError(f"-f {args.fill}: the fill value must be a finite number")
+    out_dtype = np.dtype(args.type) if args.type else None
+    if out_dtype is not None and not _fits(args.fill, out_dtype):
+        raise UsageError(f"-f {args.fill:g}: the fill value does not fit the output type {out_dtype}")
+    choose_device(False, args.threads)
+
+    # Every output before any work: extension, folder, not an input, no clash.
+    protect = [os.path.realpath(p) for p in [args.trans, *images, *([args.fixed] if args.fixed else [])]]
+    for out in outputs:
+        try:
+            check_output_path(out, input_paths=protect)
+        except InputError as exc:
+            raise UsageError(str(exc)) from None
+    _no_duplicates({f"OUTPUT {k + 1}": p for k, p in enumerate(outputs)})
+
+    fixed = _grid_of(args.fixed, "--fixed") if args.fixed else None
+    try:
+        trans = read_transform(args.trans, fixed=fixed)
+    except InputError as exc:
+        if transform_kind(args.trans) != "lta" or "volume info" not in str(exc):
+            raise UsageError(str(exc)) from None
+        # A voxel-to-voxel LTA without volume info: the first image is the moving grid.
+        try:
+            trans = read_transform(args.trans, fixed=fixed, moving=_grid_of(images[0], "IMAGE"))
+        except InputError as exc2:
+            raise UsageError(str(exc2)) from None
+
+    if args.header_only:
+        if isinstance(trans, Warp):
+            raise UsageError(f"-H: {args.trans} is a displacement field; header-only output needs a "
+                             "linear transform (.lta, .txt, .tfm)")
+        if args.fixed:
+            say_warning(PROG, "--fixed is not used with -H (the voxels are not resampled)")
+        grid = None
+    else:
+        grid = fixed if fixed is not None else trans.fixed
+        if grid is None:
+            raise UsageError(f"{args.trans}: this transform records no fixed-image grid (ITK affine): "
+                             "pass --fixed FIXED_IMAGE, or -H to update the header only")
+        if isinstance(trans, Warp) and not trans.grid.same_grid(grid):
+            raise UsageError(f"{args.trans}: displacement field grid ({trans.grid.describe()}) does not "
+                             f"match --fixed {args.fixed} ({grid.describe()})")
+
+    order = 0 if args.method == "nearest" else 1
+    failed = 0
+    for image, out in zip(images, outputs):
+        try:
+            vol = load_volume(image, allow_4d=True, dtype=None)
+            dtype = out_dtype or np.dtype(vol.data.dtype).newbyteorder("=")
+            if not _fits(args.fill, dtype):
+                raise InputError(f"{image}: fill value {args.fill:g} does not fit the output type {dtype} "
+                                 "(choose another -f or -t)")
+            if args.header_only:
+                save_volume(vol.data, vol, out, affine=update_header(trans, vol), dtype=dtype)
+            else:
+                moved = apply_transform(trans, vol, grid, order=order, fill=args.fill)
+                save_volume(moved, None, out, affine=grid.affine, dtype=dtype)  # type: ignore[union-attr]
+        except InputError as exc:
+            say_error(PROG, str(exc))
+            failed += 1
+            continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one failing image must not stop the others
+            if os.environ.get("SYNTHTOOLS_DEBUG"):
+                raise
+            say_error(PROG, f"{image}: processing failed ({type(exc).__name__}: {exc})")
+            failed += 1
+            continue
+        print(f"{PROG}: {image} -> {out}", flush=True)
+    if failed:
+        if len(images) > 1:
+            say_error(PROG, f"{failed} of {len(images)} images failed")
+        return 1
+    return 0
+
+
+# -------------------------------------------------------------- register --
+
+def run_register(argv: Sequence[str]) -> int:
+    from ..morph.transforms import Affine, read_transform
+
+    args = register_parser().parse_intermixed_args(argv)
+    mode = args.mode
+    linear = mode in LINEAR_MODES
+    if not math.isfinite(args.regularization) or not 0.0 <= args.regularization <= 1.0:
+        raise UsageError(f"-r {args.regularization}: the regularization weight must be between 0 and 1")
+    if args.header_only and not linear:
+        raise UsageError(f"-H: header-only output needs a linear registration (-m rigid or -m affine), "
+                         f"not -m {mode}")
+    images = {"-o": args.out_moving, "-O": args.out_fixed}
+    transforms = {"-t": args.trans, "-T": args.inverse}
+    requested = {k: v for k, v in {**images, **transforms}.items() if v is not None}
+    if not requested:
+        raise UsageError("no output requested: give at least one of -o MOVED, -O FIXED_IN_MOVING, "
+                         "-t TRANS, -T INVERSE")
+
+    inputs = [args.moving, args.fixed] + ([args.init] if args.init else [])
+    protect = [os.path.realpath(p) for p in inputs]
+    for option, path in images.items():
+        if path is not None:
+            try:
+                check_output_path(path, input_paths=protect)
+            except InputError as exc:
+                raise UsageError(f"{option} {exc}") from None
+    kinds = ("lta", "itk") if linear else ("nifti", "mgh")
+    for option, path in transforms.items():
+        if path is not None:
+            _check_transform_output(path, option, kinds, protect)
+    _no_duplicates(requested)
+
+    if args.init:
+        try:
+            init = read_transform(args.init)
+        except InputError as exc:
+            raise UsageError(f"-i {exc}") from None
+        if not isinstance(init, Affine):
+            raise UsageError(f"-i {args.init}: the initial transform must be linear (.lta, .txt, .tfm)")
+    device = choose_device(args.gpu, args.threads)
+
+    failed = False
+    for path in (args.moving, args.fixed):
+        try:
+            check_input_path(path)
+        except InputError as exc:
+            say_error(PROG, str(exc))
+            failed = True
+    if failed:
+        return 1
+
+    model = load_task_model(args.model or f"synthmorph-{mode}", device, task="register",
+                            task_text="registration", user_given=args.model is not None)
+    raise UsageError(f"model {model.path}: running registration networks is not implemented yet "
+                     "in this version (synthmorph apply works)")
+
+
+# ------------------------------------------------------------------ main --
+
+def _looks_like_register(arg: str) -> bool:
+    """mri_synthmorph style 'synthmorph [OPTIONS] MOVING FIXED' (no subcommand)."""
+    from ..io import SUPPORTED_EXTENSIONS
+
+    return arg.startswith("-") or os.path.exists(arg) or arg.lower().endswith(SUPPORTED_EXTENSIONS)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise UsageError(f"a subcommand is required: '{PROG} register ...' or '{PROG} apply ...' "
+                         f"(see {PROG} -h)")
+    head = args[0]
+    if head in ("-h", "--help"):
+        top_parser().print_help()
+        return 0
+    if head == "apply":
+        return run_apply(args[1:])
+    if head == "register":
+        return run_register(args[1:])
+    if _looks_like_register(head):
+        return run_register(args)
+    raise UsageError(f"unknown subcommand '{head}' (use register or apply; see {PROG} -h)")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The whole tool; returns the exit code (0, 1 or 2)."""
+    return run_tool(PROG, _run, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: runs the tool and exits with its code."""
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

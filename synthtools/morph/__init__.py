@@ -1,0 +1,7 @@
+"""Registration support: spatial transforms, their file formats and resampling
+(:mod:`synthtools.morph.transforms`). The registration networks come later."""
+from .transforms import (Affine, Geometry, Warp, apply_transform, as_geometry, compose, invert,
+                         read_transform, to_dense, update_header, write_transform)
+
+__all__ = ["Affine", "Geometry", "Warp", "apply_transform", "as_geometry", "compose", "invert",
+           "read_transform", "to_dense", "update_header", "write_transform"]
