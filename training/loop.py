@@ -5,19 +5,33 @@ and validation metrics, and a PNG plot of both.
 
 A recipe provides: ``build_model()``, ``dataset(start, rank, world)``,
 ``loss(model, batch) -> tensor``, ``validate(model) -> {name: value}`` and
-``metadata()`` (what the exported model needs at inference)."""
+``metadata()`` (what the exported model needs at inference).
+
+Distributed: started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``), ``train`` joins the process group (NCCL on CUDA, Gloo on
+CPU), wraps the model in DistributedDataParallel and gives every rank its own
+sample stream. Rank 0 alone writes the checkpoint, log, plot and runs
+validation; every rank resumes from the same checkpoint, and the stop decision
+(steps, ``minutes``, SIGTERM/SIGINT) is agreed every step, so all ranks stop
+at the same step. One optimizer step sees ``batch x world x grad_accum``
+samples (the global batch)."""
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
 import math
 import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from synthtools.weights import save_model
@@ -55,6 +69,18 @@ class Log:
     def last_val(self) -> dict[str, float]:
         vals = [r["val"] for r in self.rows if "val" in r]
         return vals[-1] if vals else {}
+
+
+class NullLog:
+    """What ranks other than 0 keep instead of the log: nothing."""
+
+    rows: list = []
+
+    def add(self, **row: Any) -> None:
+        pass
+
+    def last_val(self) -> dict[str, float]:
+        return {}
 
 
 def plot_log(log_path: Path, png: Path) -> None:
@@ -127,12 +153,12 @@ class RepeatDataset(torch.utils.data.IterableDataset):
             yield self.sample
 
 
-def sanity_dataset(recipe, out: Path) -> RepeatDataset:
+def sanity_dataset(recipe, out: Path, write: bool = True) -> RepeatDataset:
     """Synthesise one sample, write it to ``out`` for inspection, repeat it."""
     import nibabel as nib
     import numpy as np
     sample = recipe.dataset(start=0).sample(stream=0, step=0)
-    for key, v in sample.items():
+    for key, v in sample.items() if write else ():
         arr = v.float().numpy()
         arr = arr[0] if arr.ndim == 4 else arr
         nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([*(recipe.voxsize,) * 3, 1.0])),
@@ -146,19 +172,91 @@ def _save_checkpoint(path: Path, model, opt, step: int, seconds: float) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class Dist:
+    """Where this process sits in a distributed run (world 1: not distributed)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False   # we initialised the process group, so we destroy it
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if ``flag`` is true on any rank (one all_reduce)."""
+        if not self.on:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def setup_distributed(device_name: str, timeout_minutes: float = 30.0) -> Dist:
+    """Join the process group torchrun describes in the environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``);
+    a plain process (no ``WORLD_SIZE`` or 1) stays single-process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        cuda = torch.device(device_name).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # Ranks wait for rank 0 while it validates or checkpoints: a generous timeout.
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        owns = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
+
+
+def state_digest(model: torch.nn.Module | dict) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and values, in
+    name order): equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    for name, v in sorted(state.items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float | None = None,
           log=print, sanity: bool = False, check: bool = True) -> dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` until ``steps`` total steps or
     ``minutes`` of wall time; resumes from ``out_dir/checkpoint.pt``.
-    ``sanity``: train on one fixed synthetic sample (written to out_dir)."""
+    ``sanity``: train on one fixed synthetic sample (written to out_dir).
+    Under ``torchrun`` every rank calls this; see the module docstring."""
     cfg = recipe.cfg["train"]
-    out = Path(out_dir)
+    ddp = setup_distributed(cfg.get("device", "cpu"), float(cfg.get("dist_timeout_minutes", 30)))
+    try:
+        return _train(recipe, cfg, Path(out_dir), steps, minutes, log, sanity, check, ddp)
+    finally:
+        if ddp.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist) -> dict[str, Any]:
+    if not ddp.main:
+        log = lambda *a, **k: None  # noqa: E731  (rank 0 speaks for the run)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(int(cfg.get("seed", 0)))
     device = torch.device(cfg.get("device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA GPU")
+    if device.type == "cuda" and ddp.on:
+        device = torch.device("cuda", ddp.local_rank)
     model = recipe.build_model().to(device)
     channels_last = bool(cfg.get("channels_last", True)) and getattr(model, "ndim", 3) == 3
     if channels_last:
@@ -176,62 +274,123 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
         init = torch.load(cfg["init"], map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in init.get("model", init).items()})
         log(f"initialised from {cfg['init']}")
-    history = Log(out / "log.jsonl", step)
+    if ddp.on:
+        # Every rank must have read the same checkpoint (RUN on a shared file system).
+        t = torch.tensor([step, -step], device=device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != -int(t[1]):
+            raise RuntimeError(f"ranks resumed from different steps ({-int(t[1])}..{int(t[0])}): "
+                               f"{out} must be on a file system every node sees")
+    history = Log(out / "log.jsonl", step) if ddp.main else NullLog()
     total = steps if steps is not None else int(cfg.get("steps", 10_000))
     deadline = time.time() + 60 * minutes if minutes else math.inf
     every = 60 * float(cfg.get("checkpoint_minutes", 10))
+    accum = int(cfg.get("grad_accum", 1))
+    if accum < 1:
+        raise ValueError(f"train.grad_accum must be >= 1, got {accum}")
     stop = {"flag": False}
 
     def on_signal(signum, frame):
         stop["flag"] = True
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    if check and not sanity:
-        preflight(recipe)
-    # On a GPU the generator runs in the main process on the GPU (no workers):
-    # synthesis there is cheap next to the copies it would otherwise need.
-    workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", 1))
-    dataset = sanity_dataset(recipe, out) if sanity else recipe.dataset(start=step)
-    if device.type == "cuda" and hasattr(dataset, "device"):
-        dataset.device = device
-    loader = DataLoader(dataset, batch_size=int(cfg.get("batch", 1)), num_workers=workers,
-                        persistent_workers=workers > 0)
-    bf16 = bool(cfg.get("bf16", True))
-    log_every, val_every = int(cfg.get("log_every", 10)), int(cfg.get("val_every", 500))
-    last_ckpt, t_start, running = time.time(), time.time(), []
-    model.train()
     try:
-        for batch in loader:
-            if step >= total or time.time() > deadline or stop["flag"]:
-                break
-            t0 = time.time()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if channels_last:
-                batch = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.ndim == 5 else v
-                         for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = recipe.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: check the generator settings")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seconds += time.time() - t0
-            running.append(float(loss.detach()))
-            if step % log_every == 0:
-                history.add(step=step, time=round(time.time() - t_start, 1), loss=sum(running) / len(running))
-                running = []
-            if val_every and step % val_every == 0:
-                _validate(recipe, model, history, step, log)
-            if time.time() - last_ckpt > every:
+        if check and not sanity:
+            # Rank 0 checks the generator; every rank stops on its verdict.
+            problem = None
+            if ddp.main:
+                try:
+                    preflight(recipe)
+                except GeneratorCheckError as e:
+                    problem = str(e)
+            if ddp.on:
+                box = [problem]
+                dist.broadcast_object_list(box, src=0)
+                problem = box[0]
+            if problem:
+                raise GeneratorCheckError(problem)
+        # On a GPU the generator runs in the main process on the GPU (no workers):
+        # synthesis there is cheap next to the copies it would otherwise need.
+        workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", 1))
+        batch_size = int(cfg.get("batch", 1))
+        if sanity:
+            dataset = sanity_dataset(recipe, out, write=ddp.main)
+        else:
+            dataset = recipe.dataset(start=step, rank=ddp.rank, world=ddp.world)
+        if hasattr(dataset, "per_step"):   # number the samples by training step (exact resume)
+            dataset.batch, dataset.per_step = batch_size, accum
+        if device.type == "cuda" and hasattr(dataset, "device"):
+            dataset.device = device
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                            persistent_workers=workers > 0)
+        net = model
+        if ddp.on:
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        bf16 = bool(cfg.get("bf16", True))
+        log_every, val_every = int(cfg.get("log_every", 10)), int(cfg.get("val_every", 500))
+        last_ckpt, t_start, running = time.time(), time.time(), []
+        model.train()
+        batches = iter(loader)
+        try:
+            while True:
+                if step >= total or ddp.any(time.time() > deadline or stop["flag"], device):
+                    break
+                t0 = time.time()
+                opt.zero_grad(set_to_none=True)
+                loss_sum, bad = 0.0, False
+                for micro in range(accum):
+                    batch = next(batches)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    if channels_last:
+                        batch = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.ndim == 5 else v
+                                 for k, v in batch.items()}
+                    # DDP all-reduces gradients on the last micro-step only.
+                    sync = micro == accum - 1 or not ddp.on
+                    with contextlib.nullcontext() if sync else net.no_sync():
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                            loss = recipe.loss(net, batch)
+                        finite = bool(torch.isfinite(loss))
+                        if not finite and not ddp.on:
+                            raise FloatingPointError(
+                                f"non-finite loss at step {step}: check the generator settings")
+                        bad |= not finite
+                        (loss / accum if accum > 1 else loss).backward()
+                    loss_sum += float(loss.detach())
+                # Agreed before the optimizer step, so no rank steps on NaN gradients.
+                if ddp.on and ddp.any(bad, device):
+                    raise FloatingPointError(f"non-finite loss at step {step} (on some rank): "
+                                             "check the generator settings")
+                opt.step()
+                step += 1
+                seconds += time.time() - t0
+                running.append(loss_sum / accum)
+                if step % log_every == 0:
+                    mean = sum(running) / len(running)
+                    if ddp.on:   # the global batch's loss: mean over ranks
+                        t = torch.tensor([mean], device=device, dtype=torch.float64)
+                        dist.all_reduce(t)
+                        mean = float(t) / ddp.world
+                    history.add(step=step, time=round(time.time() - t_start, 1), loss=mean)
+                    running = []
+                if ddp.main and val_every and step % val_every == 0:
+                    _validate(recipe, model, history, step, log)
+                if ddp.main and time.time() - last_ckpt > every:
+                    _save_checkpoint(ckpt, model, opt, step, seconds)
+                    plot_log(out / "log.jsonl", out / "log.png")
+                    last_ckpt = time.time()
+        finally:
+            if ddp.main:
                 _save_checkpoint(ckpt, model, opt, step, seconds)
-                plot_log(out / "log.jsonl", out / "log.png")
-                last_ckpt = time.time()
     finally:
-        _save_checkpoint(ckpt, model, opt, step, seconds)
         for s, h in old.items():
             signal.signal(s, h)
-    plot_log(out / "log.jsonl", out / "log.png")
+    if cfg.get("debug_rank_digests"):
+        (out / f"rank{ddp.rank}.digest.json").write_text(json.dumps(
+            {"rank": ddp.rank, "world": ddp.world, "step": step, "sha256": state_digest(model)}) + "\n")
+    if ddp.on:
+        dist.barrier()   # the checkpoint is written when train() returns, on every rank
+    if ddp.main:
+        plot_log(out / "log.jsonl", out / "log.png")
     log(f"stopped at step {step} ({seconds / 60:.1f} min of training steps)")
     return {"step": step, "seconds": seconds, "val": history.last_val()}
 

@@ -1,7 +1,14 @@
 """Streaming training data: an IterableDataset over a folder of label maps
-that synthesises a new sample at every step. Each (rank, worker, step) gets
-its own seed, so no two workers or ranks ever draw the same sample, and a
-resumed run continues the stream instead of repeating it."""
+that synthesises a new sample at every step.
+
+Seeding: sample ``i`` of distributed rank ``r`` is drawn from the seed
+``(seed, r, i)``. A rank's samples are numbered in the order training
+consumes them (``i = (step * per_step + micro) * batch + j``), and DataLoader
+worker ``w`` of ``n`` synthesises exactly the batches ``w, w + n, ...``, the
+ones the DataLoader hands out in its round-robin order. So ranks never share
+a seed, workers never duplicate each other, a resumed run (``start`` = the
+resume step) continues exactly where the checkpoint left off instead of
+repeating samples, and the stream does not depend on the number of workers."""
 from __future__ import annotations
 
 import glob
@@ -54,7 +61,10 @@ class LabelMapDataset(IterableDataset):
     """Endless stream of ``make(index_map, voxsize, gen) -> dict`` samples.
 
     ``rank``/``world`` split the stream across distributed processes, DataLoader
-    workers split it further; ``start`` (the resume step) shifts it."""
+    workers split it further; ``start`` (the resume step) shifts it. The
+    training loop sets ``batch`` (the DataLoader batch size) and ``per_step``
+    (DataLoader batches per optimizer step: gradient accumulation) so that
+    the numbering follows training steps exactly (see the module docstring)."""
 
     def __init__(self, files: Sequence[str], make: Callable[[torch.Tensor, tuple, torch.Generator], Any],
                  label_set: LabelSet | None = None, seed: int = 0, start: int = 0, rank: int = 0,
@@ -63,6 +73,7 @@ class LabelMapDataset(IterableDataset):
         self.make = make
         self.label_set = label_set or LabelSet()
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
+        self.batch, self.per_step = 1, 1
         self.cache = cache
         self.device = torch.device("cpu")  # where label maps live and synthesis runs
         self._maps: dict[str, tuple[torch.Tensor, tuple]] = {}
@@ -77,16 +88,22 @@ class LabelMapDataset(IterableDataset):
         return item
 
     def sample(self, stream: int, step: int) -> Any:
+        """The sample with seed ``(seed, stream, step)``: in training ``stream``
+        is the rank and ``step`` the sample's index in that rank's stream."""
         gen = generator(sample_seed(self.seed, stream, step))
         path = self.files[randint(gen, 0, len(self.files) - 1)]
         index_map, vox = self.label_map(path)
         return self.make(index_map, vox, gen)
 
+    def indices(self, worker: int = 0, workers: int = 1) -> Iterator[int]:
+        """Sample indices this DataLoader worker synthesises, in order."""
+        b = self.start * self.per_step + worker   # first DataLoader batch of this worker
+        while True:
+            yield from range(b * self.batch, (b + 1) * self.batch)
+            b += workers
+
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        stream = self.rank * nworkers + wid
-        step = self.start
-        while True:
-            yield self.sample(stream, step)
-            step += 1
+        for i in self.indices(wid, nworkers):
+            yield self.sample(self.rank, i)

@@ -1,0 +1,54 @@
+# synthtools in a container: synthstrip, synthseg, synthmorph and synthgen on
+# PATH, the shipped weights (models/) installed as the synthtools.models package.
+#
+#   docker build -t synthtools --build-arg TORCH_INDEX=<PyTorch's CPU-only wheel index> .
+#   docker build -t synthtools:cuda --build-arg TORCH_VARIANT=cuda .
+#   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD":/data synthtools synthstrip /data/in.nii.gz /data/out.nii.gz
+#
+# torch: TORCH_VARIANT=cpu (default) must end up with a CPU-only torch build and
+# TORCH_VARIANT=cuda with a CUDA one; the build stops otherwise. No index host
+# is written here: torch comes from the index TORCH_INDEX names, else from pip's
+# own configuration (PIP_INDEX_URL, pip.conf). See README.md, "Containers".
+
+ARG PYTHON_VERSION=3.11
+
+# --- build stage: a compiler for dependencies published as source only
+# (surfa's C extensions), everything installed into /opt/venv.
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG TORCH_VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# Pinning apt versions breaks on every Debian point release: build tools float.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first, on its own layer, so the project's dependencies never pull a
+# different (multi-GB CUDA) build and code changes do not reinstall torch.
+RUN if [ -n "$TORCH_INDEX" ]; then export PIP_INDEX_URL="$TORCH_INDEX"; fi \
+    && python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+    && python -c "import sys, torch; cuda = torch.version.cuda is not None; sys.exit(0 if cuda == (sys.argv[1] == 'cuda') else f'torch {torch.__version__} is a {\"CUDA\" if cuda else \"CPU-only\"} build but TORCH_VARIANT={sys.argv[1]}: for cpu pass --build-arg TORCH_INDEX=<the CPU-only wheel index>')" "$TORCH_VARIANT"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY synthtools synthtools
+COPY training training
+COPY models models
+RUN python -m pip install --no-cache-dir . \
+    && synthstrip --help > /dev/null && synthgen --help > /dev/null
+
+# --- runtime stage: the venv only, no compiler, no sources.
+FROM python:${PYTHON_VERSION}-slim
+LABEL org.opencontainers.image.title="synthtools" \
+      org.opencontainers.image.description="Domain-randomized neuroimaging models: synthstrip, synthseg, synthmorph, synthgen" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+RUN useradd --create-home --uid 1000 synth
+USER 1000:1000
+WORKDIR /data
+CMD ["synthstrip", "--help"]

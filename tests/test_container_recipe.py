@@ -1,0 +1,131 @@
+"""Cheap structural checks of the container recipes (no Docker needed): the
+Dockerfile installs torch and this repository and nothing else, names no
+index host, runs as a non-root user in /data without an entrypoint, and
+copies every folder the package is built from. CI (.ci/run) runs the same
+pip commands in a fresh venv and calls the tools."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _parser():
+    spec = importlib.util.spec_from_file_location("dockerfile_pip", ROOT / ".ci" / "dockerfile_pip.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+df = _parser()
+
+
+def pip_installs(run: str) -> list[list[str]]:
+    """Argument lists after ``pip install`` in one RUN command."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for token in lexer:   # split at shell operators outside quotes
+        if token in ("&&", "||", ";", "|"):
+            commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    commands.append(words)
+    return [w[i + 2:] for w in commands for i in range(len(w) - 1) if w[i:i + 2] == ["pip", "install"]]
+
+
+def test_pip_installs_only_torch_and_this_repo():
+    args, runs = df.pip_runs(DOCKERFILE)
+    installs = [a for run in runs for a in pip_installs(run)]
+    assert installs, "no pip install found"
+    targets = []
+    for a in installs:
+        assert "--no-cache-dir" in a
+        options = [w for w in a if w.startswith("-")]
+        assert set(options) <= {"--no-cache-dir"}, options   # no -r, --index-url, -e, extras files...
+        targets += [w for w in a if not w.startswith("-")]
+    assert targets == ["torch==${TORCH_VERSION}", "."]     # torch first, then this repository
+    # The pinned torch is the one CI and the README install.
+    pin = re.search(r"torch==([\w.]+)", (ROOT / ".ci" / "run").read_text()).group(1)
+    assert args["TORCH_VERSION"] == pin
+    assert args["TORCH_VARIANT"] == "cpu" and args["TORCH_INDEX"] == ""
+
+
+def test_no_index_host_in_recipes():
+    for name in ("Dockerfile", "Singularity.def", ".dockerignore"):
+        text = (ROOT / name).read_text()
+        assert not re.search(r"[a-z][a-z0-9+.-]*://", text, re.I), name
+        assert not re.search(r"\b[\w-]+\.(org|com|io|net|dev|ai)\b", text), name
+
+
+def test_runtime_stage_user_workdir_no_entrypoint():
+    stages = df.stages(DOCKERFILE)
+    assert len(stages) == 2
+    for stage in stages:
+        assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim( AS \w+)?", stage[0][1])
+    final = stages[-1]
+    words = [w for w, _ in final]
+    assert "ENTRYPOINT" not in words
+    users = [r for w, r in final if w == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert [r for w, r in final if w == "WORKDIR"][-1] == "/data"
+    assert any(w == "COPY" and r.startswith("--from=build /opt/venv") for w, r in final)
+    assert any(w == "ENV" and "PATH=/opt/venv/bin:$PATH" in r for w, r in final)
+    assert re.search(r'\bARG PYTHON_VERSION=3\.11\b', DOCKERFILE)
+
+
+def test_build_stage_copies_every_package_source():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    st = meta["tool"]["setuptools"]
+    package_dir = st.get("package-dir", {})
+    needed = {"pyproject.toml", meta["project"]["readme"]}
+    for pkg in st["packages"]:
+        top = pkg.split(".")[0]
+        mapped = [d for p, d in package_dir.items() if pkg == p or pkg.startswith(p + ".")]
+        needed.add(mapped[0].split("/")[0] if mapped else top)
+    copied = set()
+    for word, rest in df.stages(DOCKERFILE)[0]:
+        if word == "COPY" and not rest.startswith("--from"):
+            copied.update(rest.split()[:-1])
+    assert needed <= copied, needed - copied
+    for name in needed:
+        assert (ROOT / name).exists()
+
+
+def test_dockerignore_keeps_runs_and_venvs_out():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", "runs", ".venv", "**/__pycache__", ".pytest_cache"} <= ignored
+    for src in ("pyproject.toml", "README.md", "synthtools", "training", "models"):
+        assert src not in ignored
+
+
+def test_apptainer_definition():
+    text = (ROOT / "Singularity.def").read_text()
+    assert re.search(r"^Bootstrap: docker-daemon$", text, re.M)
+    assert re.search(r"^From: synthtools:latest$", text, re.M)
+    for section in ("%runscript", "%help", "%test"):
+        assert re.search(rf"^{section}$", text, re.M), section
+    assert 'exec "$@"' in text
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("FROM a AS b\nRUN x \\\n  # comment\n  && y\n", [("FROM", "a AS b"), ("RUN", "x && y")]),
+    ("# c\nARG A=1\n\nRUN pip install --no-cache-dir . \\\n && z\n",
+     [("ARG", "A=1"), ("RUN", "pip install --no-cache-dir . && z")]),
+])
+def test_parser_joins_continuations(text, expected):
+    assert df.instructions(text) == expected
