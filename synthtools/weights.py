@@ -57,6 +57,9 @@ def build_net(arch: dict[str, Any]) -> torch.nn.Module:
     kind = arch.pop("type", "unet")
     if kind == "unet":
         return UNet(**arch)
+    if kind in ("barycenter_affine", "svf_unet"):
+        from .nets.registration import BarycenterAffine, SVFNet
+        return (BarycenterAffine if kind == "barycenter_affine" else SVFNet)(**arch)
     raise ModelError(f"unknown architecture type {kind!r}")
 
 
@@ -116,6 +119,6 @@ def save_model(net: torch.nn.Module, meta: dict[str, Any], folder: str | os.Path
     torch.save(state, tmp)
     os.replace(tmp, weights)
     meta = dict(meta, weights="weights.pt", sha256=sha256(weights))
-    meta.setdefault("architecture", dict(type="unet", **getattr(net, "config", {})))
+    meta.setdefault("architecture", dict(type=getattr(net, "arch_type", "unet"), **getattr(net, "config", {})))
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder

@@ -449,9 +449,9 @@ def test_register_validates_then_reports_missing_model(images, tmp_path, capsys)
                            "-t", tmp_path / "t.lta", "-j", "1", capsys=capsys)
     assert code == 2
     assert one_error_line(err).startswith("synthmorph: error: model 'synthmorph-affine' not yet available")
-    # mri_synthmorph style, no subcommand; default mode joint.
+    # mri_synthmorph style, no subcommand; default mode joint (affine, then deformable model).
     code, err = synthmorph(moving, fixed, "-t", tmp_path / "w.mgz", capsys=capsys)
-    assert code == 2 and "model 'synthmorph-joint' not yet available" in one_error_line(err)
+    assert code == 2 and "model 'synthmorph-affine' not yet available" in one_error_line(err)
     assert files_under(tmp_path) == {"fixed.nii.gz", "moving.nii.gz"}
 
 

@@ -100,7 +100,9 @@ def register_parser() -> Parser:
                    help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5)")
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
     p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
-    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json")
+    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json (joint: the "
+                   "deformable model)")
+    p.add_argument("--affine-model", metavar="PATH", help="joint only: alternative affine model")
     return p
 
 
@@ -252,6 +254,8 @@ def run_register(argv: Sequence[str]) -> int:
     if args.header_only and not linear:
         raise UsageError(f"-H: header-only output needs a linear registration (-m rigid or -m affine), "
                          f"not -m {mode}")
+    if args.affine_model is not None and mode != "joint":
+        raise UsageError("--affine-model is only used with -m joint (use --model for the other modes)")
     images = {"-o": args.out_moving, "-O": args.out_fixed}
     transforms = {"-t": args.trans, "-T": args.inverse}
     requested = {k: v for k, v in {**images, **transforms}.items() if v is not None}
@@ -292,10 +296,77 @@ def run_register(argv: Sequence[str]) -> int:
     if failed:
         return 1
 
-    model = load_task_model(args.model or f"synthmorph-{mode}", device, task="register",
-                            task_text="registration", user_given=args.model is not None)
-    raise UsageError(f"model {model.path}: running registration networks is not implemented yet "
-                     "in this version (synthmorph apply works)")
+    models = _load_models(args, mode, device)
+    return _register_and_write(args, mode, models, init if args.init else None)
+
+
+MODEL_TYPES = {"rigid": ("rigid",), "affine": ("affine",), "deform": ("svf",)}
+
+
+def _load_models(args, mode: str, device: str) -> dict:
+    """The networks a mode needs: 'linear' (rigid/affine) and/or 'deform'.
+    Joint: --affine-model (default synthmorph-affine) then --model (default
+    synthmorph-deform)."""
+    from ..morph.register import model_kind
+
+    def load(name: str | None, kind: str, option: str):
+        model = load_task_model(name or f"synthmorph-{kind}", device, task="register",
+                                task_text="registration", user_given=name is not None)
+        if model_kind(model) not in MODEL_TYPES[kind]:
+            raise UsageError(f"{option} {model.path}: a {model_kind(model) or 'unknown'} registration model, "
+                             f"-m {mode} needs a {kind} model")
+        return model
+
+    if mode in LINEAR_MODES:
+        return {"linear": load(args.model, mode, "--model")}
+    if mode == "deform":
+        return {"deform": load(args.model, "deform", "--model")}
+    return {"linear": load(args.affine_model, "affine", "--affine-model"),
+            "deform": load(args.model, "deform", "--model")}
+
+
+def _register_and_write(args, mode: str, models: dict, init) -> int:
+    """Load both images, register, write every requested output."""
+    from ..io import load_volume, save_volume
+    from ..morph.register import register
+    from ..morph.transforms import apply_transform, as_geometry, update_header, write_transform
+
+    try:
+        moving = load_volume(args.moving, allow_4d=True, dtype=None)
+        fixed = load_volume(args.fixed, allow_4d=True, dtype=None)
+    except InputError as exc:
+        say_error(PROG, str(exc))
+        return 1
+    try:
+        want_inverse = args.out_fixed is not None or args.inverse is not None
+        reg = register(moving, fixed, mode, models, init=init, regularization=args.regularization,
+                       inverse=want_inverse)
+        fixed_g, moving_g = as_geometry(fixed), as_geometry(moving)
+        if args.out_moving:
+            dtype = np.dtype(moving.data.dtype).newbyteorder("=")
+            if args.header_only:
+                save_volume(moving.data, moving, args.out_moving, affine=update_header(reg.transform, moving),
+                            dtype=dtype)
+            else:
+                save_volume(apply_transform(reg.transform, moving, fixed_g), fixed, args.out_moving, dtype=dtype)
+            print(f"{PROG}: moved image -> {args.out_moving}", flush=True)
+        if args.out_fixed:
+            dtype = np.dtype(fixed.data.dtype).newbyteorder("=")
+            if args.header_only:
+                save_volume(fixed.data, fixed, args.out_fixed, affine=update_header(reg.inverse, fixed), dtype=dtype)
+            else:
+                save_volume(apply_transform(reg.inverse, fixed, moving_g), moving, args.out_fixed, dtype=dtype)
+            print(f"{PROG}: fixed image in moving space -> {args.out_fixed}", flush=True)
+        if args.trans:
+            write_transform(reg.transform, args.trans, fixed=fixed_g, moving=moving_g)
+            print(f"{PROG}: transform -> {args.trans}", flush=True)
+        if args.inverse:
+            write_transform(reg.inverse, args.inverse, fixed=moving_g, moving=fixed_g)
+            print(f"{PROG}: inverse transform -> {args.inverse}", flush=True)
+    except InputError as exc:
+        say_error(PROG, str(exc))
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------ main --

@@ -14,36 +14,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+# Grids, sampling and SVF integration live in synthtools (the registration
+# networks use them too); re-exported here for the generator's callers.
+from synthtools.nets.warp import (centered_grid, integrate_svf, jacobian_determinant,  # noqa: F401
+                                  mm_to_voxel, sample)
 
 from .noise import coarse_shape, randint, resize, smooth_noise, uniform
 
 
 # ----------------------------------------------------------------- grids
-
-def centered_grid(shape: Sequence[int], voxsize: Sequence[float], device="cpu") -> torch.Tensor:
-    """Physical coordinates (mm) of every voxel centre, shape (*shape, N)."""
-    axes = [(torch.arange(s, device=device, dtype=torch.float32) - (s - 1) / 2) * v
-            for s, v in zip(shape, voxsize)]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-
-
-def mm_to_voxel(points: torch.Tensor, shape: Sequence[int], voxsize: Sequence[float]) -> torch.Tensor:
-    """Centred mm coordinates (..., N) to voxel indices of a grid."""
-    c = torch.tensor([(s - 1) / 2 for s in shape], device=points.device, dtype=points.dtype)
-    v = torch.tensor(list(voxsize), device=points.device, dtype=points.dtype)
-    return points / v + c
-
-
-def sample(field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
-           padding: str = "zeros") -> torch.Tensor:
-    """Interpolate a (B, C, *S) field at voxel coordinates (B, *T, N) given in
-    tensor-axis order; returns (B, C, *T)."""
-    shape = field.shape[2:]
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
-    norm = (coords * scale - 1).flip(-1)  # grid_sample wants (x, y, z) = last axis first
-    return F.grid_sample(field, norm.to(field.dtype), mode=mode, padding_mode=padding, align_corners=True)
-
 
 def nearest(labels: torch.Tensor, coords: torch.Tensor, fill: int = 0) -> torch.Tensor:
     """Nearest-neighbour lookup of an integer (*S) map at voxel coordinates
@@ -116,18 +96,6 @@ class RandomAffine:
 
 
 # ----------------------------------------------------------------- warps
-
-def integrate_svf(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring of a stationary velocity field (B, N, *S) given in
-    voxels of its own grid; returns the displacement of exp(v), same units."""
-    disp = velocity / (2 ** steps)
-    shape = velocity.shape[2:]
-    ident = torch.stack(torch.meshgrid(*[torch.arange(s, device=velocity.device, dtype=velocity.dtype)
-                                         for s in shape], indexing="ij"), dim=-1)[None]
-    for _ in range(steps):
-        disp = disp + sample(disp, ident + disp.movedim(1, -1), padding="border")
-    return disp
-
 
 @dataclass
 class RandomWarp:
@@ -229,21 +197,6 @@ class Transform:
 
     def jacobian_determinant(self, device="cpu") -> torch.Tensor:
         return jacobian_determinant(self.coords(device).movedim(0, -1))
-
-
-def jacobian_determinant(coords: torch.Tensor) -> torch.Tensor:
-    """Determinant of the Jacobian of a coordinate map (*S, N) by central
-    differences (interior voxels only)."""
-    n = coords.shape[-1]
-    grads = []
-    for ax in range(n):
-        sl_hi = [slice(1, -1)] * n
-        sl_lo = [slice(1, -1)] * n
-        sl_hi[ax] = slice(2, None)
-        sl_lo[ax] = slice(None, -2)
-        grads.append((coords[tuple(sl_hi)] - coords[tuple(sl_lo)]) / 2)
-    jac = torch.stack(grads, dim=-1)  # (..., N components, N axes)
-    return torch.linalg.det(jac.double())
 
 
 def sample_transform(in_shape, in_voxsize, gen: torch.Generator, affine: RandomAffine | None,

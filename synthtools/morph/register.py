@@ -1,0 +1,160 @@
+"""Registration with the trained networks: images in, transforms out, in the
+convention of :mod:`synthtools.morph.transforms` (pull-back: FIXED RAS ->
+MOVING RAS; a deformable result is a :class:`Warp` on the fixed grid).
+
+* :func:`register_linear` (rigid/affine model): each image is conformed on
+  its own to the model's input space (voxel size, orientation; the grids may
+  differ, the network compares feature barycentres, not voxels); the network
+  receives each conformed grid's voxel->RAS matrix, so its 4x4 output is
+  already the world pull-back.
+* :func:`register_deform` (deformable model): the fixed image is conformed,
+  the moving image is resampled onto that grid through the prior affine
+  (identity: scanner alignment), the network's velocity field is integrated
+  on the conformed grid and the result ``x -> M (x + u(x))`` is sampled on
+  the fixed image's native grid; the inverse ``y -> phi^-1(inv(M) y)``
+  (``phi^-1 = exp(-v)``, exact for an SVF) on the moving grid.
+* :func:`register`: the four modes of ``synthmorph register``; ``joint`` is
+  affine then deformable.
+
+``init`` (a linear transform, pull-back) is applied before the network:
+the moving image's header is moved by it, and the result composed with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..conform import conform, resample
+from ..infer import normalize_intensities
+from ..io import Volume
+from ..weights import Model
+from .transforms import Affine, Geometry, Warp, as_geometry, invert
+
+__all__ = ["Registration", "register_linear", "register_deform", "register", "model_kind"]
+
+
+@dataclass
+class Registration:
+    transform: Affine | Warp            # fixed RAS -> moving RAS (Warp on the fixed grid)
+    inverse: Affine | Warp | None       # moving RAS -> fixed RAS (Warp on the moving grid)
+
+
+def model_kind(model: Model) -> str:
+    """'rigid', 'affine' or 'svf' from a registration model's metadata."""
+    return str(model.meta.get("output", {}).get("type", ""))
+
+
+def _frame(volume: Volume) -> np.ndarray:
+    """First frame of a 3D/4D image (registration uses one frame)."""
+    data = np.asarray(volume.data)
+    return data[..., 0] if data.ndim == 4 else data
+
+
+def _device(model: Model) -> torch.device:
+    return next(model.net.parameters()).device
+
+
+def _conform(model: Model, data: np.ndarray, affine: np.ndarray):
+    space = model.meta["input"]
+    return conform((data, affine), voxsize=space["voxsize"], orientation=space["orientation"],
+                   multiple=space["multiple"])
+
+
+def _moving_affine(moving: Volume, init: Affine | None) -> np.ndarray:
+    """Moving vox2ras after the initial transform (header-only move)."""
+    return moving.affine if init is None else np.linalg.inv(init.matrix) @ moving.affine
+
+
+@torch.inference_mode()
+def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None) -> Affine:
+    """Rigid or affine registration (model type 'rigid'/'affine'): the
+    pull-back fixed RAS -> moving RAS, with both grids recorded."""
+    dev = _device(model)
+    cf = _conform(model, _frame(fixed), fixed.affine)
+    cm = _conform(model, _frame(moving), _moving_affine(moving, init))
+    xf = normalize_intensities(cf.data)[None, None].to(dev)
+    xm = normalize_intensities(cm.data)[None, None].to(dev)
+    af = torch.as_tensor(cf.affine, dtype=torch.float64)
+    am = torch.as_tensor(cm.affine, dtype=torch.float64)
+    # Fit in a frame centred on the fixed grid (float32-friendly), then back to RAS.
+    shift = np.eye(4)
+    shift[:3, 3] = -cf.affine[:3, :3] @ ((np.array(cf.shape) - 1) / 2) - cf.affine[:3, 3]
+    s = torch.as_tensor(shift, dtype=torch.float64)
+    mat = model.net(xf, xm, (s @ af)[None].float().to(dev), (s @ am)[None].float().to(dev))
+    m = np.linalg.inv(shift) @ mat[0].double().cpu().numpy() @ shift
+    if init is not None:
+        m = init.matrix @ m
+    return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
+
+
+@torch.inference_mode()
+def register_deform(model: Model, moving: Volume, fixed: Volume, affine: Affine | None = None,
+                    regularization: float = 0.5, inverse: bool = False) -> Registration:
+    """Deformable registration (model type 'svf') after the linear pull-back
+    ``affine`` (None: the images are assumed aligned in world space).
+    Returns the warp on the fixed grid and, with ``inverse``, the inverse
+    warp on the moving grid."""
+    dev = _device(model)
+    m = np.eye(4) if affine is None else np.asarray(affine.matrix, dtype=np.float64)
+    cf = _conform(model, _frame(fixed), fixed.affine)
+    mov = resample(np.ascontiguousarray(_frame(moving), dtype=np.float32), np.linalg.inv(m) @ moving.affine,
+                   cf.affine, cf.shape, order=1)
+    xf = normalize_intensities(cf.data)[None, None].to(dev)
+    xm = normalize_intensities(torch.from_numpy(mov))[None, None].to(dev)
+    lam = torch.tensor([float(regularization)], device=dev)
+    vel = model.net(xm, xf, lam).float()
+    fixed_g, moving_g = as_geometry(fixed), as_geometry(moving)
+    fwd = _displacement_ras(model.net.displacement(vel), cf.affine)
+    t = Warp(_native_field(fwd, cf.affine, m, fixed_g), fixed_g, moving=moving_g)
+    inv = None
+    if inverse:
+        back = _displacement_ras(model.net.displacement(vel, inverse=True), cf.affine)
+        inv = Warp(_native_field(back, cf.affine, np.linalg.inv(m), moving_g, inverse=True), moving_g,
+                   moving=fixed_g)
+    return Registration(t, inv)
+
+
+def _displacement_ras(disp_vox: torch.Tensor, conf_affine: np.ndarray) -> torch.Tensor:
+    """(1, 3, *S) displacement in conformed voxels -> (3, *S) in RAS mm."""
+    lin = torch.as_tensor(conf_affine[:3, :3], dtype=torch.float32)
+    return torch.einsum("ij,j...->i...", lin, disp_vox[0].float().cpu())
+
+
+def _native_field(u: torch.Tensor, conf_affine: np.ndarray, m: np.ndarray, grid: Geometry,
+                  inverse: bool = False) -> np.ndarray:
+    """Displacement (X, Y, Z, 3), RAS mm, on a native grid of the map
+    ``x -> M (x + u(x))`` (forward: ``m`` = M, the conformed field ``u`` on
+    the fixed side) or ``y -> m y + u(m y)`` (``inverse``: ``m`` = inv(M),
+    ``u`` the inverse field). ``u`` is 0 outside the conformed grid (as
+    :func:`~synthtools.morph.transforms.compose` treats a warp)."""
+    if inverse:   # u sampled at m y: source grid = conformed grid seen through inv(m)
+        uu = resample(u, np.linalg.inv(m) @ conf_affine, grid.affine, grid.shape, order=1)
+        uu = torch.as_tensor(uu)
+    else:         # u sampled at x, then the linear part of M applied to it
+        uu = torch.as_tensor(resample(u, conf_affine, grid.affine, grid.shape, order=1))
+        uu = torch.einsum("ij,j...->i...", torch.as_tensor(m[:3, :3], dtype=torch.float32), uu)
+    # (m - I) x for every voxel x = A v, by broadcasting per axis (no coordinate array).
+    b = (m - np.eye(4)) @ grid.affine
+    axes = [torch.as_tensor(b[:3, k:k + 1] * np.arange(n)[None], dtype=torch.float32)
+            for k, n in enumerate(grid.shape)]
+    uu += (axes[0][:, :, None, None] + axes[1][:, None, :, None] + axes[2][:, None, None, :]
+           + torch.as_tensor(b[:3, 3], dtype=torch.float32)[:, None, None, None])
+    return uu.movedim(0, -1).numpy()
+
+
+def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Model], init: Affine | None = None,
+             regularization: float = 0.5, inverse: bool = True) -> Registration:
+    """``synthmorph register``: ``mode`` rigid/affine (``models['linear']``),
+    deform (``models['deform']``) or joint (both: affine then deformable)."""
+    if mode in ("rigid", "affine"):
+        t = register_linear(models["linear"], moving, fixed, init)
+        return Registration(t, invert(t) if inverse else None)
+    if mode == "deform":
+        return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
+    if mode == "joint":
+        a = register_linear(models["linear"], moving, fixed, init)
+        return register_deform(models["deform"], moving, fixed, a, regularization, inverse)
+    raise ValueError(f"unknown registration mode {mode!r}")
