@@ -25,9 +25,24 @@ def predict(model: Model, x: torch.Tensor) -> torch.Tensor:
     """Network output for a (C, *S) conformed input; returns (C_out, *S) float32 on CPU."""
     net = model.net
     device = next(net.parameters()).device
+    if getattr(net, "ndim", 3) == 2 and x.ndim == 4:
+        return _predict_slices(model, x, device)
     xb = x[None].to(device)
     if device.type == "cpu":
         xb = xb.contiguous(memory_format=torch.channels_last_3d) if xb.ndim == 5 else xb
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
         y = net(xb)
     return y[0].float().cpu()
+
+
+def _predict_slices(model: Model, x: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
+    """A 2D network (a pilot model trained on single slices) on a 3D
+    (C, X, Y, Z) input: slice by slice along the last axis, ``chunk``
+    slices per batch; returns (C_out, X, Y, Z)."""
+    out = []
+    for z0 in range(0, x.shape[-1], chunk):
+        xb = x[..., z0:z0 + chunk].permute(3, 0, 1, 2).to(device)   # (slices, C, X, Y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
+            y = model.net(xb)
+        out.append(y.float().cpu().permute(1, 2, 3, 0))
+    return torch.cat(out, dim=-1)

@@ -5,6 +5,9 @@
   synthgen train CONFIG -o RUNDIR [--steps N] [--minutes M] [--set section.key=value ...]
   synthgen export RUNDIR --config CONFIG --dest models/NAME [--name NAME]
   synthgen eval RUNDIR --config CONFIG
+  synthgen invariance MODEL_OR_RUN IMAGE_A IMAGE_B -o PREFIX [--config CONFIG] [--mask MASK]
+  synthgen sweep CONFIG --param KEY --values V1 V2 ... --steps N -o DIR [--init CHECKPOINT]
+  synthgen preset RECIPE (--half | --2d) -o CONFIG.toml
 """
 from __future__ import annotations
 
@@ -144,8 +147,85 @@ def cmd_eval(a) -> None:
     with torch.no_grad():
         metrics = recipe.validate(net)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
-    metrics["mean"] = round(float(np.mean(list(metrics.values()))), 4) if metrics else float("nan")
+    cases = [v for k, v in metrics.items() if not k.startswith("mean_")]   # group means are extra keys
+    metrics["mean"] = round(float(np.mean(cases)), 4) if cases else float("nan")
     print(json.dumps({"step": int(state["step"]), **metrics}))
+
+
+def _model_or_run(a):
+    """(network, input-space metadata) of a model (name or folder) or of a
+    run folder's checkpoint (needs --config)."""
+    from synthtools.weights import ModelError, load_model
+    run = Path(a.model)
+    if (run / "checkpoint.pt").is_file():
+        if not a.config:
+            _fail(f"{a.model}: a run folder needs --config (the config it was trained with)")
+        from .recipes import get_recipe, load_config
+        recipe = get_recipe(load_config(a.config, _overrides(a.set)))
+        net = recipe.build_model()
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        return net.eval(), recipe.metadata()["input"]
+    try:
+        model = load_model(a.model)
+    except ModelError as e:
+        _fail(str(e))
+    if not hasattr(model.net, "features"):
+        _fail(f"{a.model}: the network has no features() (not a U-Net)")
+    return model.net.float().eval(), model.meta["input"]
+
+
+def cmd_invariance(a) -> None:
+    """Per-layer feature similarity of two co-registered scans (Fig. 6)."""
+    from synthtools.io import InputError, load_volume
+    from .diagnostics import invariance, prepare_pair, write_report
+    net, space = _model_or_run(a)
+    torch.set_num_threads(a.threads)
+    try:
+        va, vb = load_volume(a.image_a), load_volume(a.image_b)
+        vm = load_volume(a.mask) if a.mask else None
+    except InputError as e:
+        _fail(str(e))
+    x, y, affine = prepare_pair(space, va, vb)
+    mask = None
+    if vm is not None:
+        from synthtools.conform import resample
+        mask = torch.from_numpy(resample(vm.data, vm.affine, affine, x.shape, order=0) > 0.5)
+    stats, fa, fb, mask = invariance(net, x, y, mask)
+    names = (Path(a.image_a).name, Path(a.image_b).name)
+    files = write_report(stats, x, y, fa, fb, mask, a.output, names)
+    print(Path(files[0]).read_text(), end="")
+    for f in files:
+        print(f)
+
+
+def cmd_sweep(a) -> None:
+    from .sweep import parse_value, run_sweep
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    values = [parse_value(v) for v in a.values]
+    run_sweep(a.config, a.param, values, a.output, a.steps, init=a.init, overrides=_overrides(a.set),
+              all_cases=a.all_cases)
+    print(Path(a.output) / "sweep.md")
+    print((Path(a.output) / "sweep.md").read_text(), end="")
+
+
+def cmd_preset(a) -> None:
+    from .presets import dump_toml, make_preset
+    from .recipes import load_config
+    if not (a.half or a.two_d):
+        _fail("choose --half and/or --2d")
+    try:
+        cfg, notes = make_preset(load_config(a.recipe), half=a.half, two_dim=a.two_d)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    kind = " + ".join(k for k, on in (("half resolution", a.half), ("2D", a.two_d)) if on)
+    header = f"Pilot preset ({kind}) derived from {a.recipe} by `synthgen preset`:\n" + "\n".join(
+        f"  {n}" for n in notes)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_toml(cfg, header))
+    print(out)
 
 
 def main(argv=None) -> None:
@@ -189,6 +269,33 @@ def main(argv=None) -> None:
     v.add_argument("--config", required=True)
     v.add_argument("--set", nargs="*")
     v.set_defaults(func=cmd_eval)
+    i = sub.add_parser("invariance", help="per-layer feature similarity of two co-registered scans (Fig. 6)")
+    i.add_argument("model", metavar="MODEL_OR_RUN", help="model name/folder, or a run folder (with --config)")
+    i.add_argument("image_a")
+    i.add_argument("image_b", help="the same subject in another contrast, co-registered with IMAGE_A")
+    i.add_argument("-o", "--output", required=True, help="prefix: writes PREFIX.md, PREFIX.csv, PREFIX.png")
+    i.add_argument("--config", help="config of a run folder")
+    i.add_argument("--mask", help="head mask on IMAGE_A's grid (default: thresholded images, holes filled)")
+    i.add_argument("--threads", type=int, default=2)
+    i.add_argument("--set", nargs="*")
+    i.set_defaults(func=cmd_invariance)
+    w = sub.add_parser("sweep", help="one warm-started run per value of a config key; Dice vs value")
+    w.add_argument("config")
+    w.add_argument("--param", required=True, help="dotted config key, e.g. generator.noise.std")
+    w.add_argument("--values", required=True, nargs="+", help='values, e.g. "[0,0.05]" "[0,0.1]"')
+    w.add_argument("--init", help="checkpoint (or run/model folder) every run starts from")
+    w.add_argument("--steps", required=True, type=int, help="training steps per value")
+    w.add_argument("-o", "--output", required=True, help="sweep folder")
+    w.add_argument("--all-cases", action="store_true", help="score every real validation case")
+    w.add_argument("--threads", type=int)
+    w.add_argument("--set", nargs="*", help="other overrides for every run: key=value")
+    w.set_defaults(func=cmd_sweep)
+    r = sub.add_parser("preset", help="write a pilot config: half resolution and/or 2D")
+    r.add_argument("recipe", help="bundled config name or TOML file")
+    r.add_argument("--half", action="store_true", help="voxel size x2, crop shape /2")
+    r.add_argument("--2d", dest="two_d", action="store_true", help="single-slice training (2D U-Net)")
+    r.add_argument("-o", "--output", required=True)
+    r.set_defaults(func=cmd_preset)
     a = p.parse_args(argv)
     if getattr(a, "n", 1) < 1:
         _fail("-n must be >= 1")

@@ -105,10 +105,16 @@ def plot_log(log_path: Path, png: Path) -> None:
     ax[0].set(xlabel="step", ylabel="training loss", title="loss")
     if vals:
         names = sorted({k for _, v in vals for k in v})
+        groups = [n for n in names if n.startswith("mean_")]
         for name in names:
             pts = [(s, v[name]) for s, v in vals if name in v]
-            ax[1].plot(*zip(*pts), marker=".", label=name)
-        ax[1].legend(fontsize=6, ncol=2)
+            if not groups:
+                ax[1].plot(*zip(*pts), marker=".", label=name)
+            elif name in groups:   # one curve per contrast/site/domain group
+                ax[1].plot(*zip(*pts), marker=".", lw=2, label=name[5:])
+            else:                  # the cases behind them, faint
+                ax[1].plot(*zip(*pts), lw=0.5, color="0.75", zorder=0)
+        ax[1].legend(fontsize=6 if not groups else 8, ncol=2)
     ax[1].set(xlabel="step", ylabel="validation", title="real validation cases")
     fig.tight_layout()
     fig.savefig(png, dpi=90)

@@ -15,7 +15,8 @@ CONFIGS = Path(__file__).parent / "configs"
 
 
 def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A TOML config from a path or a bundled config name (``skullstrip``)."""
+    """A TOML config from a path or a bundled config name (``skullstrip``);
+    ``overrides``: {dotted key: value} (see :func:`set_key`)."""
     p = Path(path_or_name)
     if not p.is_file():
         p = CONFIGS / f"{path_or_name}.toml"
@@ -23,9 +24,16 @@ def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = Non
         raise FileNotFoundError(f"{path_or_name}: no such config file or bundled config")
     cfg = tomllib.loads(p.read_text())
     for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        cfg.setdefault(section, {})[name] = value
+        set_key(cfg, key, value)
     return cfg
+
+
+def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key: ``train.lr`` or a nested one, ``generator.noise.std``."""
+    *parents, name = key.split(".")
+    for p in parents:
+        cfg = cfg.setdefault(p, {})
+    cfg[name] = value
 
 
 def get_recipe(cfg: dict[str, Any]):
@@ -36,4 +44,10 @@ def get_recipe(cfg: dict[str, Any]):
     if name == "segment":
         from .segment import SegmentRecipe
         return SegmentRecipe(cfg)
+    if name in ("rigid", "affine"):
+        from .register import LinearRecipe
+        return LinearRecipe(cfg)
+    if name == "deform":
+        from .register import DeformRecipe
+        return DeformRecipe(cfg)
     raise ValueError(f"unknown recipe {name!r}")

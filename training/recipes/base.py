@@ -1,42 +1,168 @@
-"""What every recipe shares: the streaming dataset over the label maps, the
-input-space metadata and the wrapping of a training network as an
-inference ``Model`` (so validation runs the exact CLI code path)."""
+"""What every recipe shares: the streaming dataset over the label maps (mixed
+with real pairs when ``[real]`` lists some), the input-space metadata, the
+wrapping of a training network as an inference ``Model`` (so validation runs
+the exact CLI code path), real-pair samples built by the same target code as
+synthetic ones, and the 2D (single-slice) pilot path."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+import numpy as np
 import torch
 
 from synthtools.weights import Model
 
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
+from ..generator.noise import randint
 from ..validation import data_root
 
 TRAINING_DATA = "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)"
 
 
+def crop_or_pad(arrays: list[torch.Tensor], shape, gen: torch.Generator) -> list[torch.Tensor]:
+    """Random crop (axes longer than ``shape``) or zero pad (shorter axes, at
+    a random offset) of arrays sharing their last ``len(shape)`` dims."""
+    n = len(shape)
+    src, dst = [], []
+    for size, want in zip(arrays[0].shape[-n:], shape):
+        off = randint(gen, 0, abs(size - want))
+        if size >= want:
+            src.append(slice(off, off + want))
+            dst.append(slice(0, want))
+        else:
+            src.append(slice(0, size))
+            dst.append(slice(off, off + size))
+    out = []
+    for a in arrays:
+        o = torch.zeros((*a.shape[:-n], *shape), dtype=a.dtype, device=a.device)
+        o[(..., *dst)] = a[(..., *src)]
+        out.append(o)
+    return out
+
+
 class Recipe:
     """Base class: subclasses set ``name`` and implement ``make_sample``,
-    ``loss``, ``output_metadata`` and ``validate``."""
+    ``loss``, ``output_metadata`` and ``validate``. Recipes that implement
+    ``targets(image, labels, fov, gen, lr_axis)`` (the sample dict from an
+    image and an index label map) also train on real pairs
+    (``make_real_sample``) and in 2D (``recipe.ndim = 2``)."""
     name = "recipe"
     task = "recipe"
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
         self.voxsize = float(cfg["recipe"].get("voxsize", 2.0))
+        self.ndim = int(cfg["recipe"].get("ndim", 3))
+        if self.ndim not in (2, 3):
+            raise ValueError(f"recipe.ndim must be 2 or 3, got {self.ndim}")
         self.labels = LabelSet()
+        real = cfg.get("real") or {}
+        self.real_target = str(real.get("target", "labels"))
+        if self.real_target not in ("labels", "mask"):
+            raise ValueError(f"real.target must be 'labels' or 'mask', got {self.real_target!r}")
+        self._slices: dict[int, tuple] = {}
+
+    def grid_shape(self, default) -> tuple[int, ...]:
+        """``recipe.shape``; a 2D recipe takes the first two entries."""
+        shape = tuple(int(s) for s in self.cfg["recipe"].get("shape", default))
+        if self.ndim == 2:
+            shape = shape[:2]
+        if len(shape) != self.ndim:
+            raise ValueError(f"recipe.shape {list(shape)} does not match recipe.ndim = {self.ndim}")
+        return shape
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         t = self.cfg["train"]
-        files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
-        if t.get("max_label_maps"):
-            files = files[: int(t["max_label_maps"])]
-        return LabelMapDataset(files, self.make_sample, self.labels, seed=int(t.get("seed", 0)),
-                               start=start, rank=rank, world=world)
+        real = self.cfg.get("real") or {}
+        ratio = float(real.get("ratio", 0.25)) if real.get("pairs") else 0.0
+        if ratio and not hasattr(self, "targets"):
+            raise NotImplementedError(f"recipe {self.name!r} cannot train on [real] pairs")
+        if ratio >= 1:
+            files = []   # real-data-only baseline: no label maps needed
+        else:
+            files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
+            if t.get("max_label_maps"):
+                files = files[: int(t["max_label_maps"])]
+        kw = dict(seed=int(t.get("seed", 0)), start=start, rank=rank, world=world)
+        if not ratio:
+            return LabelMapDataset(files, self.make_sample, self.labels, **kw)
+        from ..realdata import MixedDataset, read_pairs
+        return MixedDataset(files, self.make_sample, self.labels, pairs=read_pairs(real["pairs"]), ratio=ratio,
+                            prepare=self.prepare_real, make_real=self.real_sample, **kw)
+
+    # ---------------------------------------------------------------- real pairs
+
+    def prepare_real(self, image, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conform a real pair (``synthtools.io.Volume`` each) to the training
+        voxel size (LIA, whole field of view), normalise the image like
+        inference and turn the labels into an index map of the generation
+        labels (``real.target = "mask"``: brain mask -> a brain label)."""
+        from synthtools.conform import conform, resample
+        from synthtools.infer import normalize_intensities
+        if not hasattr(self, "targets"):
+            raise NotImplementedError(f"recipe {self.name!r} cannot train on real pairs")
+        conf = conform(image, voxsize=self.voxsize, orientation="LIA", multiple=None)
+        lab = resample(np.asarray(labels.data), labels.affine, conf.affine, conf.shape, order=0)
+        if self.real_target == "mask":
+            brain = int(np.flatnonzero(self.labels.values == 2)[0])  # white matter: brain, not CSF
+            index = np.where(lab > 0.5, brain, 0).astype(np.uint8)
+        else:
+            index = self.labels.to_index(lab)
+        return normalize_intensities(conf.data), torch.from_numpy(index)
+
+    def real_sample(self, prepared: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A training sample from a prepared real pair: a random slice (2D),
+        a random crop/pad to ``shape``, then the recipe's own targets."""
+        image, index = prepared
+        lr_axis = 0
+        if self.ndim == 2:
+            axis, k = self.random_slice(index, gen)
+            image, index = image.select(axis, k), index.select(axis, k)
+            lr_axis = None if axis == 0 else 0
+        image, index = crop_or_pad([image, index], self.shape, gen)
+        fov = torch.ones(index.shape, dtype=torch.bool)
+        return self.targets(image[None], index, fov, gen, lr_axis)
+
+    def make_real_sample(self, image, labels, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The same dict as ``make_sample``, from a real (image, labels) pair."""
+        return self.real_sample(self.prepare_real(image, labels), gen)
+
+    # ---------------------------------------------------------------- 2D path
+
+    def random_slice(self, index_map: torch.Tensor, gen: torch.Generator) -> tuple[int, int]:
+        """A random axis and a random slice along it that shows brain."""
+        ref = self._slices.get(id(index_map))
+        if ref is None or ref[0]() is not index_map:
+            lut = self.labels.brain_lut(csf=True).numpy().astype(bool)
+            brain = lut[index_map.cpu().numpy()]
+            axes = []
+            for ax in range(3):
+                others = tuple(a for a in range(3) if a != ax)
+                hit = np.flatnonzero(brain.any(axis=others))
+                axes.append(hit if len(hit) else np.arange(index_map.shape[ax]))
+            ref = (weakref.ref(index_map), axes)
+            self._slices[id(index_map)] = ref
+        axis = randint(gen, 0, 2)
+        hit = ref[1][axis]
+        return axis, int(hit[randint(gen, 0, len(hit) - 1)])
+
+    def slice_2d(self, index_map: torch.Tensor, voxsize, gen: torch.Generator):
+        """(map, voxsize, lr_axis) to synthesise from: the 3D map unchanged
+        for 3D recipes; a random slice (random axis, showing brain) for 2D
+        ones. ``lr_axis``: the sample axis that runs left-right (None for
+        sagittal slices). 3D recipes draw no random numbers here."""
+        if self.ndim == 3:
+            return index_map, tuple(voxsize), 0
+        axis, k = self.random_slice(index_map, gen)
+        vox = tuple(v for a, v in enumerate(voxsize) if a != axis)
+        return index_map.select(axis, k).contiguous(), vox, (None if axis == 0 else 0)
+
+    # ---------------------------------------------------------------- validation
 
     def output_metadata(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -60,3 +186,25 @@ class Recipe:
     def validation_cases(self, all_cases: list) -> list:
         names = self.cfg.get("validation", {}).get("cases")
         return [c for c in all_cases if names is None or c.name in names]
+
+    def validation_pairs(self) -> list:
+        """The user's labelled sets of ``[validation] real_pairs`` (CSV:
+        image,labels,domain[,name])."""
+        path = (self.cfg.get("validation") or {}).get("real_pairs")
+        if not path:
+            return []
+        from ..realdata import read_pairs
+        return read_pairs(path, need_domain=True)
+
+    def validation_target(self) -> str:
+        v = self.cfg.get("validation") or {}
+        return str(v.get("target", self.real_target))
+
+    def validation_groups(self, cases: list, pairs: list) -> dict[str, str]:
+        """Case name -> group (``[validation] group_by``: contrast or site;
+        real pairs: their domain)."""
+        from ..realdata import case_group
+        by = str((self.cfg.get("validation") or {}).get("group_by", "contrast"))
+        groups = {c.name: case_group(c, by) for c in cases}
+        groups.update({p.name: p.domain for p in pairs})
+        return groups

@@ -35,7 +35,9 @@ class SegmentRecipe(Recipe):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         r = cfg["recipe"]
-        self.shape = tuple(r.get("shape", (80, 80, 80)))
+        self.shape = self.grid_shape((80, 80, 80))
+        if self.real_target == "mask":
+            raise ValueError("real.target = 'mask' is for skull-stripping; segmentation needs label maps")
         self.flip_prob = float(r.get("flip_prob", 0.5))
         values = self.labels.synthseg_lut()
         channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
@@ -48,16 +50,27 @@ class SegmentRecipe(Recipe):
 
     def build_model(self) -> UNet:
         m = self.cfg["model"]
-        return UNet(3, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
+        return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
                     convs=int(m.get("convs", 2)))
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * 3)
-        image, labels = s.image, s.labels.long()
+        index_map, voxsize, lr_axis = self.slice_2d(index_map, voxsize, gen)
+        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * self.ndim)
+        return self.targets(s.image, s.labels, s.fov, gen, lr_axis)
+
+    def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
+                lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
+        """Synthetic and real samples alike: random left/right mirror, then
+        SynthSeg channels. (``fov`` is already applied to synthetic labels
+        by ``crop_labels``; real pairs have no FOV cut.)"""
+        labels = labels.long()
         if uniform(gen, 0, 1) < self.flip_prob:
             # Axis 0 of the label maps (LIA) is left-right: mirror and swap sides.
-            image = image.flip(1)
-            labels = self.flip_index.to(labels.device)[labels.flip(0)]
+            # A sagittal 2D slice (lr_axis None) mirrors to the other hemisphere's
+            # slice: same picture, swapped labels.
+            if lr_axis is not None:
+                image, labels = image.flip(1 + lr_axis), labels.flip(lr_axis)
+            labels = self.flip_index.to(labels.device)[labels]
         return {"image": image, "target": self.to_channel.to(labels.device)[labels]}
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
@@ -72,6 +85,16 @@ class SegmentRecipe(Recipe):
         return {"type": "softmax", "labels": list(SYNTHSEG_LABELS), "names": names_for(SYNTHSEG_LABELS)}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
+        """Dice per built-in case and per ``[validation] real_pairs`` pair,
+        plus ``mean_<group>`` per contrast/site/domain."""
         from synthtools.seg import segment
+
+        from ..realdata import score_seg_pairs, with_group_means
         model = self.as_model(net)
-        return score_seg(lambda v: segment(model, v).labels, self.validation_cases(SEG_CASES))
+        predict = lambda v: segment(model, v).labels  # noqa: E731
+        cases, pairs = self.validation_cases(SEG_CASES), self.validation_pairs()
+        metrics = score_seg(predict, cases) if cases else {}
+        if pairs:
+            lut = self.labels.synthseg_lut().numpy()
+            metrics.update(score_seg_pairs(predict, pairs, lambda lab: lut[self.labels.to_index(lab)]))
+        return with_group_means(metrics, self.validation_groups(cases, pairs))

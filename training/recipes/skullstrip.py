@@ -36,7 +36,7 @@ class SkullStripRecipe(Recipe):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         r = cfg["recipe"]
-        self.shape = tuple(r.get("shape", (96, 96, 96)))
+        self.shape = self.grid_shape((96, 96, 96))
         self.band = float(r.get("band", 5.0))
         self.brain_lut = self.labels.brain_lut(csf=bool(r.get("csf", True)))
         gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
@@ -44,13 +44,20 @@ class SkullStripRecipe(Recipe):
 
     def build_model(self) -> UNet:
         m = self.cfg["model"]
-        return UNet(3, 1, 1, features=m.get("features", (16, 32, 64, 64)), convs=int(m.get("convs", 2)))
+        return UNet(self.ndim, 1, 1, features=m.get("features", (16, 32, 64, 64)), convs=int(m.get("convs", 2)))
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * 3)
-        brain = (self.brain_lut.to(s.labels.device)[s.labels.long()] > 0) & s.fov
+        index_map, voxsize, lr_axis = self.slice_2d(index_map, voxsize, gen)
+        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * self.ndim)
+        return self.targets(s.image, s.labels, s.fov, gen, lr_axis)
+
+    def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
+                lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
+        """Synthetic and real samples alike: signed distance (mm) to the
+        boundary of the brain labels inside the field of view."""
+        brain = (self.brain_lut.to(labels.device)[labels.long()] > 0) & fov
         sdt = signed_distance(brain.cpu().numpy(), self.voxsize, self.band)  # scipy EDT: CPU
-        return {"image": s.image, "target": torch.from_numpy(sdt)[None].to(s.image.device)}
+        return {"image": image, "target": torch.from_numpy(sdt)[None].to(image.device)}
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
         t = sample["target"]
@@ -69,5 +76,18 @@ class SkullStripRecipe(Recipe):
                 "csf": bool(self.cfg["recipe"].get("csf", True))}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
+        """Dice per built-in case and per ``[validation] real_pairs`` pair,
+        plus ``mean_<group>`` per contrast/site/domain."""
+        from ..realdata import score_strip_pairs, with_group_means
         model = self.as_model(net)
-        return score_strip(lambda v: mask_from_sdt(brain_sdt(model, v), 1.0), self.validation_cases(STRIP_CASES))
+        predict = lambda v: mask_from_sdt(brain_sdt(model, v), 1.0)  # noqa: E731
+        cases, pairs = self.validation_cases(STRIP_CASES), self.validation_pairs()
+        metrics = score_strip(predict, cases) if cases else {}
+        if pairs:
+            if self.validation_target() == "mask":
+                ref = lambda lab: np.asarray(lab) > 0.5  # noqa: E731
+            else:
+                lut = self.brain_lut.numpy().astype(bool)
+                ref = lambda lab: lut[self.labels.to_index(lab)]  # noqa: E731
+            metrics.update(score_strip_pairs(predict, pairs, ref))
+        return with_group_means(metrics, self.validation_groups(cases, pairs))

@@ -1,0 +1,135 @@
+"""Pilot presets: derived configs for the paper's reduced problems.
+
+``half``: half resolution. ``recipe.voxsize`` doubles and ``recipe.shape``
+halves (rounded up to the network's multiple, 2^(levels-1)), so the crop
+covers the same field of view in mm with 1/8 of the voxels. Network features
+and depth are unchanged (each level then sees twice the mm; halve
+``model.features`` yourself for a cheaper net). Every generator range is
+already in physical units -- translation, warp strength, blur SD and
+acquired resolution in mm, control points per field of view, FOV / slice
+fractions, intensity fractions -- and the grid's voxel size converts them,
+so they carry over unchanged and mean the same anatomy-scale effect
+(``recipe.band``, mm, too). There are no voxel-unit options to convert; any
+added later must be listed in ``VOXEL_OPTIONS`` (dotted key -> scale).
+
+``two_d``: single-slice training. ``recipe.ndim = 2``, ``recipe.shape``
+keeps its first two entries, the network is a 2D U-Net with the same
+features. Each sample synthesises a 2D image from a random slice (random
+axis, a slice that shows brain) of a label map -- the generator runs in 2D,
+far cheaper than synthesising a 3D volume to keep one slice of it (in-plane
+augmentation only: rotations, blur and resolution changes act in the slice
+plane). Validation and inference run the 2D network slice by slice.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+# Options measured in voxels of the training grid (dotted key -> scale
+# factor per halving of the resolution). None exist today: see above.
+VOXEL_OPTIONS: dict[str, float] = {}
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def net_multiple(cfg: dict[str, Any]) -> int:
+    feats = (cfg.get("model") or {}).get("features")
+    return 2 ** (len(feats) - 1) if feats else 1
+
+
+def half_resolution(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    from .recipes import set_key
+    cfg = copy.deepcopy(cfg)
+    r = cfg["recipe"]
+    notes = []
+    vox = float(r.get("voxsize", 2.0))
+    r["voxsize"] = vox * 2
+    notes.append(f"recipe.voxsize {vox:g} -> {vox * 2:g} mm")
+    if "shape" in r:
+        m = net_multiple(cfg)
+        old = list(r["shape"])
+        r["shape"] = [int(math.ceil(s / 2 / m) * m) for s in old]
+        notes.append(f"recipe.shape {old} -> {r['shape']} (half, rounded up to a multiple of {m})")
+    for key, scale in VOXEL_OPTIONS.items():
+        v = _get(cfg, key)
+        if v is not None:
+            new = [x * scale for x in v] if isinstance(v, list) else v * scale
+            set_key(cfg, key, new)
+            notes.append(f"{key} {v} -> {new} (voxel units)")
+    notes.append("generator ranges are in mm / fractions: unchanged (the voxel size converts them)")
+    notes.append("model.features unchanged")
+    return cfg, notes
+
+
+def two_d(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    cfg = copy.deepcopy(cfg)
+    r = cfg["recipe"]
+    if r.get("name") not in ("skullstrip", "segment"):
+        raise ValueError(f"the 2D preset supports the skullstrip and segment recipes, not {r.get('name')!r}")
+    r["ndim"] = 2
+    notes = ["recipe.ndim = 2 (single slices, 2D U-Net)"]
+    if "shape" in r:
+        old = list(r["shape"])
+        r["shape"] = old[:2]
+        notes.append(f"recipe.shape {old} -> {r['shape']}")
+    cfg.setdefault("train", {})["channels_last"] = False
+    return cfg, notes
+
+
+def make_preset(cfg: dict[str, Any], half: bool = False, two_dim: bool = False) -> tuple[dict[str, Any], list[str]]:
+    notes: list[str] = []
+    if half:
+        cfg, n = half_resolution(cfg)
+        notes += n
+    if two_dim:
+        cfg, n = two_d(cfg)
+        notes += n
+    return cfg, notes
+
+
+# ---------------------------------------------------------------- TOML output
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: dict[str, Any], header: str = "") -> str:
+    """A config dict (tables of scalars / lists / sub-tables) as TOML.
+    Keys set to None are left out (TOML has no null)."""
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
+
+    def table(d: dict, path: list[str]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if path and (scalars or not subs):
+            lines.append("")
+            lines.append("[" + ".".join(path) + "]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_value(v)}")
+        for k, v in subs.items():
+            table(v, path + [k])
+
+    table(cfg, [])
+    return "\n".join(lines).lstrip("\n") + "\n"
