@@ -232,8 +232,14 @@ def check_file_path(path: str, protect: Sequence[str], suffix: str, what: str) -
     not one of ``protect`` (real paths). Raises InputError."""
     if not path.lower().endswith(suffix):
         raise InputError(f"{path}: {what} must be a {suffix} file")
+    check_writable_file(path, protect)
+
+
+def check_writable_file(path: str, protect: Sequence[str]) -> None:
+    """``path`` can be written as a file: not a folder, its folder exists and
+    is writable, and it is not one of ``protect`` (real paths of inputs)."""
     if os.path.isdir(path):
-        raise InputError(f"{path}: is a folder, a {suffix} file name is required")
+        raise InputError(f"{path}: is a folder, a file name is required")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"{path}: output folder {folder} does not exist")

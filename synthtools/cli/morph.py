@@ -27,8 +27,8 @@ import numpy as np
 
 from ..io import InputError, check_input_path, check_output_path
 from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
-from .common import (Parser, UsageError, choose_device, load_task_model, run_tool, say_error,
-                     say_warning)
+from .common import (Parser, UsageError, check_writable_file, choose_device, load_task_model, run_tool,
+                     say_error, say_warning)
 
 PROG = "synthmorph"
 SUBCOMMANDS = ("register", "apply")
@@ -120,15 +120,10 @@ def _check_transform_output(path: str, option: str, kinds: Sequence[str], protec
     if transform_kind(path) not in kinds:
         exts = LINEAR_EXTENSIONS if "lta" in kinds else WARP_EXTENSIONS
         raise UsageError(f"{option} {path}: use a {' or '.join(exts)} file for this transform")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path}: is a folder, a file name is required")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: output folder {folder} is not writable")
-    if os.path.realpath(path) in protect:
-        raise UsageError(f"{option} {path}: would overwrite an input, choose another output path")
+    try:
+        check_writable_file(path, protect)
+    except InputError as e:
+        raise UsageError(f"{option} {e}") from None
 
 
 def _no_duplicates(paths: dict[str, str]) -> None:
