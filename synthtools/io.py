@@ -10,9 +10,9 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -381,10 +381,7 @@ def save_volume(
     arr = _cast(arr, out_dtype)
     img = _make_image(arr, like, affine, ext)
 
-    folder, name = os.path.split(os.path.abspath(path))
-    # Same extension so nibabel picks the same format; leading '.' hides it.
-    tmp = os.path.join(folder, f".{name[: -len(ext)]}.{secrets.token_hex(4)}.tmp{ext}")
-    try:
+    with atomic_output(path, ext, "image") as tmp:
         nib.save(img, tmp)
         if mgh_tags and ext in _MGH_EXTENSIONS:
             # nibabel writes no tags: FreeSurfer reads them after the footer,
@@ -393,10 +390,22 @@ def save_volume(
             opener = gzip.open if ext == ".mgz" else open
             with opener(tmp, "ab") as f:
                 f.write(mgh_tags)
+    return path
+
+
+@contextmanager
+def atomic_output(path: str, ext: str = "", what: str = "file") -> Iterator[str]:
+    """Yield a hidden temporary name in ``path``'s folder (ending in ``ext``
+    so writers pick the format from it); on success it replaces ``path``,
+    on any failure it is removed and an OSError becomes a one-line InputError."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem = name[: -len(ext)] if ext and name.endswith(ext) else name
+    tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.tmp{ext}")
+    try:
+        yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        raise _error(path, f"could not write image ({exc.strerror or exc})") from None
+        raise _error(path, f"could not write {what} ({exc.strerror or exc})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path

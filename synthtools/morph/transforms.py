@@ -71,7 +71,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import secrets
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
@@ -81,7 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conform import resample
-from ..io import InputError, Volume
+from ..io import InputError, Volume, atomic_output
 
 __all__ = [
     "Geometry", "Affine", "Warp", "Transform", "as_geometry", "read_transform", "write_transform",
@@ -507,37 +506,18 @@ def write_transform(t: Transform, path: str | os.PathLike, fixed: GeometryLike |
     return path
 
 
-def _temp_name(path: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-
-
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = _temp_name(path)
-    try:
+    with atomic_output(path, what="transform") as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _error(path, f"could not write transform ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _atomic_nifti(img, path: str) -> str:
     import nibabel as nib
 
     ext = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
-    tmp = _temp_name(path) + ext  # nibabel picks compression from the name
-    try:
+    with atomic_output(path, ext, "transform") as tmp:  # nibabel picks compression from the name
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _error(path, f"could not write transform ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
