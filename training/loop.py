@@ -172,14 +172,6 @@ def sanity_dataset(recipe, out: Path, write: bool = True) -> RepeatDataset:
     return RepeatDataset(sample)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGINT: schedulers signal the whole
-    process group, and the main process must be the one that stops (after a
-    checkpoint), not a worker dying under it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _save_checkpoint(path: Path, model, opt, step: int, seconds: float) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds}, tmp)
@@ -335,7 +327,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if device.type == "cuda" and hasattr(dataset, "device"):
             dataset.device = device
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                            persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals)
+                            persistent_workers=workers > 0)
         net = model
         if ddp.on:
             from torch.nn.parallel import DistributedDataParallel
@@ -392,6 +384,12 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                     _save_checkpoint(ckpt, model, opt, step, seconds)
                     plot_log(out / "log.jsonl", out / "log.png")
                     last_ckpt = time.time()
+        except RuntimeError as e:
+            # Schedulers signal the whole process group: the DataLoader workers
+            # die with the main process's SIGTERM. That is a normal stop.
+            if not (stop["flag"] and "DataLoader worker" in str(e)):
+                raise
+            log(f"stopping on signal at step {step}")
         finally:
             if ddp.main:
                 _save_checkpoint(ckpt, model, opt, step, seconds)
