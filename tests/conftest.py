@@ -137,16 +137,22 @@ def random_seg_model(tmp_path_factory) -> Path:
     return save_model(random_seg_unet(), seg_metadata(), tmp_path_factory.mktemp("models") / "seg_random")
 
 
-def oblique_affine(voxsize=(2.0, 2.0, 2.0), shape=(40, 44, 36), degrees=(12.0, -9.0, 7.0)) -> np.ndarray:
-    """Rotated voxel->world affine whose grid centre is GRID_CENTER."""
+def rotation(degrees) -> np.ndarray:
+    """3x3 rotation: successive rotations about axes 0, 1, 2 (degrees)."""
     rot = np.eye(3)
     for axis, deg in enumerate(degrees):
         t = np.deg2rad(deg)
-        c, s = np.cos(t), np.sin(t)
+        cos, sin = np.cos(t), np.sin(t)
         i, j = [a for a in range(3) if a != axis]
         r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        r[i, i], r[i, j], r[j, i], r[j, j] = cos, -sin, sin, cos
         rot = r @ rot
+    return rot
+
+
+def oblique_affine(voxsize=(2.0, 2.0, 2.0), shape=(40, 44, 36), degrees=(12.0, -9.0, 7.0)) -> np.ndarray:
+    """Rotated voxel->world affine whose grid centre is GRID_CENTER."""
+    rot = rotation(degrees)
     aff = np.eye(4)
     aff[:3, :3] = rot @ np.diag(voxsize)
     aff[:3, 3] = GRID_CENTER - aff[:3, :3] @ ((np.array(shape) - 1) / 2)
@@ -284,3 +290,13 @@ def assert_same_geometry(out: Path, ref: Path, spatial_only: bool = False) -> No
         assert np.array_equal(a.header[key], b.header[key]), key
     pixdim = slice(1, 4) if spatial_only else slice(None)
     assert np.array_equal(a.header["pixdim"][pixdim], b.header["pixdim"][pixdim])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """CLIs set torch's global thread count (-t); keep tests on one thread
+    and restore what the session had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import rotation  # noqa: E402  (pytest puts tests/ on sys.path)
 import torch
 
 from synthtools.cli import morph as cli
@@ -25,27 +26,10 @@ from conftest import files_under  # noqa: E402  (tests/ is on sys.path)
 LABELS = (0, 3, 17, 41)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers --
-
-def rotation(degrees) -> np.ndarray:
-    rot = np.eye(3)
-    for axis, deg in enumerate(degrees):
-        t = np.deg2rad(deg)
-        c, s = np.cos(t), np.sin(t)
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        rot = r @ rot
-    return rot
-
 
 def affine_of(lin: np.ndarray, center, shape) -> np.ndarray:
     """vox2ras with linear part ``lin`` whose grid centre lies at ``center``."""

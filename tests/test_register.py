@@ -27,12 +27,7 @@ from test_morph_transforms import affine_of, one_error_line, rotation, synthmorp
 from test_training import write_label_map  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def known_affine(seed=0, rigid=False) -> torch.Tensor:

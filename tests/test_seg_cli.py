@@ -32,12 +32,7 @@ LABELS = np.array(SYNTHSEG_LABELS)
 STRUCTURES = [lut.name(v) for v in SYNTHSEG_LABELS[1:]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthseg(*args, capsys=None) -> tuple[int, str]:

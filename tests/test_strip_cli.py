@@ -24,14 +24,7 @@ from synthtools.strip import mask_from_sdt
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # -t changes torch's global thread count; keep the machine quiet and
-    # restore whatever the session had.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthstrip(*args, capsys=None) -> tuple[int, str]:
