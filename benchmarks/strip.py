@@ -227,12 +227,15 @@ def _torch_threads(n: int) -> str:
 def build_ours(args):
     _torch_threads(args.threads)
     import synthtools
-    from synthtools.strip import strip
+    from synthtools.strip import channel_of, strip
     from synthtools.weights import load_model
     model = load_model(args.model, "cpu")
+    # The output whose brain definition matches the reference (synthstrip
+    # vs synthstrip --no-csf); a single-output model gives its only one.
+    channel = channel_of(model, getattr(args, "brain", "csf")) or 0
 
     def predict(volume):
-        return strip(model, volume, border=args.border).mask
+        return strip(model, volume, border=args.border, channel=channel).mask
 
     return predict, getattr(synthtools, "__version__", None) or version_of("synthtools") or "checkout"
 
@@ -325,6 +328,7 @@ def worker(args) -> int:
 
         from training.validation import STRIP_CASES, dice, load_case
         case = next(c for c in STRIP_CASES if c.name == args.case)
+        args.brain = case.brain
         volume = load_image(case)
         t0 = time.perf_counter()
         predict, version = BUILDERS[args.worker](args)
@@ -384,7 +388,8 @@ def probe(args) -> int:
     from training.validation import STRIP_CASES, data_root
     cases = []
     for c in STRIP_CASES:
-        info = {"name": c.name, "contrast": c.contrast, "group": group_of(c.contrast), "available": c.available()}
+        info = {"name": c.name, "contrast": c.contrast, "group": group_of(c.contrast), "brain": c.brain,
+                "available": c.available()}
         if info["available"]:
             hdr = nib.load(str(data_root() / c.image)).header
             info.update(shape=[int(n) for n in hdr.get_data_shape()[:3]],
@@ -506,11 +511,15 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
         f"case, {args.threads} threads, CPU: {cpu_name()}, torch {torch_version}"
         + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm. "
         "A failure or time-out scores 0 in the means.", "",
-        "## Dice per case", "", head, sep,
+        "Reference masks follow one of two conventions (column 'ref'): `csf` = brain + CSF up to the skull "
+        "(BrainWeb intracranial mask, SPM, CT), `nocsf` = brain without the CSF outside it (Lesjak, ROBEX, "
+        "BrainWeb brain mask). Ours is scored with its matching output (`synthstrip`, `synthstrip --no-csf`) "
+        "where the model has both; the peers have one convention each.", "",
+        "## Dice per case", "", head.replace("| case |", "| case | ref |"), sep.replace("|---|---|", "|---|---|---|"),
     ]
     for g in groups:
         for c in (c for c in cases if c["group"] == g):
-            lines.append(f"| {g} | {c['name']} | "
+            lines.append(f"| {g} | {c['name']} | {c.get('brain', 'csf')} | "
                          + " | ".join(_cell(data["results"].get(m, {}).get(c["name"]), "dice", ".3f")
                                       for m in methods) + " |")
     lines += ["", "## Mean Dice per contrast", "",

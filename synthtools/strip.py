@@ -20,15 +20,31 @@ class StripResult:
     mask: np.ndarray   # uint8 brain mask, native grid
 
 
-def brain_sdt(model: Model, volume: Volume, frame: int | None = None) -> np.ndarray:
+def boundaries(model: Model) -> list[str]:
+    """The brain definitions a model's output channels give, in order:
+    ``csf`` (brain + CSF, up to the skull) and/or ``nocsf`` (no CSF outside
+    the brain). Models from before multi-output training carry one."""
+    out = model.meta.get("output", {})
+    if "channels" in out:
+        return list(out["channels"])
+    return ["csf" if out.get("csf", True) else "nocsf"]
+
+
+def channel_of(model: Model, brain: str) -> int | None:
+    """Output channel of ``brain`` ("csf" or "nocsf"), None if the model lacks it."""
+    names = boundaries(model)
+    return names.index(brain) if brain in names else None
+
+
+def brain_sdt(model: Model, volume: Volume, frame: int | None = None, channel: int = 0) -> np.ndarray:
     """Signed distance (mm) to the brain boundary on the native grid of
-    ``volume`` (3D, or one ``frame`` of a 4D image)."""
+    ``volume`` (3D, or one ``frame`` of a 4D image), from output ``channel``."""
     data = volume.data if frame is None else volume.data[..., frame]
     space = model.meta["input"]
     conf = conform((data, volume.affine), voxsize=space["voxsize"], orientation=space["orientation"],
                    multiple=space["multiple"])
     x = normalize_intensities(conf.data)
-    sdt = predict(model, x[None])[0]
+    sdt = predict(model, x[None])[channel]
     band = float(model.meta["output"].get("band_mm", 5.0))
     # Outside the conformed FOV the brain is absent: fill with the far value.
     return conf.to_native(sdt, order=1, fill=band).astype(np.float32)
@@ -46,12 +62,13 @@ def mask_from_sdt(sdt: np.ndarray, border: float = 1.0) -> np.ndarray:
     return ndimage.binary_fill_holes(mask).astype(np.uint8)
 
 
-def strip(model: Model, volume: Volume, border: float = 1.0) -> StripResult:
-    """Skull-strip a 3D volume; 4D volumes are processed frame by frame."""
+def strip(model: Model, volume: Volume, border: float = 1.0, channel: int = 0) -> StripResult:
+    """Skull-strip a 3D volume; 4D volumes are processed frame by frame.
+    ``channel``: which brain definition (see ``boundaries``)."""
     if volume.data.ndim == 4:
-        sdts = [brain_sdt(model, volume, t) for t in range(volume.data.shape[3])]
+        sdts = [brain_sdt(model, volume, t, channel) for t in range(volume.data.shape[3])]
         sdt = np.stack(sdts, axis=-1)
         mask = np.stack([mask_from_sdt(s, border) for s in sdts], axis=-1)
         return StripResult(sdt, mask)
-    sdt = brain_sdt(model, volume)
+    sdt = brain_sdt(model, volume, channel=channel)
     return StripResult(sdt, mask_from_sdt(sdt, border))

@@ -77,14 +77,17 @@ def test_real_sample_uses_the_recipe_targets(label_dir, pairs):
     img, lab = load_volume(pairs / "s1_image.nii.gz"), load_volume(pairs / "s1_labels.nii.gz", dtype=None)
     strip = get_recipe(tiny_cfg("skullstrip", label_dir))
     s = strip.make_real_sample(img, lab, generator(0))
-    assert set(s) == {"image", "target"} and s["image"].shape == (1, 16, 16, 16) == s["target"].shape
+    assert set(s) == {"image", "target"} and s["image"].shape == (1, 16, 16, 16)
+    assert s["target"].shape == (2, 16, 16, 16)   # brain with CSF, without
     assert 0 <= float(s["image"].min()) and float(s["image"].max()) <= 1
     assert (s["target"] < 0).any() and (s["target"] > 0).any() and float(s["target"].abs().max()) <= 5
-    # A brain mask instead of labels gives the same target.
+    # A brain mask (with CSF) instead of labels gives the same with-CSF target;
+    # a mask has one convention, so every channel learns it.
     cfg = tiny_cfg("skullstrip", label_dir)
     cfg["real"] = {"target": "mask"}
     m = get_recipe(cfg).make_real_sample(img, load_volume(pairs / "s1_mask.nii.gz"), generator(0))
-    assert torch.equal(m["target"], s["target"]) and torch.equal(m["image"], s["image"])
+    assert torch.equal(m["target"][0], s["target"][0]) and torch.equal(m["image"], s["image"])
+    assert torch.equal(m["target"][1], m["target"][0])
     seg = get_recipe(tiny_cfg("segment", label_dir))
     t = seg.make_real_sample(img, lab, generator(1))["target"]
     assert t.dtype == torch.int64 and t.shape == (16, 16, 16) and 3 <= t.unique().numel() and int(t.max()) < 33
@@ -246,9 +249,9 @@ def test_2d_skullstrip_trains(label_dir, pairs, tmp_path):
     recipe = get_recipe(cfg)
     assert recipe.shape == (16, 16) and recipe.build_model().ndim == 2
     s = recipe.dataset().sample(0, 0)
-    assert s["image"].shape == (1, 16, 16) == s["target"].shape and (s["target"] < 0).any()
+    assert s["image"].shape == (1, 16, 16) and s["target"].shape == (2, 16, 16) and (s["target"] < 0).any()
     r = recipe.dataset().sample(0, 1)   # a real pair, sliced
-    assert r["image"].shape == (1, 16, 16) == r["target"].shape
+    assert r["image"].shape == (1, 16, 16) and r["target"].shape == (2, 16, 16)
     out = train(recipe, tmp_path / "run2d", steps=2, **QUIET)
     assert out["step"] == 2
     net = recipe.build_model()

@@ -18,8 +18,11 @@ import torch
 from scipy import ndimage
 
 from synthtools.cli import strip as cli
-from conftest import BAD_INPUT_CASES, assert_same_geometry, files_under  # noqa: E402  (tests/ is on sys.path)
+from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under, strip_metadata,  # noqa: E402
+                      threshold_unet)  # (tests/ is on sys.path)
+from synthtools.nets.unet import UNet
 from synthtools.strip import mask_from_sdt
+from synthtools.weights import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,8 +266,30 @@ def test_default_model_not_yet_available(head_path, tmp_path, monkeypatch, capsy
     code, err = synthstrip(head_path, tmp_path / "s.nii.gz", "--no-csf", capsys=capsys)
     assert code == 2
     line = one_error_line(err)
-    assert "not yet available" in line and "synthstrip-nocsf" in line
+    assert "not yet available" in line and "'synthstrip'" in line
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_no_csf_uses_the_second_output_of_a_two_boundary_model(head_path, tmp_path, capsys):
+    """A model with both brain definitions: --no-csf thresholds its second
+    channel (here the first shifted by +3 mm, i.e. a smaller brain)."""
+    net = UNet(3, 1, 2, features=(4, 8), convs=1)
+    base = threshold_unet()
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        state["head.weight"] = state["head.weight"].repeat(2, 1, 1, 1, 1)
+        state["head.bias"] = state["head.bias"].repeat(2) + torch.tensor([0.0, 3.0])
+        net.load_state_dict(state)
+    meta = strip_metadata()
+    meta["output"].update(channels=["csf", "nocsf"])
+    folder = save_model(net, meta, tmp_path / "two")
+    masks = {}
+    for flag in ([], ["--no-csf"]):
+        out = tmp_path / f"m{len(flag)}.nii.gz"
+        code, err = synthstrip("-i", head_path, "-m", out, "--model", folder, *flag, capsys=capsys)
+        assert code == 0, err
+        masks[bool(flag)] = np.asarray(nib.load(str(out)).dataobj) > 0
+    assert masks[True].sum() < 0.9 * masks[False].sum() and not (masks[True] & ~masks[False]).any()
 
 
 def test_gpu_without_cuda(head_path, tiny_strip_model, tmp_path, monkeypatch, capsys):

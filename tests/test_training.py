@@ -73,9 +73,12 @@ def test_sample_targets(label_dir):
     rs = get_recipe(tiny_cfg("skullstrip", label_dir))
     idx, vox = load_index_map(str(label_dir / "a.nii.gz"), rs.labels)
     s = rs.make_sample(idx, vox, generator(0))
-    assert s["image"].shape == (1, 16, 16, 16) and s["target"].shape == (1, 16, 16, 16)
+    # One signed-distance channel per brain definition: with CSF, without.
+    assert s["image"].shape == (1, 16, 16, 16) and s["target"].shape == (2, 16, 16, 16)
     assert float(s["target"].min()) >= -5 and float(s["target"].max()) <= 5
     assert (s["target"] < 0).any() and (s["target"] > 0).any()  # brain inside, head outside
+    # The brain without CSF lies inside the brain with CSF: its distance is never smaller.
+    assert (s["target"][1] >= s["target"][0]).all() and (s["target"][1] > s["target"][0]).any()
     sg = get_recipe(tiny_cfg("segment", label_dir))
     t = sg.make_sample(idx, vox, generator(1))["target"]
     assert t.dtype == torch.int64 and int(t.max()) < 33
@@ -98,3 +101,44 @@ def test_preflight_stops_on_garbage(label_dir):
     with pytest.raises(GeneratorCheckError, match="no brain"):
         preflight(get_recipe(cfg))
     preflight(get_recipe(tiny_cfg("skullstrip", label_dir)))  # sane settings pass
+
+
+def test_ema_is_the_running_average_of_the_weights():
+    from training.loop import EMA
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, decay=0.5)
+    for value in (4.0, 8.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update(net)
+    # 0 -> 0.5*0 + 0.5*4 = 2 -> 0.5*2 + 0.5*8 = 5
+    assert torch.allclose(ema.state["weight"], torch.full((1, 2), 5.0))
+    with pytest.raises(ValueError):
+        EMA(net, decay=1.0)
+
+
+def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
+    """best.pt holds the weights of the best validation (here the 2nd of 3),
+    export ships them by default, and a resumed run still knows that score."""
+    from training.loop import shipped_state
+    cfg = tiny_cfg("skullstrip", label_dir)
+    cfg["train"].update(val_every=2, ema=0.9)
+    recipe = get_recipe(cfg)
+    scores = iter([0.5, 0.9, 0.7, 0.8])
+    recipe.validate = lambda net: {"case": next(scores)}
+    run = tmp_path / "run"
+    train(recipe, run, steps=6, log=lambda *a: None)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["step"] == 4 and best["score"] == pytest.approx(0.9)
+    last = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert last["best"] == pytest.approx(0.9) and "ema" in last
+    # The EMA, not the raw weights, is what was validated and saved.
+    assert not all(torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    train(recipe, run, steps=8, log=lambda *a: None)          # 0.8 < 0.9: best.pt unchanged
+    assert torch.load(run / "best.pt", weights_only=True)["step"] == 4
+    assert shipped_state(run, "best")["step"] == 4 and shipped_state(run, "last")["step"] == 8
+    dest = export(recipe, run, tmp_path / "model", "skullstrip")
+    meta = json.loads((dest / "metadata.json").read_text())
+    assert meta["steps"] == 4 and meta["weights_from"] == "best.pt" and meta["validation"] == {"case": 0.9}

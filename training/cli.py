@@ -129,7 +129,7 @@ def cmd_export(a) -> None:
     from .loop import export
     from .recipes import get_recipe, load_config
     recipe = get_recipe(load_config(a.config, _overrides(a.set)))
-    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name))
+    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which))
 
 
 def cmd_eval(a) -> None:
@@ -139,7 +139,8 @@ def cmd_eval(a) -> None:
     cfg = load_config(a.config, _overrides(a.set))
     cfg.setdefault("validation", {})["cases"] = None
     recipe = get_recipe(cfg)
-    state = torch.load(Path(a.rundir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    from .loop import shipped_state
+    state = shipped_state(Path(a.rundir), a.which)
     net = recipe.build_model()
     net.load_state_dict(state["model"])
     net.eval()
@@ -149,7 +150,7 @@ def cmd_eval(a) -> None:
     metrics = {k: round(v, 4) for k, v in metrics.items()}
     cases = [v for k, v in metrics.items() if not k.startswith("mean_")]   # group means are extra keys
     metrics["mean"] = round(float(np.mean(cases)), 4) if cases else float("nan")
-    print(json.dumps({"step": int(state["step"]), **metrics}))
+    print(json.dumps({"step": int(state["step"]), "weights": state["source"], **metrics}))
 
 
 def _model_or_run(a):
@@ -163,8 +164,8 @@ def _model_or_run(a):
         from .recipes import get_recipe, load_config
         recipe = get_recipe(load_config(a.config, _overrides(a.set)))
         net = recipe.build_model()
-        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
+        from .loop import shipped_state
+        net.load_state_dict(shipped_state(run, "last")["model"])
         return net.eval(), recipe.metadata()["input"]
     try:
         model = load_model(a.model)
@@ -263,11 +264,15 @@ def main(argv=None) -> None:
     e.add_argument("--dest", required=True)
     e.add_argument("--name")
     e.add_argument("--set", nargs="*")
+    e.add_argument("--which", choices=("best", "last"), default="best",
+                   help="best: the best validation so far (best.pt); last: the last checkpoint (default: best)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="score a run's checkpoint on all real validation cases")
     v.add_argument("rundir")
     v.add_argument("--config", required=True)
     v.add_argument("--set", nargs="*")
+    v.add_argument("--which", choices=("best", "last"), default="last",
+                   help="last (default): the last checkpoint (its weight average if kept); best: best.pt")
     v.set_defaults(func=cmd_eval)
     i = sub.add_parser("invariance", help="per-layer feature similarity of two co-registered scans (Fig. 6)")
     i.add_argument("model", metavar="MODEL_OR_RUN", help="model name/folder, or a run folder (with --config)")

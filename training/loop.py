@@ -172,10 +172,67 @@ def sanity_dataset(recipe, out: Path, write: bool = True) -> RepeatDataset:
     return RepeatDataset(sample)
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, seconds: float) -> None:
+class EMA:
+    """Exponential moving average of a model's weights (decay per step, e.g.
+    0.999: a horizon of ~1000 steps). With batch 1 on CPU the raw weights
+    jitter from step to step; the average is what we validate and ship."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict | None = None):
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema must be in (0, 1), got {decay}")
+        self.decay = decay
+        src = state if state is not None else model.state_dict()
+        self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                      for k, v in src.items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v.detach().float(), 1 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds}, tmp)
+    torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, seconds: float, ema: EMA | None = None,
+                     best: float | None = None) -> None:
+    payload = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds}
+    if ema is not None:
+        payload["ema"] = ema.state
+    if best is not None:
+        payload["best"] = best
+    _save(path, payload)
+
+
+def val_score(metrics: dict[str, float]) -> float | None:
+    """One number to rank validations by: the mean over cases (group means
+    ``mean_*`` are summaries of the same cases, so they are left out)."""
+    if "mean" in metrics:
+        return float(metrics["mean"])
+    xs = [v for k, v in metrics.items() if not k.startswith("mean_")]
+    return sum(xs) / len(xs) if xs else None
+
+
+def shipped_state(run: Path, which: str = "best") -> dict:
+    """Weights and step a run would ship: ``best`` (``best.pt``, the best
+    validation so far, falling back to the last checkpoint) or ``last``; the
+    weight average (EMA) where the run kept one."""
+    best = run / "best.pt"
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if which == "best" and best.exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)
+        return {"model": state["model"], "step": int(state["step"]), "seconds": state.get("seconds", 0.0),
+                "score": state.get("score"), "source": "best.pt"}
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return {"model": state.get("ema", state["model"]), "step": int(state["step"]),
+            "seconds": state.get("seconds", 0.0), "score": None, "source": "checkpoint.pt"}
 
 
 @dataclass
@@ -269,7 +326,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         model = model.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 1e-4)))
     ckpt = out / "checkpoint.pt"
-    step, seconds = 0, 0.0
+    step, seconds, state = 0, 0.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -287,6 +344,10 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if int(t[0]) != -int(t[1]):
             raise RuntimeError(f"ranks resumed from different steps ({-int(t[1])}..{int(t[0])}): "
                                f"{out} must be on a file system every node sees")
+    decay = float(cfg.get("ema", 0) or 0)
+    # A run that starts averaging late (or an old checkpoint) starts from its weights.
+    ema = EMA(model, decay, state.get("ema")) if decay else None
+    best = {"score": state.get("best")}
     history = Log(out / "log.jsonl", step) if ddp.main else NullLog()
     total = steps if steps is not None else int(cfg.get("steps", 10_000))
     deadline = time.time() + 60 * minutes if minutes else math.inf
@@ -367,6 +428,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                     raise FloatingPointError(f"non-finite loss at step {step} (on some rank): "
                                              "check the generator settings")
                 opt.step()
+                if ema is not None:
+                    ema.update(model)
                 step += 1
                 seconds += time.time() - t0
                 running.append(loss_sum / accum)
@@ -379,9 +442,9 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                     history.add(step=step, time=round(time.time() - t_start, 1), loss=mean)
                     running = []
                 if ddp.main and val_every and step % val_every == 0:
-                    _validate(recipe, model, history, step, log)
+                    _validate_and_keep_best(recipe, model, ema, history, step, seconds, best, out, log)
                 if ddp.main and time.time() - last_ckpt > every:
-                    _save_checkpoint(ckpt, model, opt, step, seconds)
+                    _save_checkpoint(ckpt, model, opt, step, seconds, ema, best["score"])
                     plot_log(out / "log.jsonl", out / "log.png")
                     last_ckpt = time.time()
         except RuntimeError as e:
@@ -392,7 +455,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
             log(f"stopping on signal at step {step}")
         finally:
             if ddp.main:
-                _save_checkpoint(ckpt, model, opt, step, seconds)
+                _save_checkpoint(ckpt, model, opt, step, seconds, ema, best["score"])
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -418,17 +481,37 @@ def _validate(recipe, model, history: Log, step: int, log) -> dict[str, float]:
     return metrics
 
 
-def export(recipe, out_dir: str | Path, dest: str | Path, name: str) -> Path:
-    """Write shipped weights (fp16, no optimizer) + metadata from the checkpoint."""
+def _validate_and_keep_best(recipe, model, ema: EMA | None, history: Log, step: int, seconds: float,
+                            best: dict, out: Path, log) -> None:
+    """Validate the weights we would ship (the EMA when kept) and save them
+    to ``best.pt`` when they beat every earlier validation of the run."""
+    net = model
+    if ema is not None:
+        net = recipe.build_model()
+        net.load_state_dict(ema.state)
+    metrics = _validate(recipe, net, history, step, log)
+    score = val_score(metrics)
+    if score is not None and (best["score"] is None or score > best["score"]):
+        best["score"] = score
+        weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        _save(out / "best.pt", {"model": weights, "step": step, "seconds": seconds, "score": score})
+        log(f"step {step}: best validation so far ({score:.4f}), saved best.pt")
+
+
+def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str = "best") -> Path:
+    """Write shipped weights (fp16, no optimizer) + metadata from a run:
+    ``which`` = ``best`` (best validation, else last) or ``last``."""
     out = Path(out_dir)
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = shipped_state(out, which)
     model = recipe.build_model()
     model.load_state_dict(state["model"])
-    history = Log(out / "log.jsonl", int(state["step"]))
+    log_file = out / "log.jsonl"
+    rows = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()] if log_file.exists() else []
+    vals = [r["val"] for r in rows if "val" in r and r["step"] == state["step"]]
     meta = recipe.metadata()
-    meta.update(name=name, steps=int(state["step"]), training_minutes=round(state.get("seconds", 0) / 60, 1),
-                code_revision=code_revision(), validation=history.last_val(), recipe=recipe.name,
-                config=recipe.cfg)
+    meta.update(name=name, steps=state["step"], training_minutes=round(state["seconds"] / 60, 1),
+                code_revision=code_revision(), validation=vals[-1] if vals else {}, recipe=recipe.name,
+                weights_from=state["source"], config=recipe.cfg)
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.
     plot_log(out / "log.jsonl", out / "log.png")

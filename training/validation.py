@@ -29,6 +29,10 @@ class StripCase:
     mask: str
     mask_threshold: float = 0.5
     crop_neck: bool = False   # drop slices below the foramen magnum (cord in the mask)
+    # The reference's convention: "csf" = intracranial (brain + CSF up to the
+    # skull), "nocsf" = brain tissue only (no extra-cerebral CSF, as the
+    # Lesjak and ROBEX masks). Scored with the matching model output.
+    brain: str = "csf"
 
     def available(self, root: Path | None = None) -> bool:
         root = root or data_root()
@@ -38,12 +42,17 @@ class StripCase:
 V = "validation/"
 LJ = V + "lesjak_longitudinal_ms_p01/"
 STRIP_CASES = [
-    *(StripCase(f"lesjak_{s}_{c}", c, f"{LJ}raw/{s}_{c}.nii.gz", f"{LJ}derived/{s}_{c}_brainmask_derived.nii.gz")
+    *(StripCase(f"lesjak_{s}_{c}", c, f"{LJ}raw/{s}_{c}.nii.gz", f"{LJ}derived/{s}_{c}_brainmask_derived.nii.gz",
+                brain="nocsf")
       for s in ("study1", "study2") for c in ("T1W", "T2W", "FLAIR")),
     *(StripCase(f"brainweb_{c}", c, f"{V}brainweb_subject04/{c}w_sim.nii.gz",
                 f"{V}brainweb_subject04/mask_intracranial_csf_gm_wm_filled_1mm.nii.gz", crop_neck=True)
       for c in ("T1", "T2", "PD")),
-    StripCase("robex_T1", "T1", f"{V}robex_atlas_t1/atlas.nii.gz", f"{V}robex_atlas_t1/atlas_mask.nii.gz"),
+    *(StripCase(f"brainweb_{c}_nocsf", c, f"{V}brainweb_subject04/{c}w_sim.nii.gz",
+                f"{V}brainweb_subject04/mask_brain_gm_wm_filled_1mm.nii.gz", crop_neck=True, brain="nocsf")
+      for c in ("T1", "T2", "PD")),
+    StripCase("robex_T1", "T1", f"{V}robex_atlas_t1/atlas.nii.gz", f"{V}robex_atlas_t1/atlas_mask.nii.gz",
+              brain="nocsf"),
     *(StripCase(f"spm_avg152{c}", c, f"{V}spm12_mni_templates/avg152{c}.nii.gz",
                 f"{V}spm12_mni_templates/brainmask_prob_2mm.nii.gz")  # scaled uint8: probability 0..1
       for c in ("T1", "T2", "PD")),
@@ -84,14 +93,16 @@ def load_case(case: StripCase, root: Path | None = None) -> tuple[Volume, np.nda
     return img, ref, region
 
 
-def score_strip(predict_mask: Callable[[Volume], np.ndarray], cases=None, root: Path | None = None) -> dict[str, float]:
-    """Dice per available case of a function Volume -> native brain mask."""
+def score_strip(predict_mask: Callable[..., np.ndarray], cases=None, root: Path | None = None,
+                by_convention: bool = False) -> dict[str, float]:
+    """Dice per available case of a function Volume -> native brain mask
+    (``by_convention``: called as ``predict_mask(volume, case.brain)``)."""
     out = {}
     for case in cases or STRIP_CASES:
         if not case.available(root):
             continue
         img, ref, region = load_case(case, root)
-        pred = predict_mask(img) > 0
+        pred = (predict_mask(img, case.brain) if by_convention else predict_mask(img)) > 0
         out[case.name] = dice(pred & region, ref & region)
     return out
 

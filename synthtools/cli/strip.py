@@ -102,13 +102,27 @@ def plan_outputs(args: argparse.Namespace, inputs: list[str]) -> tuple[list[Job]
 # ------------------------------------------------------------------ model --
 
 def load_strip_model(args: argparse.Namespace, device: str):
-    """Load and sanity-check the skull-stripping model (UsageError if unusable)."""
-    name = args.model or (NOCSF_MODEL if args.no_csf else DEFAULT_MODEL)
-    model = load_task_model(name, device, task="skullstrip", task_text="skull-stripping",
-                            user_given=args.model is not None)
-    if args.model is not None and args.no_csf and model.meta.get("output", {}).get("csf", False):
-        say_warning(PROG, f"--no-csf given but model {model.path} was trained with CSF in the brain")
+    """Load and sanity-check the skull-stripping model (UsageError if
+    unusable). The shipped model gives both brain definitions; a model with
+    CSF only falls back to the separate no-CSF model for ``--no-csf``."""
+    from ..strip import channel_of
+
+    def load(name, user_given):
+        return load_task_model(name, device, task="skullstrip", task_text="skull-stripping",
+                               user_given=user_given)
+    model = load(args.model or DEFAULT_MODEL, args.model is not None)
+    if args.no_csf and channel_of(model, "nocsf") is None:
+        if args.model is not None:
+            say_warning(PROG, f"--no-csf given but model {model.path} was trained with CSF in the brain")
+        else:
+            model = load(NOCSF_MODEL, False)
     return model
+
+
+def strip_channel(model, args: argparse.Namespace) -> int:
+    """The output channel for the requested brain definition (0 if the model has one)."""
+    from ..strip import channel_of
+    return channel_of(model, "nocsf" if args.no_csf else "csf") or 0
 
 
 # ------------------------------------------------------------ processing --
@@ -131,7 +145,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     # side converts to float itself.
     vol = load_volume(job.input, allow_4d=True, dtype=None)
     fill = _fill_value(args.fill, vol.data.dtype)
-    result = strip(model, vol, border=args.border)
+    result = strip(model, vol, border=args.border, channel=strip_channel(model, args))
     if not result.mask.any():
         say_warning(PROG, f"{job.input}: the brain mask is empty (is this a head image?)")
 

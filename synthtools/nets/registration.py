@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .unet import ConvBlock, UNet, _conv
+from .unet import UNet, _conv, levels, run_levels
 from .warp import centered_vox2mm, integrate_svf
 
 __all__ = ["barycenters", "fit_affine", "fit_rigid", "fit_symmetric_affine", "BarycenterAffine", "SVFNet"]
@@ -220,19 +220,11 @@ class SVFNet(nn.Module):
         self.config = dict(ndim=ndim, in_channels=in_channels, features=list(features), convs=convs,
                            steps=self.steps, hidden=hidden)
         f = list(features)
-        self.down = nn.ModuleList()
-        cin = 2 * in_channels
-        for c in f:
-            self.down.append(ConvBlock(ndim, cin, c, convs))
-            cin = c
-        self.up = nn.ModuleList()
-        for k in range(len(f) - 2, -1, -1):
-            self.up.append(ConvBlock(ndim, cin + f[k], f[k], convs))
-            cin = f[k]
+        self.down, self.up = levels(ndim, 2 * in_channels, f, convs)
         self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
                                  nn.LeakyReLU(0.2))
         self.film = nn.ModuleList([FiLM(hidden, f[-1])] + [FiLM(hidden, f[k]) for k in range(len(f) - 2, -1, -1)])
-        self.head = _conv(ndim)(cin, ndim, 3, padding=1)
+        self.head = _conv(ndim)(f[0], ndim, 3, padding=1)
         nn.init.normal_(self.head.weight, std=1e-5)   # start near the identity
         nn.init.zeros_(self.head.bias)
 
@@ -244,18 +236,9 @@ class SVFNet(nn.Module):
         x = torch.cat([moving, fixed], dim=1)
         lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device).reshape(-1, 1)
         h = self.mlp(lam.expand(x.shape[0], 1).to(self.mlp[0].weight.dtype))
-        pool = {2: F.max_pool2d, 3: F.max_pool3d}[self.ndim]
-        skips = []
-        for k, block in enumerate(self.down):
-            if k > 0:
-                x = pool(x, 2)
-            x = block(x)
-            skips.append(x)
-        x = self.film[0](x, h)
-        for block, film, skip in zip(self.up, self.film[1:], reversed(skips[:-1])):
-            x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
-            x = film(block(torch.cat([x, skip], dim=1)), h)
-        return self.head(x)
+        # Every decoder level (and the bottleneck) is scaled and shifted by lambda.
+        modulate = [lambda y, film=film: film(y, h) for film in self.film]
+        return self.head(run_levels(x, self.down, self.up, modulate)[-1])
 
     def displacement(self, velocity: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """exp(v) (or exp(-v), its exact inverse) as a displacement in voxels."""

@@ -3,7 +3,7 @@ neurite style): features per level, convolutions per level, no normalisation
 layers (so inference does not depend on batch statistics)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,44 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+def levels(ndim: int, in_channels: int, features: Sequence[int], convs: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Encoder blocks (``features[k]`` channels at level k, level 0 = full
+    resolution) and decoder blocks (deepest level up, each fed the upsampled
+    features and the encoder's skip): the U-Net every network here shares."""
+    f = list(features)
+    down, cin = nn.ModuleList(), in_channels
+    for c in f:
+        down.append(ConvBlock(ndim, cin, c, convs))
+        cin = c
+    up = nn.ModuleList()
+    for k in range(len(f) - 2, -1, -1):
+        up.append(ConvBlock(ndim, cin + f[k], f[k], convs))
+        cin = f[k]
+    return down, up
+
+
+def run_levels(x: torch.Tensor, down: nn.ModuleList, up: nn.ModuleList,
+               modulate: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None) -> list[torch.Tensor]:
+    """Activations after every block of ``levels``: max-pool down, nearest
+    upsampling back. ``modulate[0]`` (optional) acts on the bottleneck
+    output, ``modulate[j]`` on the j-th decoder block's output."""
+    pool = {4: F.max_pool2d, 5: F.max_pool3d}[x.ndim]
+    out, skips = [], []
+    for k, block in enumerate(down):
+        x = block(pool(x, 2) if k else x)
+        out.append(x)
+        skips.append(x)
+    if modulate is not None:
+        x = out[-1] = modulate[0](x)
+    for j, (block, skip) in enumerate(zip(up, reversed(skips[:-1])), start=1):
+        x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
+        x = block(torch.cat([x, skip], dim=1))
+        if modulate is not None:
+            x = modulate[j](x)
+        out.append(x)
+    return out
+
+
 class UNet(nn.Module):
     """Encoder-decoder with skip connections. ``features[k]`` channels at level
     k (level 0 = full resolution); inputs need sizes divisible by
@@ -35,17 +73,8 @@ class UNet(nn.Module):
         self.ndim = ndim
         self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels,
                            features=list(features), convs=convs)
-        f = list(features)
-        self.down = nn.ModuleList()
-        cin = in_channels
-        for c in f:
-            self.down.append(ConvBlock(ndim, cin, c, convs))
-            cin = c
-        self.up = nn.ModuleList()
-        for k in range(len(f) - 2, -1, -1):
-            self.up.append(ConvBlock(ndim, cin + f[k], f[k], convs))
-            cin = f[k]
-        self.head = _conv(ndim)(cin, out_channels, 1)
+        self.down, self.up = levels(ndim, in_channels, features, convs)
+        self.head = _conv(ndim)(features[0], out_channels, 1)
 
     @property
     def multiple(self) -> int:
@@ -53,20 +82,7 @@ class UNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Activations after every block (for the invariance diagnostic)."""
-        out = []
-        skips = []
-        pool = {2: F.max_pool2d, 3: F.max_pool3d}[self.ndim]
-        for k, block in enumerate(self.down):
-            if k > 0:
-                x = pool(x, 2)
-            x = block(x)
-            out.append(x)
-            skips.append(x)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
-            x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
-            x = block(torch.cat([x, skip], dim=1))
-            out.append(x)
-        return out
+        return run_levels(x, self.down, self.up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)[-1])

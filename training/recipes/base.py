@@ -101,7 +101,9 @@ class Recipe:
         """Conform a real pair (``synthtools.io.Volume`` each) to the training
         voxel size (LIA, whole field of view), normalise the image like
         inference and turn the labels into an index map of the generation
-        labels (``real.target = "mask"``: brain mask -> a brain label)."""
+        labels (``real.target = "mask"``: brain mask -> a brain label; a
+        mask has one brain definition, so a skull-stripper learns it on
+        every output channel)."""
         from synthtools.conform import conform, resample
         from synthtools.infer import normalize_intensities
         if not hasattr(self, "targets"):

@@ -1,6 +1,12 @@
 """Skull-stripping recipe (SynthStrip): regress the signed distance (mm) to
 the brain boundary of the deformed label map from a synthetic whole-head
-image, with targets clipped to a band of +-``band`` mm around the boundary."""
+image, with targets clipped to a band of +-``band`` mm around the boundary.
+
+``recipe.boundaries`` lists the brain definitions the network learns, one
+output channel each: ``csf`` (brain + CSF up to the skull, SynthStrip's
+default) and ``nocsf`` (no CSF outside the brain, as many hand-made masks).
+Both from one network cost one forward pass; the old ``recipe.csf`` flag
+still selects a single one."""
 from __future__ import annotations
 
 from typing import Any
@@ -38,13 +44,20 @@ class SkullStripRecipe(Recipe):
         r = cfg["recipe"]
         self.shape = self.grid_shape((96, 96, 96))
         self.band = float(r.get("band", 5.0))
-        self.brain_lut = self.labels.brain_lut(csf=bool(r.get("csf", True)))
+        self.boundaries = [str(b) for b in r.get("boundaries", ["csf" if r.get("csf", True) else "nocsf"])]
+        if not self.boundaries or set(self.boundaries) - {"csf", "nocsf"} or len(set(self.boundaries)) < len(self.boundaries):
+            raise ValueError(f"recipe.boundaries must list 'csf' and/or 'nocsf' once, got {self.boundaries}")
+        self.luts = [self.labels.brain_lut(csf=b == "csf") for b in self.boundaries]
+        self.brain_lut = self.luts[0]
         gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
-        self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels), brain_lut=self.brain_lut)
+        # Simulated skull-stripping keeps the widest brain (with CSF when learnt).
+        widest = self.labels.brain_lut(csf="csf" in self.boundaries)
+        self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels), brain_lut=widest)
 
     def build_model(self) -> UNet:
         m = self.cfg["model"]
-        return UNet(self.ndim, 1, 1, features=m.get("features", (16, 32, 64, 64)), convs=int(m.get("convs", 2)))
+        return UNet(self.ndim, 1, len(self.boundaries), features=m.get("features", (16, 32, 64, 64)),
+                    convs=int(m.get("convs", 2)))
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         index_map, voxsize, lr_axis = self.slice_2d(index_map, voxsize, gen)
@@ -54,10 +67,13 @@ class SkullStripRecipe(Recipe):
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
         """Synthetic and real samples alike: signed distance (mm) to the
-        boundary of the brain labels inside the field of view."""
-        brain = (self.brain_lut.to(labels.device)[labels.long()] > 0) & fov
-        sdt = signed_distance(brain.cpu().numpy(), self.voxsize, self.band)  # scipy EDT: CPU
-        return {"image": image, "target": torch.from_numpy(sdt)[None].to(image.device)}
+        boundary of the brain labels inside the field of view, one channel
+        per brain definition."""
+        sdts = []
+        for lut in self.luts:
+            brain = (lut.to(labels.device)[labels.long()] > 0) & fov
+            sdts.append(signed_distance(brain.cpu().numpy(), self.voxsize, self.band))  # scipy EDT: CPU
+        return {"image": image, "target": torch.from_numpy(np.stack(sdts)).to(image.device)}
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
         t = sample["target"]
@@ -73,16 +89,20 @@ class SkullStripRecipe(Recipe):
 
     def output_metadata(self) -> dict[str, Any]:
         return {"type": "signed_distance_mm", "band_mm": self.band, "sign": "negative inside",
-                "csf": bool(self.cfg["recipe"].get("csf", True))}
+                "channels": self.boundaries, "csf": self.boundaries[0] == "csf"}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         """Dice per built-in case and per ``[validation] real_pairs`` pair,
         plus ``mean_<group>`` per contrast/site/domain."""
         from ..realdata import score_strip_pairs, with_group_means
         model = self.as_model(net)
+
+        def by_case(volume, brain):   # the output matching the reference's convention, if learnt
+            channel = self.boundaries.index(brain) if brain in self.boundaries else 0
+            return mask_from_sdt(brain_sdt(model, volume, channel=channel), 1.0)
         predict = lambda v: mask_from_sdt(brain_sdt(model, v), 1.0)  # noqa: E731
         cases, pairs = self.validation_cases(STRIP_CASES), self.validation_pairs()
-        metrics = score_strip(predict, cases) if cases else {}
+        metrics = score_strip(by_case, cases, by_convention=True) if cases else {}
         if pairs:
             if self.validation_target() == "mask":
                 ref = lambda lab: np.asarray(lab) > 0.5  # noqa: E731
