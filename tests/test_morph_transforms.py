@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import rotation  # noqa: E402  (pytest puts tests/ on sys.path)
-import torch
 
 from synthtools.cli import morph as cli
 from synthtools.conform import resample

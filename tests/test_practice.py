@@ -13,7 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training import tiny_cfg, write_label_map  # noqa: E402
+from test_training import tiny_cfg  # noqa: E402
+from conftest import write_label_map  # noqa: E402
 
 from synthtools.io import load_volume  # noqa: E402
 from synthtools.nets.unet import UNet  # noqa: E402
@@ -42,14 +43,6 @@ def write_pair(folder: Path, name: str = "s1", invert: bool = False) -> tuple[Pa
     mask = ((lab > 0) & (lab < 500)).astype(np.uint8)
     nib.save(nib.Nifti1Image(mask, aff), str(folder / f"{name}_mask.nii.gz"))
     return folder / f"{name}_image.nii.gz", lab_path, folder / f"{name}_mask.nii.gz"
-
-
-@pytest.fixture
-def label_dir(tmp_path):
-    d = tmp_path / "maps"
-    d.mkdir()
-    write_label_map(d / "a.nii.gz")
-    return d
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from synthtools.weights import Model, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_morph_transforms import affine_of, one_error_line, rotation, synthmorph  # noqa: E402
-from test_training import write_label_map  # noqa: E402
+from conftest import write_label_map  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

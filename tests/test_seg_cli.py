@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under,  # noqa: E402  (tests/ is on sys.path)
                       head_phantom)

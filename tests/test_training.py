@@ -4,39 +4,13 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from synthtools.io import Volume
 from synthtools.weights import load_model
 from training.loop import export, train
 from training.recipes import get_recipe, load_config
-
-
-def write_label_map(path, shape=(48, 48, 48)):
-    """A head-like map: background, scalp (502), CSF (24), cortex (3/42), WM (2/41)."""
-    g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    r = np.sqrt(sum(x ** 2 for x in g))
-    lab = np.zeros(shape, np.int32)
-    lab[r < 0.95] = 502
-    lab[r < 0.8] = 24
-    lab[r < 0.7] = 3
-    lab[r < 0.5] = 2
-    right = g[0] > 0
-    lab[(lab == 3) & right] = 42
-    lab[(lab == 2) & right] = 41
-    nib.save(nib.Nifti1Image(lab, np.diag([4.0, 4.0, 4.0, 1.0])), str(path))
-    return path
-
-
-@pytest.fixture
-def label_dir(tmp_path):
-    d = tmp_path / "maps"
-    d.mkdir()
-    write_label_map(d / "a.nii.gz")
-    return d
 
 
 def tiny_cfg(name, label_dir):

@@ -16,12 +16,13 @@ import ast
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 
-def _fail(msg: str) -> "NoReturn":  # noqa: F821
+def _fail(msg: str) -> NoReturn:
     print(f"synthgen: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -129,7 +129,6 @@ def preflight(recipe, n: int = 4, seed: int = 12345) -> None:
     """Draw ``n`` samples and stop with a clear message on the paper's
     failure modes: NaNs, all-zero or constant images, targets that lost the
     anatomy (moved out of the FOV or cropped away)."""
-    from training.generator.synth import generator
     ds = recipe.dataset(start=0)
     problems = []
     for k in range(n):

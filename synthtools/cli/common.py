@@ -461,10 +461,18 @@ def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
             except OSError as exc:
                 raise UsageError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
 
-    for k, job in enumerate(ready):
+    failed += process_each(prog, ready, lambda job: process(job, model), many=len(jobs) > 1)
+    return batch_status(prog, failed, len(jobs))
+
+
+def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], many: bool) -> int:
+    """Run ``process`` on every job, timing each; a failing job is reported
+    on one line and the others go on. Returns the number that failed."""
+    failed = 0
+    for k, job in enumerate(jobs):
         start = time.perf_counter()
         try:
-            process(job, model)
+            process(job)
         except InputError as exc:
             say_error(prog, str(exc))
             failed += 1
@@ -477,11 +485,15 @@ def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
             say_error(prog, f"{job.input}: processing failed ({type(exc).__name__}: {exc})")
             failed += 1
             continue
-        counter = f"[{k + 1}/{len(ready)}] " if len(jobs) > 1 else ""
+        counter = f"[{k + 1}/{len(jobs)}] " if many else ""
         print(f"{prog}: {counter}{job.input}: done in {time.perf_counter() - start:.1f} s", flush=True)
+    return failed
 
+
+def batch_status(prog: str, failed: int, total: int) -> int:
+    """Exit code of a batch (0, or 1 if any input failed), saying how many failed."""
     if failed:
-        if len(jobs) > 1:
-            say_error(prog, f"{failed} of {len(jobs)} inputs failed")
+        if total > 1:
+            say_error(prog, f"{failed} of {total} inputs failed")
         return 1
     return 0

@@ -27,8 +27,8 @@ import numpy as np
 
 from ..io import InputError, check_input_path, check_output_path
 from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
-from .common import (Parser, UsageError, check_writable_file, choose_device, load_task_model, run_tool,
-                     say_error, say_warning)
+from .common import (Job, Parser, UsageError, batch_status, check_writable_file, choose_device, load_task_model,
+                     process_each, run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
 SUBCOMMANDS = ("register", "apply")
@@ -203,37 +203,22 @@ def run_apply(argv: Sequence[str]) -> int:
                              f"match --fixed {args.fixed} ({grid.describe()})")
 
     order = 0 if args.method == "nearest" else 1
-    failed = 0
-    for image, out in zip(images, outputs):
-        try:
-            vol = load_volume(image, allow_4d=True, dtype=None)
-            dtype = out_dtype or np.dtype(vol.data.dtype).newbyteorder("=")
-            if not _fits(args.fill, dtype):
-                raise InputError(f"{image}: fill value {args.fill:g} does not fit the output type {dtype} "
-                                 "(choose another -f or -t)")
-            if args.header_only:
-                save_volume(vol.data, vol, out, affine=update_header(trans, vol), dtype=dtype)
-            else:
-                moved = apply_transform(trans, vol, grid, order=order, fill=args.fill)
-                save_volume(moved, None, out, affine=grid.affine, dtype=dtype)  # type: ignore[union-attr]
-        except InputError as exc:
-            say_error(PROG, str(exc))
-            failed += 1
-            continue
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # one failing image must not stop the others
-            if os.environ.get("SYNTHTOOLS_DEBUG"):
-                raise
-            say_error(PROG, f"{image}: processing failed ({type(exc).__name__}: {exc})")
-            failed += 1
-            continue
-        print(f"{PROG}: {image} -> {out}", flush=True)
-    if failed:
-        if len(images) > 1:
-            say_error(PROG, f"{failed} of {len(images)} images failed")
-        return 1
-    return 0
+
+    def move(job: Job) -> None:
+        image, out = job.input, job.outputs["out"]
+        vol = load_volume(image, allow_4d=True, dtype=None)
+        dtype = out_dtype or np.dtype(vol.data.dtype).newbyteorder("=")
+        if not _fits(args.fill, dtype):
+            raise InputError(f"{image}: fill value {args.fill:g} does not fit the output type {dtype} "
+                             "(choose another -f or -t)")
+        if args.header_only:
+            save_volume(vol.data, vol, out, affine=update_header(trans, vol), dtype=dtype)
+        else:
+            moved = apply_transform(trans, vol, grid, order=order, fill=args.fill)
+            save_volume(moved, None, out, affine=grid.affine, dtype=dtype)  # type: ignore[union-attr]
+    jobs = [Job(image, {"out": out}) for image, out in zip(images, outputs)]
+    failed = process_each(PROG, jobs, move, many=len(jobs) > 1)
+    return batch_status(PROG, failed, len(jobs))
 
 
 # -------------------------------------------------------------- register --

@@ -74,7 +74,12 @@ class Recipe:
         return shape
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One synthetic training sample: (a random slice for 2D recipes,)
+        a synthetic image on the training grid, then the recipe's
+        ``targets``. Recipes with another kind of sample override this."""
+        index_map, voxsize, lr_axis = self.slice_2d(index_map, voxsize, gen)
+        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * self.ndim)
+        return self.targets(s.image, s.labels, s.fov, gen, lr_axis)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         t = self.cfg["train"]

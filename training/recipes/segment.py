@@ -53,11 +53,6 @@ class SegmentRecipe(Recipe):
         return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
                     convs=int(m.get("convs", 2)))
 
-    def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        index_map, voxsize, lr_axis = self.slice_2d(index_map, voxsize, gen)
-        s = self.synth(index_map, voxsize, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * self.ndim)
-        return self.targets(s.image, s.labels, s.fov, gen, lr_axis)
-
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
         """Synthetic and real samples alike: random left/right mirror, then
