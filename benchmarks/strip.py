@@ -417,12 +417,17 @@ def run_accuracy(args, methods: list[str], unavailable: dict[str, str], all_case
         raise SystemExit(f"unknown case(s) {unknown}; known: {known}")
     case_info = [c for c in all_cases if c["name"] in wanted]
     results: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    reused = reusable_peers(args, methods)
     for case in case_info:
         if not case["available"]:
             print(f"# {case['name']}: data missing, skipped", file=sys.stderr, flush=True)
             continue
         for method in methods:
             if method in unavailable:
+                continue
+            r = reused.get(method, {}).get(case["name"])
+            if r is not None:
+                results[method][case["name"]] = dict(r, reused_from=str(args.peers_from))
                 continue
             print(f"# {method} on {case['name']} ...", file=sys.stderr, flush=True)
             r = spawn(method, case["name"], args)
@@ -434,6 +439,25 @@ def run_accuracy(args, methods: list[str], unavailable: dict[str, str], all_case
                                                 if r["status"] == "ok" else str(r.get("error"))),
                   file=sys.stderr, flush=True)
     return {"cases": case_info, "results": results}
+
+
+def reusable_peers(args, methods: list[str]) -> dict[str, dict[str, dict]]:
+    """Peer results of an earlier run (``--peers-from strip.json``) made
+    with the same peer versions, threads and border: the peers are fixed
+    tools, so only our retrained model needs running again."""
+    if not args.peers_from:
+        return {}
+    old = json.loads(Path(args.peers_from).read_text())
+    out = {}
+    for m in methods:
+        if m == "ours" or m not in old.get("results", {}):
+            continue
+        if old.get("versions", {}).get(m) != version_of(m) or old.get("threads") != args.threads:
+            print(f"# {m}: not reused (version or threads differ from {args.peers_from})", file=sys.stderr)
+            continue
+        out[m] = {k: r for k, r in old["results"][m].items() if r.get("status") == "ok"}
+        print(f"# {m}: {len(out[m])} results reused from {args.peers_from} ({old.get('date')})", file=sys.stderr)
+    return out
 
 
 def _mean(xs):
@@ -500,7 +524,11 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
         f"on the native grid (BrainWeb: cord below the foramen magnum excluded), one subprocess per method and "
         f"case, {args.threads} threads, CPU: {cpu_name()}, torch {torch_version}"
         + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm. "
-        "A failure or time-out scores 0 in the means.", "",
+        "A failure or time-out scores 0 in the means."
+        + ("".join(f" {m}: results reused from `{src}` (an earlier run, same version and threads)."
+                   for m, src in sorted({(m, r["reused_from"]) for m in methods
+                                         for r in data["results"].get(m, {}).values() if r.get("reused_from")})))
+        , "",
         "Reference masks follow one of two conventions (column 'ref'): `csf` = brain + CSF up to the skull "
         "(BrainWeb intracranial mask, SPM, CT), `nocsf` = brain without the CSF outside it (Lesjak, ROBEX, "
         "BrainWeb brain mask). Ours is scored with its matching output (`synthstrip`, `synthstrip --no-csf`) "
@@ -754,6 +782,9 @@ def main(argv=None) -> int:
                    help="peer tools ('none' for ours only); default: " + " ".join(PEERS))
     p.add_argument("--no-ours", action="store_true", help="skip our model (peers only)")
     p.add_argument("--cases", nargs="+", metavar="NAME", help="subset of STRIP_CASES by name (default: all)")
+    p.add_argument("--peers-from", type=Path, metavar="JSON",
+                   help="reuse the peers' results of an earlier strip.json (same versions and threads); "
+                        "cases it lacks are run")
     p.add_argument("--threads", type=int, default=2, help="threads for every method; default 2")
     p.add_argument("--border", type=float, default=1.0, help="our mask border (mm); default 1")
     p.add_argument("--timeout", type=float, default=600,
