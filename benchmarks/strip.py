@@ -497,6 +497,37 @@ def summarize(data: dict, methods: list[str], unavailable: dict[str, str]) -> di
     return {"groups": groups, "methods": summary}
 
 
+def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[str], args) -> None:
+    """Record the benchmark in the model's metadata.json (``metrics``):
+    Dice per case and contrast for ours and every peer of this run. The
+    weights' hash covers the weights only, so the model stays loadable."""
+    meta_path = folder / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+
+    def dice_of(m):
+        return {n: round(r["dice"], 4) for n, r in data["results"].get(m, {}).items() if r.get("status") == "ok"}
+    ms = summary["methods"]
+    metrics = {
+        "description": "Dice vs reference brain masks on the real validation cases (benchmarks/strip.py, "
+                       f"border {args.border:g} mm, native grid; each case scored with the output matching its "
+                       "reference's convention: csf or nocsf)",
+        "date": _dt.date.today().isoformat(),
+        "reference_convention": {c["name"]: c.get("brain", "csf") for c in data["cases"] if c["available"]},
+        "dice": dice_of("ours"),
+        "mean_dice_per_contrast": {g: round(v, 4) for g, v in ms["ours"]["mean_dice_per_group"].items()
+                                   if v is not None},
+        "mean_dice_all_cases": round(ms["ours"]["mean_dice_all_cases"], 4),
+    }
+    for m in methods:
+        if m != "ours" and ms[m].get("status") == "ok":
+            metrics[f"peer_{m}_dice"] = dice_of(m)
+            metrics[f"peer_{m}_mean_dice_all_cases"] = round(ms[m]["mean_dice_all_cases"], 4)
+    meta["metrics"] = metrics
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+
+
 def _fmt(x, spec=".3f", none="n/a"):
     return none if x is None else format(x, spec)
 
@@ -782,6 +813,8 @@ def main(argv=None) -> int:
                    help="peer tools ('none' for ours only); default: " + " ".join(PEERS))
     p.add_argument("--no-ours", action="store_true", help="skip our model (peers only)")
     p.add_argument("--cases", nargs="+", metavar="NAME", help="subset of STRIP_CASES by name (default: all)")
+    p.add_argument("--write-metadata", action="store_true",
+                   help="record the Dice table in our model's metadata.json (metrics)")
     p.add_argument("--peers-from", type=Path, metavar="JSON",
                    help="reuse the peers' results of an earlier strip.json (same versions and threads); "
                         "cases it lacks are run")
@@ -848,6 +881,14 @@ def main(argv=None) -> int:
     (args.out / "strip.json").write_text(json.dumps(raw, indent=1) + "\n")
     (args.out / "strip.md").write_text(markdown(data, summary, methods, args, info.get("torch")))
     wrote = [args.out / "strip.json", args.out / "strip.md"]
+    if args.write_metadata:
+        folder = Path(args.model) if Path(args.model).is_dir() else None
+        if folder is None:
+            from synthtools.weights import models_dir
+            folder = Path(models_dir()) / str(args.model)
+        if "ours" in methods and summary["methods"]["ours"].get("status") == "ok":
+            write_model_metrics(folder, data, summary, methods, args)
+            wrote.append(folder / "metadata.json")
     if plot(summary, data, methods, args.out / "strip.png"):
         wrote.append(args.out / "strip.png")
     print(json.dumps({m: {k: s.get(k) for k in ("status", "mean_dice_all_cases", "median_run_s", "reason")

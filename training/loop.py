@@ -511,6 +511,10 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     meta.update(name=name, steps=state["step"], training_minutes=round(state["seconds"] / 60, 1),
                 code_revision=code_revision(), validation=vals[-1] if vals else {}, recipe=recipe.name,
                 weights_from=state["source"], config=recipe.cfg)
+    init = recipe.cfg["train"].get("init")
+    if init and Path(init).is_file():   # steps of the run this one started from
+        before = torch.load(init, map_location="cpu", weights_only=True)
+        meta["init"] = {"from": str(init), "steps": int(before.get("step", 0)) if isinstance(before, dict) else 0}
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.
     plot_log(out / "log.jsonl", out / "log.png")
