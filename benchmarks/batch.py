@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.machine import child_env, cpu_name  # noqa: E402
 
 
 def make_scans(folder: Path, n: int) -> list[Path]:
@@ -42,10 +42,8 @@ def make_scans(folder: Path, n: int) -> list[Path]:
 
 
 def timed(cmd: list[str], threads: int) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 

