@@ -116,3 +116,36 @@ def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
     dest = export(recipe, run, tmp_path / "model", "skullstrip")
     meta = json.loads((dest / "metadata.json").read_text())
     assert meta["steps"] == 4 and meta["weights_from"] == "best.pt" and meta["validation"] == {"case": 0.9}
+
+
+def test_partial_init_transfers_matching_tensors_only():
+    """A skull-stripper (2 outputs) starts a segmenter (33 outputs): every
+    tensor of the same name and shape is copied, the head keeps its own
+    initialisation; without ``partial`` the mismatch is an error."""
+    from synthtools.nets.unet import UNet
+    from training.loop import load_init
+    torch.manual_seed(0)
+    src = UNet(3, 1, 2, features=[4, 8], convs=1)
+    dst = UNet(3, 1, 33, features=[4, 8], convs=1)
+    head_before = dst.state_dict()["head.weight"].clone()
+    kept = load_init(dst, {k: v.half() for k, v in src.state_dict().items()}, partial=True)
+    assert kept == ["head.bias", "head.weight"]
+    for k, v in src.state_dict().items():
+        if not k.startswith("head."):
+            torch.testing.assert_close(dst.state_dict()[k], v.half().float())
+    torch.testing.assert_close(dst.state_dict()["head.weight"], head_before)
+    with pytest.raises(RuntimeError):
+        load_init(UNet(3, 1, 33, features=[4, 8], convs=1), src.state_dict())
+    with pytest.raises(ValueError):
+        load_init(dst, {"nothing.like.it": torch.zeros(1)}, partial=True)
+
+
+def test_init_accepts_a_shipped_model_name(tmp_path):
+    from synthtools.weights import resolve
+    from training.loop import init_file
+    assert init_file("synthstrip") == resolve("synthstrip") / "weights.pt"
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"")
+    assert init_file(str(f)) == f
+    with pytest.raises(FileNotFoundError):
+        init_file(str(tmp_path / "missing.pt"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import math
@@ -293,6 +294,38 @@ def state_digest(model: torch.nn.Module | dict) -> str:
     return h.hexdigest()
 
 
+def init_file(name: str) -> Path:
+    """``train.init``: a checkpoint/weights file, or a model folder or shipped
+    model name (its weights file), so a config can say ``init = "synthstrip"``."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    from synthtools.weights import ModelError, resolve
+    try:
+        folder = resolve(name)
+    except ModelError:
+        raise FileNotFoundError(f"train.init = {name!r}: no such file or model") from None
+    meta = json.loads((folder / "metadata.json").read_text())
+    return folder / meta.get("weights", "weights.pt")
+
+
+def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False) -> list[str]:
+    """Start ``model`` from ``weights``. ``partial`` (transfer from another
+    task, e.g. a skull-stripper's encoder for segmentation): copy every tensor
+    whose name and shape match and keep the new model's own initialisation for
+    the rest (typically the output head); returns the names kept new. Without
+    ``partial`` any mismatch is an error, so a wrong file cannot slip through."""
+    if not partial:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        return []
+    own = model.state_dict()
+    take = {k: v.float() for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise ValueError("train.init_partial: no tensor of the init file matches this model")
+    model.load_state_dict(take, strict=False)
+    return sorted(set(own) - set(take))
+
+
 def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float | None = None,
           log=print, sanity: bool = False, check: bool = True) -> dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` until ``steps`` total steps or
@@ -301,10 +334,22 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     Under ``torchrun`` every rank calls this; see the module docstring."""
     cfg = recipe.cfg["train"]
     ddp = setup_distributed(cfg.get("device", "cpu"), float(cfg.get("dist_timeout_minutes", 30)))
+    ok = False
     try:
-        return _train(recipe, cfg, Path(out_dir), steps, minutes, log, sanity, check, ddp)
+        result = _train(recipe, cfg, Path(out_dir), steps, minutes, log, sanity, check, ddp)
+        ok = True
+        return result
     finally:
         if ddp.owns_group:
+            # Gloo aborts a process ("terminate called without an active
+            # exception") when its process group dies while the DDP reducer
+            # still holds it, or while a peer has already torn its side down.
+            # So: free DDP first (it sits in reference cycles), let every rank
+            # arrive, then destroy. After a failure a barrier could hang on the
+            # rank that died, so destroy directly.
+            gc.collect()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -333,9 +378,9 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed from {ckpt} at step {step}")
     elif cfg.get("init"):
-        init = torch.load(cfg["init"], map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v.float() for k, v in init.get("model", init).items()})
-        log(f"initialised from {cfg['init']}")
+        init = torch.load(init_file(cfg["init"]), map_location="cpu", weights_only=True)
+        skipped = load_init(model, init.get("model", init), partial=bool(cfg.get("init_partial", False)))
+        log(f"initialised from {cfg['init']}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
     if ddp.on:
         # Every rank must have read the same checkpoint (RUN on a shared file system).
         t = torch.tensor([step, -step], device=device, dtype=torch.float64)
@@ -455,16 +500,17 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         finally:
             if ddp.main:
                 _save_checkpoint(ckpt, model, opt, step, seconds, ema, best["score"])
+        del net, batches, loader   # DDP and the workers go now, not at interpreter exit
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if cfg.get("debug_rank_digests"):
         (out / f"rank{ddp.rank}.digest.json").write_text(json.dumps(
             {"rank": ddp.rank, "world": ddp.world, "step": step, "sha256": state_digest(model)}) + "\n")
-    if ddp.on:
-        dist.barrier()   # the checkpoint is written when train() returns, on every rank
     if ddp.main:
         plot_log(out / "log.jsonl", out / "log.png")
+    if ddp.on:
+        dist.barrier()   # the checkpoint is written when train() returns, on every rank
     log(f"stopped at step {step} ({seconds / 60:.1f} min of training steps)")
     return {"step": step, "seconds": seconds, "val": history.last_val()}
 

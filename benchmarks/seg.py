@@ -1,0 +1,327 @@
+"""Benchmark of whole-brain segmentation: ours against single-atlas ANTs SyN.
+
+Accuracy (default) on the real labelled validation cases
+(``training.validation.SEG_CASES``, never trained on):
+
+  vxm_T1            voxelmorph test scan (skull-stripped T1, FreeSurfer aseg):
+                    Dice per SynthSeg label present in the aseg, their mean,
+                    the mean over the large structures, and WM/GM/CSF tissue
+                    Dice (both label maps merged into tissue classes);
+  brainweb_T1/T2/PD BrainWeb subject04 simulations (whole head): WM/GM/CSF
+                    tissue Dice against the phantom's crisp classes.
+
+Methods, both scored on the target's own grid:
+
+  ours   synthtools.seg.segment(model, volume).labels (``--model``, default
+         the shipped 'synthseg'), the whole image as given;
+  ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
+         mutual information, so it works across contrasts) of ONE labelled
+         atlas to the target, then the atlas labels moved with
+         ``genericLabel`` interpolation. We have no second real scan with an
+         aseg, so the atlas is ``label_maps/training_seg_01`` (an aseg-style
+         whole-head map, 1 mm) rendered as a T1-like image with the fixed
+         intensities of ``T1_PRIOR`` (blurred by 1 voxel for partial volume)
+         and reduced to the brain. The atlas is skull-stripped, so for the
+         whole-head BrainWeb targets the peer gets the target multiplied by
+         the dataset's intracranial mask: generous to the peer, which never
+         sees skull or neck (ours does).
+
+Speed (``--speed``): the full ``synthseg`` command on a 1 mm 256^3 head
+(BrainWeb T1 conformed to 256^3, as benchmarks/strip.py makes it), under
+``/usr/bin/time -v`` (wall and peak RSS), median of ``--speed-repeats``
+after one warm-up; the ANTs time is its registration time per case above.
+
+Output (``--out``, default benchmarks/results): seg.md, seg.json, seg.png;
+``--write-metadata`` records the table in the model's metadata.json::
+
+    python benchmarks/seg.py                       # ours + ANTs on all cases, speed
+    python benchmarks/seg.py --peers none --no-speed --model runs/seg/model
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+from benchmarks.machine import child_env, cpu_name, limit_threads  # noqa: E402
+
+ATLAS_MAP = "label_maps/training_seg_01.nii.gz"
+# T1-weighted intensities of the atlas (arbitrary units, WM 110), per SynthSeg label.
+T1_PRIOR = {2: 110, 41: 110, 3: 70, 42: 70, 4: 25, 43: 25, 5: 25, 44: 25, 14: 25, 15: 25, 24: 35,
+            7: 100, 46: 100, 8: 75, 47: 75, 10: 92, 49: 92, 11: 78, 50: 78, 12: 85, 51: 85,
+            13: 100, 52: 100, 16: 100, 17: 72, 53: 72, 18: 72, 54: 72, 26: 78, 58: 78, 28: 95, 60: 95}
+
+
+def tissue_of(labels, lut):
+    """SynthSeg/aseg labels -> BrainWeb classes (0 other, 1 CSF, 2 GM, 3 WM)."""
+    import numpy as np
+
+    from training.validation import BRAINWEB_CLASS
+    out = np.zeros(labels.shape, np.uint8)
+    for cls, labs in lut.items():
+        out[np.isin(labels, labs)] = BRAINWEB_CLASS[cls]
+    return out
+
+
+def score(pred, ref, kind: str) -> dict:
+    """Dice of one prediction on the target grid (see the module docstring)."""
+    import numpy as np
+
+    from training.generator.labels import SYNTHSEG_LABELS
+    from training.validation import LARGE, TISSUE, dice, seg_dice
+    out = {}
+    if kind == "aseg":
+        d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
+        out["label_dice"] = {str(k): round(v, 4) for k, v in d.items()}
+        out["mean"] = float(np.mean(list(d.values())))
+        out["large"] = float(np.mean([d[k] for k in LARGE if k in d]))
+        ref_t = tissue_of(ref, TISSUE)
+    else:
+        ref_t = ref
+    pred_t = tissue_of(pred, TISSUE)
+    for cls, k in (("CSF", 1), ("GM", 2), ("WM", 3)):
+        out[cls] = dice(pred_t == k, ref_t == k)
+    out["tissue_mean"] = float(np.mean([out["CSF"], out["GM"], out["WM"]]))
+    return out
+
+
+def load_cases(root: Path) -> list[dict]:
+    """The SEG_CASES present under ``root``: image volume, reference labels, kind."""
+    import numpy as np
+
+    from synthtools.io import load_volume
+    from training.validation import SEG_CASES
+    cases = []
+    for c in SEG_CASES:
+        if not c.available(root):
+            continue
+        ref = np.rint(load_volume(root / c.labels, dtype=None).data).astype(np.int32)
+        cases.append({"name": c.name, "contrast": c.contrast, "kind": c.kind, "image": root / c.image,
+                      "ref": ref})
+    return cases
+
+
+def run_ours(model_name: str, cases: list[dict]) -> dict:
+    from synthtools.io import load_volume
+    from synthtools.seg import segment
+    from synthtools.weights import load_model
+    t0 = time.perf_counter()
+    model = load_model(model_name)
+    setup = time.perf_counter() - t0
+    res = {}
+    for c in cases:
+        vol = load_volume(c["image"])
+        t0 = time.perf_counter()
+        pred = segment(model, vol).labels
+        res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(pred, c["ref"], c["kind"])}
+    return {"setup_s": round(setup, 2), "cases": res, "model": str(model.path)}
+
+
+def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
+    """The single atlas: T1-like image and SynthSeg labels, brain only (NIfTI in ``tmp``)."""
+    import nibabel as nib
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    from training.generator.labels import SYNTHSEG_FOLD, SYNTHSEG_LABELS
+    img = nib.load(str(root / ATLAS_MAP))
+    lab = np.rint(np.asanyarray(img.dataobj)).astype(np.int32)
+    seg = np.where(np.isin(lab, SYNTHSEG_LABELS), lab, 0)
+    for src, dst in SYNTHSEG_FOLD.items():
+        seg[lab == src] = dst
+    t1 = np.zeros(seg.shape, np.float32)
+    for k, v in T1_PRIOR.items():
+        t1[seg == k] = v
+    t1 = gaussian_filter(t1, 1.0) * (seg > 0)
+    paths = tmp / "atlas_t1.nii.gz", tmp / "atlas_seg.nii.gz"
+    nib.save(nib.Nifti1Image(t1, img.affine), str(paths[0]))
+    nib.save(nib.Nifti1Image(seg.astype(np.int16), img.affine), str(paths[1]))
+    return paths
+
+
+def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
+    limit_threads(threads)
+    import nibabel as nib
+    import numpy as np
+    try:
+        import ants
+    except ImportError as e:
+        return {"status": "unavailable", "error": f"antspyx not installed ({e})"}
+    from synthtools.io import load_volume
+    from training.validation import STRIP_CASES
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="segbench-") as tmp:
+        tmp = Path(tmp)
+        atlas_img, atlas_seg = make_atlas(root, tmp)
+        moving, moving_seg = ants.image_read(str(atlas_img)), ants.image_read(str(atlas_seg))
+        for c in cases:
+            vol = load_volume(c["image"])
+            data = vol.data.numpy().astype(np.float32)
+            if c["kind"] == "tissue":   # whole head: give the peer the intracranial mask
+                mcase = next(s for s in STRIP_CASES if s.name == c["name"] and s.brain == "csf")
+                data = data * (load_volume(root / mcase.mask).data.numpy() > 0.5)
+            target = tmp / f"{c['name']}.nii.gz"
+            nib.save(nib.Nifti1Image(data, vol.affine), str(target))
+            fixed = ants.image_read(str(target))
+            t0 = time.perf_counter()
+            reg = ants.registration(fixed, moving, type_of_transform="SyN")
+            moved = ants.apply_transforms(fixed, moving_seg, reg["fwdtransforms"], interpolator="genericLabel")
+            wall = time.perf_counter() - t0
+            pred = np.rint(moved.numpy()).astype(np.int32)
+            res[c["name"]] = {"run_s": round(wall, 2), **score(pred, c["ref"], c["kind"])}
+    from importlib import metadata
+    return {"status": "ok", "cases": res, "version": metadata.version("antspyx"), "atlas": ATLAS_MAP}
+
+
+def run_speed(model: str, threads: int, repeats: int) -> dict:
+    from strip import make_head, timed
+    env = child_env(threads)
+    with tempfile.TemporaryDirectory(prefix="segspeed-") as tmp:
+        head = Path(tmp) / "head.nii.gz"
+        source = make_head(head)
+        cmd = [sys.executable, "-m", "synthtools.cli.seg", str(head), str(Path(tmp) / "seg.nii.gz"),
+               "-t", str(threads), "--model", model]
+        timed(cmd, env, 900)   # warm-up: file caches, lazy imports
+        runs = [timed(cmd, env, 900) for _ in range(repeats)]
+    bad = [r for r in runs if r["status"] != "ok"]
+    if bad:
+        return {"status": "failed", "error": bad[0]["error"]}
+    return {"status": "ok", "source": source, "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] or 0 for r in runs), "repeats": repeats, "threads": threads}
+
+
+def markdown(data: dict) -> str:
+    ours, ants = data["ours"], data.get("ants", {})
+    has_ants = ants.get("status") == "ok"
+    lines = [f"# Segmentation benchmark ({data['date']})", "",
+             f"Machine: {data['cpu']}, {data['threads']} threads; torch {data['torch']}; model `{ours['model']}`"
+             + (f"; ANTsPy {ants['version']} SyN, single atlas `{ants['atlas']}` (see benchmarks/seg.py)"
+                if has_ants else f"; ANTs: {ants.get('error', 'not run')}"), "",
+             "| case | metric | ours | ANTs SyN atlas |", "|---|---|---|---|"]
+    for name, r in ours["cases"].items():
+        a = ants["cases"].get(name, {}) if has_ants else {}
+        keys = (["mean", "large"] if "mean" in r else []) + ["CSF", "GM", "WM", "tissue_mean"]
+        for k in keys:
+            av = f"{a[k]:.3f}" if k in a else "n/a"
+            lines.append(f"| {name} | {k} | {r[k]:.3f} | {av} |")
+        lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | {a['run_s']:.1f} |" if a
+                     else f"| {name} | time (s) | {r['run_s']:.1f} | n/a |")
+    if "mean" in ours["cases"].get("vxm_T1", {}):
+        r, a = ours["cases"]["vxm_T1"], (ants["cases"].get("vxm_T1", {}) if has_ants else {})
+        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | ANTs |", "|---|---|---|"]
+        from synthtools.lut import names_for
+        for k, v in r["label_dice"].items():
+            lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} |")
+    tw = ours["cases"]
+    groups = {c: tw[f"brainweb_{c}"]["tissue_mean"] for c in ("T1", "T2", "PD") if f"brainweb_{c}" in tw}
+    if groups:
+        lines += ["", "Contrast invariance (BrainWeb tissue Dice, ours): "
+                  + ", ".join(f"{c} {v:.3f}" for c, v in groups.items())
+                  + f"; spread {max(groups.values()) - min(groups.values()):.3f}"]
+        for cls in ("CSF", "GM", "WM"):
+            vals = [tw[f"brainweb_{c}"][cls] for c in groups]
+            lines.append(f"- {cls}: spread {max(vals) - min(vals):.3f}")
+    sp = data.get("speed")
+    if sp and sp.get("status") == "ok":
+        lines += ["", f"Speed: `synthseg` on a 1 mm 256^3 head ({sp['source']}), {sp['threads']} threads: "
+                  f"{sp['wall_s']:.1f} s wall (median of {sp['repeats']}), peak RSS {sp['peak_rss_gb']:.2f} GiB."]
+        if has_ants:
+            t = [r["run_s"] for r in ants["cases"].values()]
+            lines.append(f"ANTs SyN per case: {min(t):.0f}-{max(t):.0f} s (registration + label transfer only).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ours, ants = data["ours"]["cases"], data.get("ants", {}).get("cases", {})
+    names = list(ours)
+    keys = [("vxm_T1", "mean")] if "mean" in ours.get("vxm_T1", {}) else []
+    keys += [(n, "tissue_mean") for n in names]
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([i - 0.2 for i in x], [ours[n][k] for n, k in keys], 0.4, label="ours")
+    if ants:
+        ax.bar([i + 0.2 for i in x], [ants.get(n, {}).get(k, 0) for n, k in keys], 0.4, label="ANTs SyN atlas")
+    ax.set_xticks(list(x), [f"{n}\n{k}" for n, k in keys], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_metadata(folder: Path, data: dict) -> None:
+    meta_path = folder / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    ours = data["ours"]["cases"]
+    metrics = {"description": "Dice on real labelled scans (benchmarks/seg.py, native grid): vxm_T1 against its "
+                              "FreeSurfer aseg (mean over present SynthSeg labels, large structures), BrainWeb "
+                              "subject04 T1/T2/PD tissue classes (our labels merged into CSF/GM/WM)",
+               "date": data["date"], "cases": {n: {k: v for k, v in r.items() if k != "run_s"}
+                                               for n, r in ours.items()}}
+    if data.get("ants", {}).get("status") == "ok":
+        metrics["peer_ants_syn_atlas"] = {n: {k: v for k, v in r.items() if k != "label_dice"}
+                                          for n, r in data["ants"]["cases"].items()}
+    if data.get("speed", {}).get("status") == "ok":
+        metrics["speed_256_1mm"] = {k: data["speed"][k] for k in ("wall_s", "peak_rss_gb", "threads")}
+    meta["metrics"] = metrics
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="synthseg")
+    ap.add_argument("--peers", nargs="+", default=["ants"], choices=["ants", "none"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--speed-repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--write-metadata", action="store_true", help="record the results in the model's metadata.json")
+    a = ap.parse_args(argv)
+    limit_threads(a.threads)
+    import torch
+
+    from training.validation import data_root
+    torch.set_num_threads(a.threads)
+    root = data_root()
+    cases = load_cases(root)
+    if not cases:
+        print(f"SKIP: no segmentation validation case under {root}")
+        return 0
+    data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
+            "torch": torch.__version__, "ours": run_ours(a.model, cases)}
+    if "ants" in a.peers:
+        data["ants"] = run_ants(root, cases, a.threads)
+    if not a.no_speed:
+        data["speed"] = run_speed(data["ours"]["model"], a.threads, a.speed_repeats)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seg.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / "seg.md").write_text(markdown(data))
+    plot(data, out / "seg.png")
+    if a.write_metadata:
+        write_metadata(Path(data["ours"]["model"]), data)
+    print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
