@@ -223,6 +223,9 @@ def test_presets(tmp_path):
     assert two["recipe"]["ndim"] == 2 and two["recipe"]["shape"] == [96, 96]
     assert two["recipe"]["voxsize"] == base["recipe"]["voxsize"] and two["generator"] == base["generator"]
     assert "voxsize" in (tmp_path / "half.toml").read_text().splitlines()[1]   # documented in the header
+    main(["preset", "segment", "--2d", "-o", str(tmp_path / "seg2d.toml")])
+    assert "init" not in load_config(tmp_path / "seg2d.toml")["train"]   # 3D init weights cannot start a 2D net
+    assert load_config(tmp_path / "seg_half.toml")["train"]["init"] == "synthstrip"   # same net: kept
 
 
 def test_toml_roundtrip():

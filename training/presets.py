@@ -80,7 +80,11 @@ def two_d(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         old = list(r["shape"])
         r["shape"] = old[:2]
         notes.append(f"recipe.shape {old} -> {r['shape']}")
-    cfg.setdefault("train", {})["channels_last"] = False
+    train = cfg.setdefault("train", {})
+    train["channels_last"] = False
+    if train.pop("init", None):   # 3D weights cannot start a 2D network
+        train.pop("init_partial", None)
+        notes.append("train.init dropped (3D weights do not fit a 2D U-Net)")
     return cfg, notes
 
 
