@@ -35,6 +35,8 @@ Output (``--out``, default benchmarks/results): seg.md, seg.json, seg.png;
 ``--write-metadata`` records the table in the model's metadata.json::
 
     python benchmarks/seg.py                       # ours + ANTs on all cases, speed
+    python benchmarks/seg.py --peers ants --only ants   # the peer alone (seg_ants.json)
+    python benchmarks/seg.py --peers reuse         # ours, with the saved peer results
     python benchmarks/seg.py --peers none --no-speed --model runs/seg/model
 """
 from __future__ import annotations
@@ -166,10 +168,10 @@ def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
         moving, moving_seg = ants.image_read(str(atlas_img)), ants.image_read(str(atlas_seg))
         for c in cases:
             vol = load_volume(c["image"])
-            data = vol.data.numpy().astype(np.float32)
+            data = np.asarray(vol.data, np.float32)
             if c["kind"] == "tissue":   # whole head: give the peer the intracranial mask
                 mcase = next(s for s in STRIP_CASES if s.name == c["name"] and s.brain == "csf")
-                data = data * (load_volume(root / mcase.mask).data.numpy() > 0.5)
+                data = data * (np.asarray(load_volume(root / mcase.mask).data) > 0.5)
             target = tmp / f"{c['name']}.nii.gz"
             nib.save(nib.Nifti1Image(data, vol.affine), str(target))
             fixed = ants.image_read(str(target))
@@ -289,7 +291,9 @@ def write_metadata(folder: Path, data: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="synthseg")
-    ap.add_argument("--peers", nargs="+", default=["ants"], choices=["ants", "none"])
+    ap.add_argument("--peers", default="ants", choices=["ants", "reuse", "none"],
+                    help="ants: run the peer (writes seg_ants.json too); reuse: take seg_ants.json of --out")
+    ap.add_argument("--only", choices=["ours", "ants"], help="run one method (with --peers ants: ANTs alone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-repeats", type=int, default=3)
@@ -306,14 +310,26 @@ def main(argv=None) -> int:
     if not cases:
         print(f"SKIP: no segmentation validation case under {root}")
         return 0
-    data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
-            "torch": torch.__version__, "ours": run_ours(a.model, cases)}
-    if "ants" in a.peers:
-        data["ants"] = run_ants(root, cases, a.threads)
-    if not a.no_speed:
-        data["speed"] = run_speed(data["ours"]["model"], a.threads, a.speed_repeats)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    peer_file = out / "seg_ants.json"
+    if a.peers == "ants":
+        ants = run_ants(root, cases, a.threads)
+        ants["date"], ants["cpu"], ants["threads"] = _dt.date.today().isoformat(), cpu_name(), a.threads
+        peer_file.write_text(json.dumps(ants, indent=1) + "\n")
+        if a.only == "ants":
+            print(json.dumps(ants, indent=1))
+            return 0
+    elif a.peers == "reuse":
+        if not peer_file.is_file():
+            raise SystemExit(f"--peers reuse: {peer_file} not found (run with --peers ants first)")
+        ants = json.loads(peer_file.read_text())
+    data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
+            "torch": torch.__version__, "ours": run_ours(a.model, cases)}
+    if a.peers != "none":
+        data["ants"] = ants
+    if not a.no_speed:
+        data["speed"] = run_speed(data["ours"]["model"], a.threads, a.speed_repeats)
     (out / "seg.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out / "seg.md").write_text(markdown(data))
     plot(data, out / "seg.png")
