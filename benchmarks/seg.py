@@ -126,7 +126,9 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
         t0 = time.perf_counter()
         pred = segment(model, vol).labels
         res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(pred, c["ref"], c["kind"])}
-    return {"setup_s": round(setup, 2), "cases": res, "model": str(model.path)}
+    path = Path(model.path).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path   # no machine paths in results
+    return {"setup_s": round(setup, 2), "cases": res, "model": str(shown)}
 
 
 def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
     (out / "seg.md").write_text(markdown(data))
     plot(data, out / "seg.png")
     if a.write_metadata:
-        write_metadata(Path(data["ours"]["model"]), data)
+        write_metadata(REPO / data["ours"]["model"], data)
     print(markdown(data))
     return 0
 
