@@ -64,35 +64,17 @@ T1_PRIOR = {2: 110, 41: 110, 3: 70, 42: 70, 4: 25, 43: 25, 5: 25, 44: 25, 14: 25
             13: 100, 52: 100, 16: 100, 17: 72, 53: 72, 18: 72, 54: 72, 26: 78, 58: 78, 28: 95, 60: 95}
 
 
-def tissue_of(labels, lut):
-    """SynthSeg/aseg labels -> BrainWeb classes (0 other, 1 CSF, 2 GM, 3 WM)."""
-    import numpy as np
-
-    from training.validation import BRAINWEB_CLASS
-    out = np.zeros(labels.shape, np.uint8)
-    for cls, labs in lut.items():
-        out[np.isin(labels, labs)] = BRAINWEB_CLASS[cls]
-    return out
-
-
 def score(pred, ref, kind: str) -> dict:
     """Dice of one prediction on the target grid (see the module docstring)."""
     import numpy as np
 
-    from training.generator.labels import SYNTHSEG_LABELS
-    from training.validation import LARGE, TISSUE, dice, seg_dice
+    from training.validation import aseg_scores, tissue_classes, tissue_dice
     out = {}
     if kind == "aseg":
-        d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
+        d, out["mean"], out["large"] = aseg_scores(pred, ref)
         out["label_dice"] = {str(k): round(v, 4) for k, v in d.items()}
-        out["mean"] = float(np.mean(list(d.values())))
-        out["large"] = float(np.mean([d[k] for k in LARGE if k in d]))
-        ref_t = tissue_of(ref, TISSUE)
-    else:
-        ref_t = ref
-    pred_t = tissue_of(pred, TISSUE)
-    for cls, k in (("CSF", 1), ("GM", 2), ("WM", 3)):
-        out[cls] = dice(pred_t == k, ref_t == k)
+        ref = tissue_classes(ref)
+    out.update(tissue_dice(pred, ref))
     out["tissue_mean"] = float(np.mean([out["CSF"], out["GM"], out["WM"]]))
     return out
 

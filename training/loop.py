@@ -558,14 +558,15 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
                 code_revision=code_revision(), validation=vals[-1] if vals else {}, recipe=recipe.name,
                 weights_from=state["source"], config=recipe.cfg)
     init = recipe.cfg["train"].get("init")
-    if init:   # what this run started from: a checkpoint (its steps) or a shipped model (its metadata)
+    if init:   # what this run started from: a model (its metadata) or a checkpoint (its step)
         path = init_file(init)
-        before = torch.load(path, map_location="cpu", weights_only=True)
-        meta["init"] = {"from": str(init), "steps": int(before.get("step", 0)) if isinstance(before, dict) else 0,
-                        "partial": bool(recipe.cfg["train"].get("init_partial", False))}
-        if path.name != "checkpoint.pt" and (path.parent / "metadata.json").is_file():
+        meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", False))}
+        if (path.parent / "metadata.json").is_file():
             src = json.loads((path.parent / "metadata.json").read_text())
             meta["init"].update(steps=int(src.get("steps", 0)), sha256=src.get("sha256"))
+        else:
+            before = torch.load(path, map_location="cpu", weights_only=True)
+            meta["init"]["steps"] = int(before.get("step", 0)) if isinstance(before, dict) else 0
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.
     plot_log(out / "log.jsonl", out / "log.png")

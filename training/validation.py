@@ -143,10 +143,31 @@ def seg_dice(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
     return {int(k): dice(pred == k, ref == k) for k in labels if (ref == k).any()}
 
 
+def aseg_scores(pred: np.ndarray, ref: np.ndarray) -> tuple[dict[int, float], float, float]:
+    """Against a FreeSurfer aseg: Dice per SynthSeg label present, their mean,
+    and the mean over the large structures."""
+    from training.generator.labels import SYNTHSEG_LABELS
+    d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
+    return d, float(np.mean(list(d.values()))), float(np.mean([d[k] for k in LARGE if k in d]))
+
+
+def tissue_classes(labels: np.ndarray) -> np.ndarray:
+    """SynthSeg/aseg labels -> BrainWeb classes (0 other, 1 CSF, 2 GM, 3 WM)."""
+    out = np.zeros(labels.shape, np.uint8)
+    for cls, labs in TISSUE.items():
+        out[np.isin(labels, labs)] = BRAINWEB_CLASS[cls]
+    return out
+
+
+def tissue_dice(pred: np.ndarray, ref_classes: np.ndarray) -> dict[str, float]:
+    """Dice per tissue class (CSF, GM, WM) of SynthSeg labels vs BrainWeb classes."""
+    pred_classes = tissue_classes(pred)
+    return {cls: dice(pred_classes == k, ref_classes == k) for cls, k in BRAINWEB_CLASS.items()}
+
+
 def score_seg(predict_labels: Callable[[Volume], np.ndarray], cases=None, root: Path | None = None,
               detail: bool = False) -> dict[str, float]:
     """Mean Dice per case (``detail``: also per label / tissue class)."""
-    from training.generator.labels import SYNTHSEG_LABELS
     out: dict[str, float] = {}
     for case in cases or SEG_CASES:
         if not case.available(root):
@@ -156,14 +177,11 @@ def score_seg(predict_labels: Callable[[Volume], np.ndarray], cases=None, root: 
         ref = np.rint(load_volume(root_ / case.labels, dtype=None).data).astype(np.int32)
         pred = predict_labels(img)
         if case.kind == "aseg":
-            d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
-            out[f"{case.name}_mean"] = float(np.mean(list(d.values())))
-            out[f"{case.name}_large"] = float(np.mean([d[k] for k in LARGE if k in d]))
+            d, out[f"{case.name}_mean"], out[f"{case.name}_large"] = aseg_scores(pred, ref)
             if detail:
                 out.update({f"{case.name}_{k}": v for k, v in d.items()})
         else:
-            for cls, labs in TISSUE.items():
-                out[f"{case.name}_{cls}"] = dice(np.isin(pred, labs), ref == BRAINWEB_CLASS[cls])
+            out.update({f"{case.name}_{cls}": v for cls, v in tissue_dice(pred, ref).items()})
     return out
 
 
