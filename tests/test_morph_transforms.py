@@ -426,8 +426,9 @@ def test_read_transform_errors_are_one_line_input_errors(tmp_path):
 
 # -------------------------------------------------------------- register --
 
-def test_register_validates_then_reports_missing_model(images, tmp_path, capsys):
+def test_register_validates_then_reports_missing_model(images, tmp_path, monkeypatch, capsys):
     fixed, moving = images
+    monkeypatch.setenv("SYNTHTOOLS_MODELS", str(tmp_path / "empty"))   # whatever ships
     code, err = synthmorph("register", "-m", "affine", moving, fixed, "-o", tmp_path / "moved.nii.gz",
                            "-t", tmp_path / "t.lta", "-j", "1", capsys=capsys)
     assert code == 2

@@ -118,6 +118,22 @@ def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
     assert meta["steps"] == 4 and meta["weights_from"] == "best.pt" and meta["validation"] == {"case": 0.9}
 
 
+def test_best_validation_of_an_error_metric_is_the_smallest(label_dir, tmp_path):
+    """Registration validates an error in mm: best.pt keeps the lowest."""
+    from training.recipes.register import LinearRecipe
+    from test_register import tiny_reg_cfg
+    cfg = tiny_reg_cfg("rigid", label_dir)
+    cfg["train"].update(val_every=2)
+    recipe = get_recipe(cfg)
+    assert isinstance(recipe, LinearRecipe) and not recipe.higher_is_better
+    scores = iter([3.0, 1.5, 2.0])
+    recipe.validate = lambda net: {"case": next(scores)}
+    run = tmp_path / "run"
+    train(recipe, run, steps=6, log=lambda *a: None)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["step"] == 4 and best["score"] == pytest.approx(1.5)
+
+
 def test_partial_init_transfers_matching_tensors_only():
     """A skull-stripper (2 outputs) starts a segmenter (33 outputs): every
     tensor of the same name and shape is copied, the head keeps its own

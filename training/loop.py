@@ -379,7 +379,10 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         log(f"resumed from {ckpt} at step {step}")
     elif cfg.get("init"):
         init = torch.load(init_file(cfg["init"]), map_location="cpu", weights_only=True)
-        skipped = load_init(model, init.get("model", init), partial=bool(cfg.get("init_partial", False)))
+        # train.init_into: a submodule that has the init's layout (e.g. a
+        # registration network's feature U-Net "unet" from a segmenter).
+        target = model.get_submodule(cfg["init_into"]) if cfg.get("init_into") else model
+        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", False)))
         log(f"initialised from {cfg['init']}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
     if ddp.on:
         # Every rank must have read the same checkpoint (RUN on a shared file system).
@@ -536,7 +539,9 @@ def _validate_and_keep_best(recipe, model, ema: EMA | None, history: Log, step: 
         net.load_state_dict(ema.state)
     metrics = _validate(recipe, net, history, step, log)
     score = val_score(metrics)
-    if score is not None and (best["score"] is None or score > best["score"]):
+    # Dice: higher is better; registration error (mm): lower is better.
+    sign = 1.0 if getattr(recipe, "higher_is_better", True) else -1.0
+    if score is not None and (best["score"] is None or sign * score > sign * best["score"]):
         best["score"] = score
         weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
         _save(out / "best.pt", {"model": weights, "step": step, "seconds": seconds, "score": score})
@@ -561,6 +566,8 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     if init:   # what this run started from: a model (its metadata) or a checkpoint (its step)
         path = init_file(init)
         meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", False))}
+        if recipe.cfg["train"].get("init_into"):
+            meta["init"]["into"] = str(recipe.cfg["train"]["init_into"])
         if (path.parent / "metadata.json").is_file():
             src = json.loads((path.parent / "metadata.json").read_text())
             meta["init"].update(steps=int(src.get("steps", 0)), sha256=src.get("sha256"))

@@ -68,26 +68,80 @@ def _moving_affine(moving: Volume, init: Affine | None) -> np.ndarray:
     return moving.affine if init is None else np.linalg.inv(init.matrix) @ moving.affine
 
 
-@torch.inference_mode()
-def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None) -> Affine:
+def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
+                    passes: int | None = None, refine: tuple[int, ...] | None = None,
+                    refine_metric: str | None = None) -> Affine:
     """Rigid or affine registration (model type 'rigid'/'affine'): the
-    pull-back fixed RAS -> moving RAS, with both grids recorded."""
-    dev = _device(model)
+    pull-back fixed RAS -> moving RAS, with both grids recorded.
+
+    ``passes`` > 1 runs the network again on the moving image re-posed by the
+    previous estimate (a header move, no extra interpolation of the voxels)
+    and composes the results: the network is most accurate near alignment.
+    Default: the model's ``inference.passes`` (1 if absent).
+
+    ``refine`` (Adam steps per level, coarsest first; default the model's
+    ``inference.refine``, none if absent) then polishes the result
+    (:mod:`synthtools.morph.refine`) with ``refine_metric`` (default the
+    model's ``inference.refine_metric``, else "features"): "features", the
+    squared difference of the network's feature maps on the conformed grid
+    and its 2x coarser versions; or "mi", the mutual information of the
+    images inside the fixed brain (where the feature maps have mass), the
+    last entry of ``refine`` being a level on the native grids."""
+    opts = model.meta.get("inference", {})
+    passes = int(opts.get("passes", 1)) if passes is None else int(passes)
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    refine = tuple(int(n) for n in (opts.get("refine", ()) if refine is None else refine))
+    refine_metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
+    if refine_metric not in ("features", "mi"):
+        raise ValueError(f"refine_metric must be 'features' or 'mi', got {refine_metric!r}")
+    # The fixed side is the same in every pass: conform it and map its features once.
     cf = _conform(model, _frame(fixed), fixed.affine)
-    cm = _conform(model, _frame(moving), _moving_affine(moving, init))
-    xf = normalize_intensities(cf.data)[None, None].to(dev)
-    xm = normalize_intensities(cm.data)[None, None].to(dev)
-    af = torch.as_tensor(cf.affine, dtype=torch.float64)
-    am = torch.as_tensor(cm.affine, dtype=torch.float64)
-    # Fit in a frame centred on the fixed grid (float32-friendly), then back to RAS.
-    shift = np.eye(4)
-    shift[:3, 3] = -cf.affine[:3, :3] @ ((np.array(cf.shape) - 1) / 2) - cf.affine[:3, 3]
+    shift = _centre_shift(cf)    # fits in a frame centred on the fixed grid (float32-friendly)
     s = torch.as_tensor(shift, dtype=torch.float64)
-    mat = model.net(xf, xm, (s @ af)[None].float().to(dev), (s @ am)[None].float().to(dev))
-    m = np.linalg.inv(shift) @ mat[0].double().cpu().numpy() @ shift
-    if init is not None:
-        m = init.matrix @ m
+    af = (s @ torch.as_tensor(cf.affine, dtype=torch.float64)).float()
+    xf = normalize_intensities(cf.data)
+    ff = _features(model, xf)
+    m = np.eye(4) if init is None else np.asarray(init.matrix, dtype=np.float64)
+    for k in range(passes + (1 if any(refine) else 0)):
+        cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)   # re-posed by m (header move)
+        am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
+        xm = normalize_intensities(cm.data)
+        fm = _features(model, xm)
+        if k < passes:
+            with torch.inference_mode(), torch.autocast(ff.device.type, enabled=False):
+                step = model.net.fit(ff[None].float(), fm[None].float(), af[None].to(ff.device),
+                                     am[None].to(ff.device))[0].double().cpu().numpy()
+        else:
+            from .refine import refine_linear
+            images, native = None, None
+            if refine_metric == "mi":
+                images = (xf.float().cpu(), xm.float().cpu())
+                # Last level on the scans as acquired, moving re-posed by m like cm.
+                native = (normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(fixed), np.float32))),
+                          s.float() @ torch.as_tensor(fixed.affine, dtype=torch.float32),
+                          normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(moving), np.float32))),
+                          s.float() @ torch.as_tensor(np.linalg.inv(m) @ moving.affine, dtype=torch.float32))
+            step = refine_linear(ff.float().cpu(), fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
+                                 iterations=refine[:-1] if native else refine, images=images, native=native,
+                                 native_iterations=refine[-1] if native else 0).numpy()
+        m = m @ np.linalg.inv(shift) @ step @ shift
     return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
+
+
+def _features(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """The network's feature maps (K, *S) of a normalised conformed image (a
+    tensor usable outside inference mode)."""
+    with torch.inference_mode():
+        f = model.net.feature_maps(x[None, None].to(_device(model)))[0]
+    return f.clone()
+
+
+def _centre_shift(conformed) -> np.ndarray:
+    """RAS -> a frame centred on a conformed grid."""
+    shift = np.eye(4)
+    shift[:3, 3] = -conformed.affine[:3, :3] @ ((np.array(conformed.shape) - 1) / 2) - conformed.affine[:3, 3]
+    return shift
 
 
 @torch.inference_mode()

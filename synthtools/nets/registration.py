@@ -146,21 +146,30 @@ class BarycenterAffine(nn.Module):
 
     def __init__(self, ndim: int = 3, in_channels: int = 1, keypoints: int = 32,
                  features: Sequence[int] = (16, 32, 64, 64), convs: int = 2, rigid: bool = False,
-                 symmetric: bool = True):
+                 symmetric: bool = True, activation: str = "relu"):
         super().__init__()
+        if activation not in ("relu", "softmax"):
+            raise ValueError(f"activation must be 'relu' or 'softmax', got {activation!r}")
         self.ndim = ndim
-        self.rigid, self.symmetric = bool(rigid), bool(symmetric)
+        self.rigid, self.symmetric, self.activation = bool(rigid), bool(symmetric), activation
         self.config = dict(ndim=ndim, in_channels=in_channels, keypoints=keypoints, features=list(features),
-                           convs=convs, rigid=self.rigid, symmetric=self.symmetric)
-        self.unet = UNet(ndim, in_channels, keypoints, features, convs)
+                           convs=convs, rigid=self.rigid, symmetric=self.symmetric, activation=activation)
+        # softmax: one extra "no keypoint" channel, so that the maps can be
+        # spatially sparse (and a segmentation network's head fits as is).
+        extra = 1 if activation == "softmax" else 0
+        self.unet = UNet(ndim, in_channels, keypoints + extra, features, convs)
 
     @property
     def multiple(self) -> int:
         return self.unet.multiple
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Non-negative feature maps (B, K, *S)."""
-        return F.relu(self.unet(x))
+        """Non-negative feature maps (B, K, *S): ReLU of the U-Net output, or
+        its softmax over K+1 channels without channel 0."""
+        y = self.unet(x)
+        if self.activation == "relu":
+            return F.relu(y)
+        return torch.softmax(y.float(), dim=1)[:, 1:]
 
     def fit(self, feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox2mm: torch.Tensor,
             moving_vox2mm: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,9 @@ def load_index_map(path: str, label_set: LabelSet) -> tuple[torch.Tensor, tuple[
     if data.ndim != 3:
         raise ValueError(f"{path}: label map must be 3D, got shape {data.shape}")
     vox = tuple(float(v) for v in img.header.get_zooms()[:3])
-    return torch.from_numpy(label_set.to_index(data)), vox
+    # C order: NIfTI data come Fortran-ordered, and a non-contiguous map makes
+    # every nearest-neighbour lookup copy the whole map (reshape(-1)).
+    return torch.from_numpy(np.ascontiguousarray(label_set.to_index(data))), vox
 
 
 def sample_seed(seed: int, stream: int, step: int) -> int:

@@ -50,6 +50,7 @@ class Recipe:
     (``make_real_sample``) and in 2D (``recipe.ndim = 2``)."""
     name = "recipe"
     task = "recipe"
+    higher_is_better = True   # of the validation score (best.pt keeps the best)
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg

@@ -92,6 +92,7 @@ def centred_sample(synth: Synthesizer, index_map: torch.Tensor, voxsize, gen: to
 
 class _RegistrationRecipe(Recipe):
     task = "register"
+    higher_is_better = False   # validation: displacement error (mm)
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
@@ -132,11 +133,22 @@ class LinearRecipe(_RegistrationRecipe):
         self.rigid = self.name == "rigid"
         self.loss_eps = float(cfg["recipe"].get("charbonnier_mm", 1.0))
 
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        # Network passes at inference (synthtools.morph.register.register_linear).
+        opts = self.cfg.get("inference") or {}
+        meta["inference"]["passes"] = int(opts.get("passes", 1))
+        # Adam steps per level of the feature-map refinement (synthtools.morph.refine).
+        meta["inference"]["refine"] = [int(n) for n in opts.get("refine", [])]
+        meta["inference"]["refine_metric"] = str(opts.get("refine_metric", "features"))
+        return meta
+
     def build_model(self) -> BarycenterAffine:
         m = self.cfg["model"]
         return BarycenterAffine(3, 1, int(m.get("keypoints", 32)), features=m.get("features", (16, 32, 32, 64)),
                                 convs=int(m.get("convs", 2)), rigid=self.rigid,
-                                symmetric=bool(m.get("symmetric", True)))
+                                symmetric=bool(m.get("symmetric", True)),
+                                activation=str(m.get("activation", "relu")))
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         pair = same_anatomy_pair(self.synth_fixed, self.synth_moving, index_map, voxsize, gen,
@@ -165,7 +177,9 @@ class LinearRecipe(_RegistrationRecipe):
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         from synthtools.morph.register import register_linear
         model = self.as_model(net)
-        return score_reg(lambda moving, fixed: register_linear(model, moving, fixed),
+        # The network's own accuracy (its passes, no test-time refinement),
+        # which is what training changes.
+        return score_reg(lambda moving, fixed: register_linear(model, moving, fixed, refine=()),
                          self.validation_cases(REG_CASES))
 
 

@@ -1,0 +1,170 @@
+"""Test-time refinement of a linear registration on the network's feature maps.
+
+The barycentre fit (:class:`~synthtools.nets.registration.BarycenterAffine`)
+is robust to any starting pose but only as precise as the feature maps'
+centroids. Refinement keeps the learned, contrast-invariant feature maps and
+optimises the transform directly: it minimises the mean squared difference
+between the fixed maps and the moving maps pulled back through the transform,
+sampled at the fixed brain's voxels (where the maps are non-zero, dilated),
+coarse to fine (4 mm then the network's grid). Parameters: a rotation vector
+(radians, through the matrix exponential) and a translation (mm) for rigid;
+all 12 entries for affine. Only a small correction is sought, so it runs
+after the barycentre passes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["refine_linear", "mutual_information"]
+
+TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
+
+
+def _correction(theta: torch.Tensor, rigid: bool) -> torch.Tensor:
+    """4x4 map (fixed frame -> fixed frame) from the parameters (identity at 0)."""
+    out = torch.eye(4, dtype=theta.dtype)
+    if rigid:
+        w = theta[:3]
+        zero = torch.zeros((), dtype=theta.dtype)
+        skew = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
+                            torch.stack([-w[1], w[0], zero])])
+        lin = torch.linalg.matrix_exp(skew)
+        shift = theta[3:6] * TRANSLATION_SCALE
+    else:
+        lin = torch.eye(3, dtype=theta.dtype) + theta[:9].reshape(3, 3)
+        shift = theta[9:12] * TRANSLATION_SCALE
+    top = torch.cat([lin, shift[:, None]], dim=1)
+    return torch.cat([top, out[3:]], dim=0)
+
+
+def _pool(feat: torch.Tensor, vox2mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x average pooling of (K, *S) maps and the pooled grid's vox2mm."""
+    pooled = F.avg_pool3d(feat[None], 2, ceil_mode=True)[0]
+    step = torch.tensor([[2.0, 0, 0, 0.5], [0, 2.0, 0, 0.5], [0, 0, 2.0, 0.5], [0, 0, 0, 1]], dtype=vox2mm.dtype)
+    return pooled, vox2mm @ step
+
+
+def _sample_points(feat: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
+    """Trilinear values (K, N) of (K, *S) maps at voxel coordinates (N, 3)."""
+    shape = torch.tensor(feat.shape[1:], dtype=vox.dtype)
+    norm = (vox * (2.0 / (shape - 1).clamp_min(1)) - 1).flip(-1)
+    out = F.grid_sample(feat[None], norm.view(1, 1, 1, -1, 3).to(feat.dtype), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[0, :, 0, 0]
+
+
+def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,
+                  max_points: int = 40000) -> torch.Tensor:
+    """Voxel indices (N, 3) where the fixed maps have mass, dilated by
+    ``dilate`` voxels; at most ``max_points``, evenly spread over the list
+    (a 2 mm brain has ~250k: the fit needs far fewer, each step costs N)."""
+    mass = feat.sum(0, keepdim=True)[None]
+    keep = F.max_pool3d((mass > threshold).float(), 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0
+    vox = keep.nonzero().to(torch.float32)
+    if len(vox) > max_points:
+        vox = vox[torch.linspace(0, len(vox) - 1, max_points).round().long()]
+    return vox
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma: float | None = None) -> torch.Tensor:
+    """Mutual information (nats) of two samples (N,) of intensities in
+    [0, 1], from a joint histogram with Gaussian Parzen windows (``sigma``:
+    one bin width by default), differentiable in both."""
+    centres = torch.linspace(0, 1, bins, dtype=a.dtype)
+    sigma = sigma or 1.0 / (bins - 1)
+
+    def soft(x):
+        w = torch.exp(-0.5 * ((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
+        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    wa, wb = soft(a), soft(b)
+    joint = wa.T @ wb / len(a)
+    pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    return (joint * (torch.log(joint + 1e-10) - torch.log(pa @ pb + 1e-10))).sum()
+
+
+def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox2mm: torch.Tensor,
+                  moving_vox2mm: torch.Tensor, rigid: bool, iterations: tuple[int, ...] = (40, 20),
+                  lr: float = 0.01, images: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  native_iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """The 4x4 correction E (fixed mm -> fixed mm) that best aligns the maps:
+    the refined pull-back is ``M @ E`` when ``moving_vox2mm`` already holds
+    the current estimate M (the moving image re-posed by it).
+
+    ``feat_*`` (K, *S) float maps on their grids; ``*_vox2mm`` (4, 4) map
+    voxel indices to one shared frame (mm). ``iterations``: Adam steps per
+    level, coarsest first (each level halves the resolution). With
+    ``images`` (fixed, moving: (*S) intensities in [0, 1] on the same grids)
+    the criterion is their mutual information instead, still sampled where
+    the fixed feature maps have mass (the brain, not neck or skull).
+
+    ``native`` (fixed image, its vox2mm, moving image, its vox2mm; images in
+    [0, 1] on their own, typically finer, grids) adds a last MI level of
+    ``native_iterations`` steps on the scans as acquired: the same brain
+    points, jittered within their voxel (``seed``), sampled on both native
+    grids, so the answer is not limited by the conformed grid's spacing."""
+    af, am = fixed_vox2mm.to(torch.float32), moving_vox2mm.to(torch.float32)
+    if images is None:
+        level = (feat_fixed.float(), feat_fixed.float(), feat_moving.float(), af, am)
+    else:
+        level = (feat_fixed.float(), images[0].float()[None], images[1].float()[None], af, am)
+    pyramid = [level]
+    for _ in range(len(iterations) - 1):
+        sel, f, m, a, b = pyramid[-1]
+        psel, pa = _pool(sel, a)
+        pf, _ = _pool(f, a)
+        pm, pb = _pool(m, b)
+        pyramid.append((psel, pf, pm, pa, pb))
+    theta = torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True)
+    for (sel, f, m, a, b), steps in zip(reversed(pyramid), iterations):
+        vox = _fixed_points(sel)
+        if len(vox) == 0 or steps <= 0:
+            continue
+        target = _sample_points(f, vox)
+        mm = vox @ a[:3, :3].T + a[:3, 3]
+        to_moving_vox = torch.linalg.inv(b)
+        opt = torch.optim.Adam([theta], lr=lr)
+        for _ in range(steps):
+            e = _correction(theta, rigid)
+            lin = to_moving_vox[:3, :3] @ e[:3, :3]
+            off = to_moving_vox[:3, :3] @ e[:3, 3] + to_moving_vox[:3, 3]
+            moved = _sample_points(m, mm @ lin.T + off)
+            if images is None:
+                loss = ((moved - target) ** 2).mean()
+            else:
+                loss = -mutual_information(target[0], moved[0])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        lr = lr / 3   # finer level: smaller steps
+    if native is not None and native_iterations > 0:
+        _native_level(theta, feat_fixed.float(), af, native, rigid, native_iterations, lr, seed)
+    with torch.no_grad():
+        return _correction(theta.detach(), rigid).to(torch.float64)
+
+
+def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tensor, native, rigid: bool,
+                  steps: int, lr: float, seed: int, points: int = 80000) -> None:
+    """The last MI level of :func:`refine_linear` on the native grids (updates ``theta``)."""
+    fixed, fixed_v2m, moving, moving_v2m = native
+    vox = _fixed_points(feat_fixed, max_points=points)
+    if len(vox) == 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    vox = vox + torch.rand(vox.shape, generator=gen) - 0.5
+    mm = vox @ af[:3, :3].T + af[:3, 3]
+    to_fixed = torch.linalg.inv(fixed_v2m.to(torch.float32))
+    target = _sample_points(fixed.float()[None], mm @ to_fixed[:3, :3].T + to_fixed[:3, 3])[0]
+    inside = target.isfinite()
+    to_moving = torch.linalg.inv(moving_v2m.to(torch.float32))
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        e = _correction(theta, rigid)
+        lin = to_moving[:3, :3] @ e[:3, :3]
+        off = to_moving[:3, :3] @ e[:3, 3] + to_moving[:3, 3]
+        moved = _sample_points(moving.float()[None], mm @ lin.T + off)[0]
+        loss = -mutual_information(target[inside], moved[inside])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
