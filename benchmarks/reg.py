@@ -26,7 +26,9 @@ Methods, each given the images exactly as stored:
          initialisation), the ITK transform converted to our RAS pull-back.
 
 Time per pair: wall seconds of the registration alone (images in memory),
-both on ``--threads`` CPU threads. Output (``--out``, default
+both on ``--threads`` CPU threads. Speed (unless ``--no-speed``): the whole
+``synthmorph register`` command on two 1 mm 256^3 heads, wall time and peak
+RSS. Output (``--out``, default
 benchmarks/results): reg_<mode>.md, reg_<mode>.json, reg_<mode>.png and the
 peer's reg_<mode>_ants.json (``--peers reuse`` takes it again)::
 
@@ -200,6 +202,38 @@ def identity_errors(pairs: list[dict]) -> dict:
     return {p["name"]: error_mm(Affine(np.eye(4)), p) for p in pairs}
 
 
+def run_speed(model: str, mode: str, threads: int, repeats: int) -> dict:
+    """The full ``synthmorph register`` command on two 1 mm 256^3 heads (the
+    BrainWeb T1 head of benchmarks/strip.py and a copy moved by a known
+    transform), under ``/usr/bin/time -v``; median of ``repeats`` after one
+    warm-up."""
+    import nibabel as nib
+
+    from benchmarks.machine import child_env
+    from strip import make_head, timed
+    from synthtools.conform import resample
+    env = child_env(threads)
+    with tempfile.TemporaryDirectory(prefix="regspeed-") as tmp:
+        tmp = Path(tmp)
+        fixed = tmp / "fixed.nii.gz"
+        source = make_head(fixed)
+        img = nib.load(str(fixed))
+        t = random_transform(0, img.affine[:3, :3] @ (np.array(img.shape) / 2) + img.affine[:3, 3], mode, 20, 20)
+        moved = resample(np.asarray(img.dataobj, np.float32), t @ img.affine, img.affine, img.shape)
+        nib.save(nib.Nifti1Image(np.round(moved).astype(np.int16), img.affine), str(tmp / "moving.nii.gz"))
+        cmd = [sys.executable, "-m", "synthtools.cli.morph", "register", "-m", mode, str(tmp / "moving.nii.gz"),
+               str(fixed), "-o", str(tmp / "moved.nii.gz"), "-t", str(tmp / "t.lta"), "-j", str(threads),
+               "--model", model]
+        timed(cmd, env, 900)   # warm-up: file caches, lazy imports
+        runs = [timed(cmd, env, 900) for _ in range(repeats)]
+    bad = [r for r in runs if r["status"] != "ok"]
+    if bad:
+        return {"status": "failed", "error": bad[0]["error"]}
+    return {"status": "ok", "source": source, "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
+            "peak_rss_gb": round(max(r["peak_rss_gb"] or 0 for r in runs), 3), "repeats": repeats,
+            "threads": threads}
+
+
 def _mean(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return round(statistics.fmean(xs), 3) if xs else None
@@ -249,6 +283,13 @@ def markdown(data: dict) -> str:
                      f"{s[f'ants_{g}_run_s']:.1f} s per pair; time ratio ANTs/ours "
                      f"{s[f'ants_{g}_run_s'] / max(s[f'ours_{g}_run_s'], 1e-9):.1f}x")
         lines.append(text)
+    sp = data.get("speed", {})
+    if sp.get("status") == "ok":
+        lines.append(f"- speed: the whole `synthmorph register -m {data['mode']}` command on two 1 mm 256^3 heads: "
+                     f"{sp['wall_s']:.1f} s wall, peak RSS {sp['peak_rss_gb']:.2f} GiB ({sp['threads']} threads, "
+                     f"median of {sp['repeats']})")
+    elif sp:
+        lines.append(f"- speed: {sp.get('status')}: {sp.get('error')}")
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +330,8 @@ def write_metadata(folder: Path, data: dict) -> None:
                               "random transforms", "date": data["date"],
                "cases": {n: r["error_mm"] for n, r in data["ours"]["cases"].items()},
                "summary": data["summary"]}
+    if data.get("speed", {}).get("status") == "ok":
+        metrics["speed_256_1mm"] = {k: data["speed"][k] for k in ("wall_s", "peak_rss_gb", "threads")}
     if data.get("ants", {}).get("cases"):
         metrics["peer_ants"] = {n: r["error_mm"] for n, r in data["ants"]["cases"].items()}
     meta["metrics"] = metrics
@@ -307,6 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-rot", type=float, default=20.0, help="degrees")
     ap.add_argument("--max-shift", type=float, default=20.0, help="mm")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--write-metadata", action="store_true", help="record the results in the model's metadata.json")
     a = ap.parse_args(argv)
@@ -339,6 +384,8 @@ def main(argv=None) -> int:
             "identity": identity_errors(pairs), "ours": run_ours(a.model or f"synthmorph-{a.mode}", pairs)}
     if ants is not None:
         data["ants"] = ants
+    if not a.no_speed:
+        data["speed"] = run_speed(str(REPO / data["ours"]["model"]), a.mode, a.threads, a.speed_repeats)
     data["summary"] = summary(data)
     (out / f"reg_{a.mode}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out / f"reg_{a.mode}.md").write_text(markdown(data))

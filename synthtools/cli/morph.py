@@ -8,8 +8,9 @@
 
 ``apply`` resamples images with a transform file (.lta, ITK .txt/.tfm,
 .nii.gz displacement field, FreeSurfer .mgz warp; see
-:mod:`synthtools.morph.transforms`). ``register`` checks its arguments, then
-reports that no registration model is shipped yet. As ``mri_synthmorph``,
+:mod:`synthtools.morph.transforms`). ``register`` runs the shipped
+``synthmorph-<mode>`` model (or ``--model``); a mode whose model is not
+shipped yet is reported as such. As ``mri_synthmorph``,
 ``synthmorph MOVING FIXED ...`` without a subcommand means ``register``.
 
 Errors are single lines ``synthmorph: error: ...``; exit code 2 means nothing
