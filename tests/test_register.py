@@ -457,3 +457,28 @@ def test_mutual_information_is_contrast_agnostic_and_drops_when_misaligned():
     shifted = mutual_information(x[:-40], x[40:])
     assert float(same) > 0.5 and abs(float(same - inverted)) < 0.02 * float(same)
     assert float(shifted) < 0.5 * float(same)
+
+
+@pytest.mark.parametrize("mode", ["rigid"])
+def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
+    """The shipped model on the bundled clinical FLAIR (4 mm slices): the
+    moving image is the scan with inverted contrast, resampled on its own
+    grid through a known rigid transform (10-12 degrees, ~10 mm). The
+    recovered transform moves points of a 100 mm cube around the head's
+    centre by less than 1.5 mm from the truth; no registration is off by
+    ~20 mm there."""
+    from synthtools.conform import resample
+    from synthtools.data import example_scan
+    fixed = load_volume(example_scan())
+    model = load_model(f"synthmorph-{mode}")
+    centre = fixed.affine[:3, :3] @ ((np.array(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+    truth = np.eye(4)
+    truth[:3, :3] = rotation((8, -6, 5))
+    truth[:3, 3] = centre - truth[:3, :3] @ centre + np.array([6.0, -5.0, 4.0])
+    data = np.asarray(fixed.data, np.float32)
+    inverted = np.where(data > 0, data.max() - data, 0).astype(np.float32)
+    moving = Volume(resample(inverted, truth @ fixed.affine, fixed.affine, fixed.shape), fixed.affine)
+    t = register_linear(model, moving, fixed)
+    corners = np.array(np.meshgrid(*[[-50.0, 50.0]] * 3)).reshape(3, -1) + centre[:, None]
+    err = np.linalg.norm((t.matrix - truth)[:3, :3] @ corners + (t.matrix - truth)[:3, 3:], axis=0)
+    assert err.max() < 1.5, err

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["refine_linear", "mutual_information"]
+__all__ = ["refine_linear", "mutual_information", "parzen_weights"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
 
@@ -67,18 +67,24 @@ def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,
     return vox
 
 
-def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma: float | None = None) -> torch.Tensor:
-    """Mutual information (nats) of two samples (N,) of intensities in
-    [0, 1], from a joint histogram with Gaussian Parzen windows (``sigma``:
-    one bin width by default), differentiable in both."""
-    centres = torch.linspace(0, 1, bins, dtype=a.dtype)
+def parzen_weights(x: torch.Tensor, bins: int = 32, sigma: float | None = None) -> torch.Tensor:
+    """(N, bins) Gaussian Parzen-window memberships of intensities in [0, 1]
+    (``sigma``: one bin width by default); rows sum to 1."""
+    centres = torch.linspace(0, 1, bins, dtype=x.dtype)
     sigma = sigma or 1.0 / (bins - 1)
+    w = torch.exp(-0.5 * ((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
-    def soft(x):
-        w = torch.exp(-0.5 * ((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
-        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    wa, wb = soft(a), soft(b)
-    joint = wa.T @ wb / len(a)
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
+                       weights_a: torch.Tensor | None = None) -> torch.Tensor:
+    """Mutual information (nats) of two samples (N,) of intensities in
+    [0, 1], from a joint histogram with Gaussian Parzen windows,
+    differentiable in both. ``weights_a``: ``parzen_weights(a, bins)`` when
+    already known (the fixed image's, in an optimisation loop)."""
+    wa = parzen_weights(a, bins) if weights_a is None else weights_a
+    wb = parzen_weights(b, bins)
+    joint = wa.T @ wb / len(wa)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     return (joint * (torch.log(joint + 1e-10) - torch.log(pa @ pb + 1e-10))).sum()
 
@@ -121,22 +127,8 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox
         vox = _fixed_points(sel)
         if len(vox) == 0 or steps <= 0:
             continue
-        target = _sample_points(f, vox)
         mm = vox @ a[:3, :3].T + a[:3, 3]
-        to_moving_vox = torch.linalg.inv(b)
-        opt = torch.optim.Adam([theta], lr=lr)
-        for _ in range(steps):
-            e = _correction(theta, rigid)
-            lin = to_moving_vox[:3, :3] @ e[:3, :3]
-            off = to_moving_vox[:3, :3] @ e[:3, 3] + to_moving_vox[:3, 3]
-            moved = _sample_points(m, mm @ lin.T + off)
-            if images is None:
-                loss = ((moved - target) ** 2).mean()
-            else:
-                loss = -mutual_information(target[0], moved[0])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _optimize(theta, rigid, mm, _sample_points(f, vox), m, b, steps, lr, mi=images is not None)
         lr = lr / 3   # finer level: smaller steps
     if native is not None and native_iterations > 0:
         _native_level(theta, feat_fixed.float(), af, native, rigid, native_iterations, lr, seed)
@@ -155,16 +147,28 @@ def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tenso
     vox = vox + torch.rand(vox.shape, generator=gen) - 0.5
     mm = vox @ af[:3, :3].T + af[:3, 3]
     to_fixed = torch.linalg.inv(fixed_v2m.to(torch.float32))
-    target = _sample_points(fixed.float()[None], mm @ to_fixed[:3, :3].T + to_fixed[:3, 3])[0]
-    inside = target.isfinite()
-    to_moving = torch.linalg.inv(moving_v2m.to(torch.float32))
+    target = _sample_points(fixed.float()[None], mm @ to_fixed[:3, :3].T + to_fixed[:3, 3])
+    _optimize(theta, rigid, mm, target, moving.float()[None], moving_v2m.to(torch.float32), steps, lr, mi=True)
+
+
+def _optimize(theta: torch.Tensor, rigid: bool, points_mm: torch.Tensor, target: torch.Tensor,
+              moving: torch.Tensor, moving_v2m: torch.Tensor, steps: int, lr: float, mi: bool) -> None:
+    """Adam on ``theta``: the (C, *S) ``moving`` maps sampled at the fixed
+    points (N, 3; mm) moved by the correction, against their fixed values
+    ``target`` (C, N): mean squared difference, or minus the mutual
+    information (C = 1)."""
+    to_moving = torch.linalg.inv(moving_v2m)
+    fixed_w = parzen_weights(target[0]) if mi else None   # fixed side: the same every step
     opt = torch.optim.Adam([theta], lr=lr)
     for _ in range(steps):
         e = _correction(theta, rigid)
         lin = to_moving[:3, :3] @ e[:3, :3]
         off = to_moving[:3, :3] @ e[:3, 3] + to_moving[:3, 3]
-        moved = _sample_points(moving.float()[None], mm @ lin.T + off)[0]
-        loss = -mutual_information(target[inside], moved[inside])
+        moved = _sample_points(moving, points_mm @ lin.T + off)
+        if mi:
+            loss = -mutual_information(target[0], moved[0], weights_a=fixed_w)
+        else:
+            loss = ((moved - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
