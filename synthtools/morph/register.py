@@ -63,11 +63,6 @@ def _conform(model: Model, data: np.ndarray, affine: np.ndarray):
                    multiple=space["multiple"])
 
 
-def _moving_affine(moving: Volume, init: Affine | None) -> np.ndarray:
-    """Moving vox2ras after the initial transform (header-only move)."""
-    return moving.affine if init is None else np.linalg.inv(init.matrix) @ moving.affine
-
-
 def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
                     passes: int | None = None, refine: tuple[int, ...] | None = None,
                     refine_metric: str | None = None) -> Affine:
@@ -102,31 +97,42 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     af = (s @ torch.as_tensor(cf.affine, dtype=torch.float64)).float()
     xf = normalize_intensities(cf.data)
     ff = _features(model, xf)
-    m = np.eye(4) if init is None else np.asarray(init.matrix, dtype=np.float64)
-    for k in range(passes + (1 if any(refine) else 0)):
-        cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)   # re-posed by m (header move)
-        am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
+
+    def moving_side(m: np.ndarray):
+        """The moving image re-posed by ``m`` (header move), conformed: its
+        frame matrix, normalised image and feature maps."""
+        cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)
         xm = normalize_intensities(cm.data)
-        fm = _features(model, xm)
-        if k < passes:
-            with torch.inference_mode(), torch.autocast(ff.device.type, enabled=False):
-                step = model.net.fit(ff[None].float(), fm[None].float(), af[None].to(ff.device),
-                                     am[None].to(ff.device))[0].double().cpu().numpy()
-        else:
-            from .refine import refine_linear
-            images, native = None, None
-            if refine_metric == "mi":
-                images = (xf.float().cpu(), xm.float().cpu())
-                # Last level on the scans as acquired, moving re-posed by m like cm.
-                native = (normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(fixed), np.float32))),
-                          s.float() @ torch.as_tensor(fixed.affine, dtype=torch.float32),
-                          normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(moving), np.float32))),
-                          s.float() @ torch.as_tensor(np.linalg.inv(m) @ moving.affine, dtype=torch.float32))
-            step = refine_linear(ff.float().cpu(), fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
-                                 iterations=refine[:-1] if native else refine, images=images, native=native,
-                                 native_iterations=refine[-1] if native else 0).numpy()
+        return (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float(), xm, _features(model, xm)
+
+    m = np.eye(4) if init is None else np.asarray(init.matrix, dtype=np.float64)
+    for _ in range(passes):
+        am, _, fm = moving_side(m)
+        with torch.inference_mode(), torch.autocast(ff.device.type, enabled=False):
+            step = model.net.fit(ff[None].float(), fm[None].float(), af[None].to(ff.device),
+                                 am[None].to(ff.device))[0].double().cpu().numpy()
+        m = m @ np.linalg.inv(shift) @ step @ shift
+    if any(refine):
+        from .refine import refine_linear
+        am, xm, fm = moving_side(m)
+        images, native, levels = None, None, refine
+        if refine_metric == "mi":
+            images = (xf.float().cpu(), xm.float().cpu())
+            # The last level on the scans as acquired (moving re-posed by m, like xm).
+            native = (_normalised(fixed), s.float() @ torch.as_tensor(fixed.affine, dtype=torch.float32),
+                      _normalised(moving), s.float() @ torch.as_tensor(np.linalg.inv(m) @ moving.affine,
+                                                                     dtype=torch.float32))
+            levels = refine[:-1]
+        step = refine_linear(ff.float().cpu(), fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
+                             iterations=levels, images=images, native=native,
+                             native_iterations=refine[-1] if native else 0).numpy()
         m = m @ np.linalg.inv(shift) @ step @ shift
     return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
+
+
+def _normalised(volume: Volume) -> torch.Tensor:
+    """First frame of a native image, intensities mapped to [0, 1]."""
+    return normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(volume), np.float32)))
 
 
 def _features(model: Model, x: torch.Tensor) -> torch.Tensor:
