@@ -255,7 +255,10 @@ def markdown(data: dict) -> str:
              "", "Mean displacement error (mm) inside the fixed brain mask against the reference transform "
              "(`benchmarks/reg.py` docstring: lesjak = the dataset's own transforms, known = a seeded random "
              f"{data['mode']} transform, up to {data['max_rot']} degrees and {data['max_shift']} mm); "
-             "time = seconds per registration.", "",
+             "time = seconds per registration." + (
+                 f" The ANTs results were run on {ants.get('threads')} thread(s) on {ants.get('date')} (reused "
+                 "file), so compare the times with care." if has_ants and ants.get("threads") != data["threads"]
+                 else ""), "",
              "| case | no registration | ours error | ours s |" + (" ANTs error | ANTs s |" if has_ants else ""),
              "|---|---:|---:|---:|" + ("---:|---:|" if has_ants else "")]
     for name, r in ours["cases"].items():

@@ -459,7 +459,7 @@ def test_mutual_information_is_contrast_agnostic_and_drops_when_misaligned():
     assert float(shifted) < 0.5 * float(same)
 
 
-@pytest.mark.parametrize("mode", ["rigid"])
+@pytest.mark.parametrize("mode", ["rigid", "affine"])
 def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     """The shipped model on the bundled clinical FLAIR (4 mm slices): the
     moving image is the scan with inverted contrast, resampled on its own
