@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..nets.warp import sample
+
 __all__ = ["refine_linear", "mutual_information", "parzen_weights"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
@@ -47,11 +49,7 @@ def _pool(feat: torch.Tensor, vox2mm: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _sample_points(feat: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
     """Trilinear values (K, N) of (K, *S) maps at voxel coordinates (N, 3)."""
-    shape = torch.tensor(feat.shape[1:], dtype=vox.dtype)
-    norm = (vox * (2.0 / (shape - 1).clamp_min(1)) - 1).flip(-1)
-    out = F.grid_sample(feat[None], norm.view(1, 1, 1, -1, 3).to(feat.dtype), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
-    return out[0, :, 0, 0]
+    return sample(feat[None], vox.view(1, 1, 1, -1, 3))[0, :, 0, 0]
 
 
 def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,
@@ -112,14 +110,15 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox
     grids, so the answer is not limited by the conformed grid's spacing."""
     af, am = fixed_vox2mm.to(torch.float32), moving_vox2mm.to(torch.float32)
     if images is None:
-        level = (feat_fixed.float(), feat_fixed.float(), feat_moving.float(), af, am)
+        ff = feat_fixed.float()
+        level = (ff, ff, feat_moving.float(), af, am)
     else:
         level = (feat_fixed.float(), images[0].float()[None], images[1].float()[None], af, am)
     pyramid = [level]
     for _ in range(len(iterations) - 1):
         sel, f, m, a, b = pyramid[-1]
         psel, pa = _pool(sel, a)
-        pf, _ = _pool(f, a)
+        pf = psel if f is sel else _pool(f, a)[0]   # features compared: pooled once
         pm, pb = _pool(m, b)
         pyramid.append((psel, pf, pm, pa, pb))
     theta = torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True)
