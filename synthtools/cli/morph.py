@@ -9,8 +9,10 @@
 ``apply`` resamples images with a transform file (.lta, ITK .txt/.tfm,
 .nii.gz displacement field, FreeSurfer .mgz warp; see
 :mod:`synthtools.morph.transforms`). ``register`` runs the shipped
-``synthmorph-<mode>`` model (or ``--model``); a mode whose model is not
-shipped yet is reported as such. As ``mri_synthmorph``,
+``synthmorph-rigid`` / ``synthmorph-affine`` model (or ``--model``); the
+deformable step (``deform``, ``joint``) is a test-time fit of a velocity
+field (:mod:`synthtools.morph.svf_fit`) inside the fixed brain that the
+affine model finds, or an SVF network given with ``--model``. As ``mri_synthmorph``,
 ``synthmorph MOVING FIXED ...`` without a subcommand means ``register``.
 
 Errors are single lines ``synthmorph: error: ...``; exit code 2 means nothing
@@ -98,11 +100,12 @@ def register_parser() -> Parser:
                    help="update the output headers instead of resampling (rigid/affine only)")
     p.add_argument("-i", "--init", metavar="INIT", help="linear transform to start from (.lta, .txt, .tfm)")
     p.add_argument("-r", "--regularization", type=float, default=0.5, metavar="LAMBDA",
-                   help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5)")
+                   help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5; "
+                   "0 still gives an invertible map)")
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
     p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
-    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json (joint: the "
-                   "deformable model)")
+    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json (deform/joint: "
+                   "an SVF network, or a linear model whose feature maps delimit the brain for the fitted warp)")
     p.add_argument("--affine-model", metavar="PATH", help="joint only: alternative affine model")
     return p
 
@@ -281,17 +284,21 @@ def run_register(argv: Sequence[str]) -> int:
     return _register_and_write(args, mode, models, init if args.init else None)
 
 
-MODEL_TYPES = {"rigid": ("rigid",), "affine": ("affine",), "deform": ("svf",)}
+MODEL_TYPES = {"rigid": ("rigid",), "affine": ("affine",), "deform": ("svf", "affine", "rigid")}
+# The deformable step is a test-time fit (synthtools.morph.svf_fit) on the
+# fixed brain found by the affine network, until an SVF network ships.
+DEFAULT_MODELS = {"rigid": "synthmorph-rigid", "affine": "synthmorph-affine", "deform": "synthmorph-affine"}
 
 
 def _load_models(args, mode: str, device: str) -> dict:
     """The networks a mode needs: 'linear' (rigid/affine) and/or 'deform'.
-    Joint: --affine-model (default synthmorph-affine) then --model (default
-    synthmorph-deform)."""
+    Joint: --affine-model (default synthmorph-affine) then --model (default:
+    synthmorph-affine too, whose feature maps delimit the brain for the
+    test-time deformable fit; an 'svf' network replaces the fit)."""
     from ..morph.register import model_kind
 
     def load(name: str | None, kind: str, option: str):
-        model = load_task_model(name or f"synthmorph-{kind}", device, task="register",
+        model = load_task_model(name or DEFAULT_MODELS[kind], device, task="register",
                                 task_text="registration", user_given=name is not None)
         if model_kind(model) not in MODEL_TYPES[kind]:
             raise UsageError(f"{option} {model.path}: a {model_kind(model) or 'unknown'} registration model, "
@@ -302,8 +309,8 @@ def _load_models(args, mode: str, device: str) -> dict:
         return {"linear": load(args.model, mode, "--model")}
     if mode == "deform":
         return {"deform": load(args.model, "deform", "--model")}
-    return {"linear": load(args.affine_model, "affine", "--affine-model"),
-            "deform": load(args.model, "deform", "--model")}
+    linear = load(args.affine_model, "affine", "--affine-model")
+    return {"linear": linear, "deform": linear if args.model is None else load(args.model, "deform", "--model")}
 
 
 def _register_and_write(args, mode: str, models: dict, init) -> int:

@@ -7,10 +7,10 @@ MOVING RAS; a deformable result is a :class:`Warp` on the fixed grid).
   differ, the network compares feature barycentres, not voxels); the network
   receives each conformed grid's voxel->RAS matrix, so its 4x4 output is
   already the world pull-back.
-* :func:`register_deform` (deformable model): the fixed image is conformed,
-  the moving image is resampled onto that grid through the prior affine
-  (identity: scanner alignment), the network's velocity field is integrated
-  on the conformed grid and the result ``x -> M (x + u(x))`` is sampled on
+* :func:`register_deform`: the fixed image is conformed, the moving image is
+  resampled onto that grid through the prior affine (identity: scanner
+  alignment), a velocity field (an SVF network's output, or fitted at test
+  time, :mod:`synthtools.morph.svf_fit`) is integrated on the conformed grid and the result ``x -> M (x + u(x))`` is sampled on
   the fixed image's native grid; the inverse ``y -> phi^-1(inv(M) y)``
   (``phi^-1 = exp(-v)``, exact for an SVF) on the moving grid.
 * :func:`register`: the four modes of ``synthmorph register``; ``joint`` is
@@ -26,6 +26,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..conform import conform, resample
 from ..infer import normalize_intensities
@@ -33,7 +34,7 @@ from ..io import Volume
 from ..weights import Model
 from .transforms import Affine, Geometry, Warp, as_geometry, invert
 
-__all__ = ["Registration", "register_linear", "register_deform", "register", "model_kind"]
+__all__ = ["Registration", "FixedSide", "fixed_side", "register_linear", "register_deform", "register", "model_kind"]
 
 
 @dataclass
@@ -63,9 +64,30 @@ def _conform(model: Model, data: np.ndarray, affine: np.ndarray):
                    multiple=space["multiple"])
 
 
+@dataclass
+class FixedSide:
+    """The fixed image as a model sees it: conformed grid, normalised
+    intensities, feature maps (None until needed). Computed once when one
+    fixed image serves several steps (joint: affine then deformable)."""
+    conformed: object
+    image: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+def fixed_side(model: Model, fixed: Volume) -> FixedSide:
+    cf = _conform(model, _frame(fixed), fixed.affine)
+    return FixedSide(cf, normalize_intensities(cf.data))
+
+
+def _with_features(model: Model, side: FixedSide) -> torch.Tensor:
+    if side.features is None:
+        side.features = _features(model, side.image)
+    return side.features
+
+
 def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
                     passes: int | None = None, refine: tuple[int, ...] | None = None,
-                    refine_metric: str | None = None) -> Affine:
+                    refine_metric: str | None = None, side: FixedSide | None = None) -> Affine:
     """Rigid or affine registration (model type 'rigid'/'affine'): the
     pull-back fixed RAS -> moving RAS, with both grids recorded.
 
@@ -91,12 +113,11 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     if refine_metric not in ("features", "mi"):
         raise ValueError(f"refine_metric must be 'features' or 'mi', got {refine_metric!r}")
     # The fixed side is the same in every pass: conform it and map its features once.
-    cf = _conform(model, _frame(fixed), fixed.affine)
+    side = fixed_side(model, fixed) if side is None else side
+    cf, xf, ff = side.conformed, side.image, _with_features(model, side)
     shift = _centre_shift(cf)    # fits in a frame centred on the fixed grid (float32-friendly)
     s = torch.as_tensor(shift, dtype=torch.float64)
     af = (s @ torch.as_tensor(cf.affine, dtype=torch.float64)).float()
-    xf = normalize_intensities(cf.data)
-    ff = _features(model, xf)
 
     def moving_side(m: np.ndarray):
         """The moving image re-posed by ``m`` (header move), conformed: its
@@ -137,10 +158,33 @@ def _normalised(volume: Volume) -> torch.Tensor:
 
 def _features(model: Model, x: torch.Tensor) -> torch.Tensor:
     """The network's feature maps (K, *S) of a normalised conformed image (a
-    tensor usable outside inference mode)."""
+    tensor usable outside inference mode). The network runs on the image's
+    content box only (:func:`_content_box`) and the maps are zero outside
+    it, as they are on empty background: a 256 mm field of view around a
+    head costs twice the voxels of the head."""
+    box = _content_box(x, int(model.meta["input"]["multiple"]))
     with torch.inference_mode():
-        f = model.net.feature_maps(x[None, None].to(_device(model)))[0]
-    return f.clone()
+        f = model.net.feature_maps(x[box][None, None].to(_device(model)))[0].float()
+    if f.shape[1:] == x.shape:
+        return f.clone()
+    out = torch.zeros((f.shape[0],) + tuple(x.shape), dtype=f.dtype, device=f.device)
+    out[(slice(None),) + box] = f
+    return out
+
+
+def _content_box(x: torch.Tensor, multiple: int, margin: int = 12, threshold: float = 0.02) -> tuple[slice, ...]:
+    """Box of the voxels above ``threshold`` (intensities in [0, 1]) grown by
+    ``margin`` voxels, its ends on multiples of ``multiple`` (so the U-Net's
+    pooling grid is the full grid's: its output in the box is the same)."""
+    nz = (x > threshold).nonzero()
+    if len(nz) == 0:
+        return tuple(slice(0, n) for n in x.shape)
+    box = []
+    for ax, n in enumerate(x.shape):
+        lo = max(0, int(nz[:, ax].min()) - margin) // multiple * multiple
+        hi = min(n, -(-(int(nz[:, ax].max()) + 1 + margin) // multiple) * multiple)
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def _centre_shift(conformed) -> np.ndarray:
@@ -150,31 +194,58 @@ def _centre_shift(conformed) -> np.ndarray:
     return shift
 
 
-@torch.inference_mode()
+# -r 1 -> this smoothness weight of the test-time SVF fit (linear in -r; 0: similarity only).
+FIT_WEIGHT_MAX = 0.6
+
+
 def register_deform(model: Model, moving: Volume, fixed: Volume, affine: Affine | None = None,
-                    regularization: float = 0.5, inverse: bool = False) -> Registration:
-    """Deformable registration (model type 'svf') after the linear pull-back
-    ``affine`` (None: the images are assumed aligned in world space).
-    Returns the warp on the fixed grid and, with ``inverse``, the inverse
-    warp on the moving grid."""
-    dev = _device(model)
+                    regularization: float = 0.5, inverse: bool = False,
+                    side: FixedSide | None = None) -> Registration:
+    """Deformable registration after the linear pull-back ``affine`` (None:
+    the images are assumed aligned in world space). Returns the warp on the
+    fixed grid and, with ``inverse``, the inverse warp on the moving grid.
+
+    ``model``: an 'svf' network (its velocity field, conditioned on
+    ``regularization``), or a rigid/affine model, whose feature maps give the
+    fixed brain for a test-time fit (:mod:`synthtools.morph.svf_fit`,
+    smoothness weight ``regularization * FIT_WEIGHT_MAX``). The brain: where
+    the feature maps' total mass (1 - background probability) exceeds 0.5,
+    dilated by 2 voxels; a lower threshold let stray voxels far from the
+    head stretch the fitted box to the whole grid."""
     m = np.eye(4) if affine is None else np.asarray(affine.matrix, dtype=np.float64)
-    cf = _conform(model, _frame(fixed), fixed.affine)
+    side = fixed_side(model, fixed) if side is None else side
+    cf, xf = side.conformed, side.image
     mov = resample(np.ascontiguousarray(_frame(moving), dtype=np.float32), np.linalg.inv(m) @ moving.affine,
                    cf.affine, cf.shape, order=1)
-    xf = normalize_intensities(cf.data)[None, None].to(dev)
-    xm = normalize_intensities(torch.from_numpy(mov))[None, None].to(dev)
-    lam = torch.tensor([float(regularization)], device=dev)
-    vel = model.net(xm, xf, lam).float()
+    xm = normalize_intensities(torch.from_numpy(mov))
+    if model_kind(model) == "svf":
+        disp = _network_displacements(model, xm, xf, regularization, inverse)
+    else:
+        from .svf_fit import fit_svf, svf_displacement
+        feat = _with_features(model, side).float().cpu()
+        mask = F.max_pool3d((feat.sum(0) > 0.5).float()[None, None], 5, stride=1, padding=2)[0, 0]
+        vel, spacing = fit_svf(xf.float().cpu(), xm.float().cpu(), mask, regularization * FIT_WEIGHT_MAX)
+        disp = [svf_displacement(vel, spacing, cf.shape, inverse=inv) for inv in ((False, True) if inverse
+                                                                                  else (False,))]
     fixed_g, moving_g = as_geometry(fixed), as_geometry(moving)
-    fwd = _displacement_ras(model.net.displacement(vel), cf.affine)
+    fwd = _displacement_ras(disp[0], cf.affine)
     t = Warp(_native_field(fwd, cf.affine, m, fixed_g), fixed_g, moving=moving_g)
     inv = None
     if inverse:
-        back = _displacement_ras(model.net.displacement(vel, inverse=True), cf.affine)
+        back = _displacement_ras(disp[1], cf.affine)
         inv = Warp(_native_field(back, cf.affine, np.linalg.inv(m), moving_g, inverse=True), moving_g,
                    moving=fixed_g)
     return Registration(t, inv)
+
+
+@torch.inference_mode()
+def _network_displacements(model: Model, xm: torch.Tensor, xf: torch.Tensor, regularization: float,
+                           inverse: bool) -> list[torch.Tensor]:
+    """exp(v) (and exp(-v)) of an SVF network's velocity, conformed voxels."""
+    dev = _device(model)
+    lam = torch.tensor([float(regularization)], device=dev)
+    vel = model.net(xm[None, None].to(dev), xf[None, None].to(dev), lam).float()
+    return [model.net.displacement(vel, inverse=inv) for inv in ((False, True) if inverse else (False,))]
 
 
 def _displacement_ras(disp_vox: torch.Tensor, conf_affine: np.ndarray) -> torch.Tensor:
@@ -215,6 +286,9 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
     if mode == "deform":
         return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
     if mode == "joint":
-        a = register_linear(models["linear"], moving, fixed, init)
-        return register_deform(models["deform"], moving, fixed, a, regularization, inverse)
+        side = fixed_side(models["linear"], fixed)
+        a = register_linear(models["linear"], moving, fixed, init, side=side)
+        same = models["deform"] is models["linear"]     # the default: one model, one fixed side
+        return register_deform(models["deform"], moving, fixed, a, regularization, inverse,
+                               side=side if same else None)
     raise ValueError(f"unknown registration mode {mode!r}")
