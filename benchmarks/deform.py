@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from benchmarks.machine import child_env, cpu_name, limit_threads, peer_results  # noqa: E402
+from benchmarks.machine import child_env, cpu_name, import_ants, limit_threads, peer_results  # noqa: E402
 
 VXM = ("validation/voxelmorph_test_scan/vol.nii.gz", "validation/voxelmorph_test_scan/seg.nii.gz")
 BRAINWEB = {c: (f"validation/brainweb_subject04/{c}w_sim.nii.gz",
@@ -135,12 +135,10 @@ def run_affine_only(pairs: list[dict]) -> dict:
 
 
 def run_ants(pairs: list[dict], threads: int) -> dict:
-    limit_threads(threads)
     import nibabel as nib
-    try:
-        import ants
-    except ImportError as e:
-        return {"status": "unavailable", "error": f"antspyx not installed ({e})"}
+    ants, missing = import_ants(threads)
+    if missing:
+        return missing
     res = {}
     with tempfile.TemporaryDirectory(prefix="deformbench-") as tmp:
         for p in pairs:

@@ -65,3 +65,14 @@ def peer_results(peers: str, peer_file: Path, run_peer: Callable[[], dict], thre
             raise SystemExit(f"--peers reuse: {peer_file} not found (run with --peers ants first)")
         return json.loads(Path(peer_file).read_text())
     return None
+
+
+def import_ants(threads: int):
+    """ANTsPy limited to ``threads``: (module, None), or (None, the peer's
+    "unavailable" result) when antspyx is not installed (the peer is optional)."""
+    limit_threads(threads)
+    try:
+        import ants
+    except ImportError as e:
+        return None, {"status": "unavailable", "error": f"antspyx not installed ({e})"}
+    return ants, None

@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from benchmarks.machine import (child_env, cpu_name, limit_threads, peer_results,  # noqa: E402
+from benchmarks.machine import (child_env, cpu_name, import_ants, limit_threads, peer_results,  # noqa: E402
                                 set_model_metrics)
 
 BW, SPM = "validation/brainweb_subject04/", "validation/spm12_mni_templates/"
@@ -172,12 +172,10 @@ def ants_to_ras(tx) -> np.ndarray:
 
 
 def run_ants(pairs: list[dict], mode: str, threads: int) -> dict:
-    limit_threads(threads)
     import nibabel as nib
-    try:
-        import ants
-    except ImportError as e:
-        return {"status": "unavailable", "error": f"antspyx not installed ({e})"}
+    ants, missing = import_ants(threads)
+    if missing:
+        return missing
     from synthtools.morph.transforms import Affine
     res = {}
     with tempfile.TemporaryDirectory(prefix="regbench-") as tmp:

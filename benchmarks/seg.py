@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from benchmarks.machine import (child_env, cpu_name, limit_threads, peer_results,  # noqa: E402
+from benchmarks.machine import (child_env, cpu_name, import_ants, limit_threads, peer_results,  # noqa: E402
                                 set_model_metrics)
 
 ATLAS_MAP = "label_maps/training_seg_01.nii.gz"
@@ -135,13 +135,11 @@ def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
 
 
 def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
-    limit_threads(threads)
     import nibabel as nib
     import numpy as np
-    try:
-        import ants
-    except ImportError as e:
-        return {"status": "unavailable", "error": f"antspyx not installed ({e})"}
+    ants, missing = import_ants(threads)
+    if missing:
+        return missing
     from synthtools.io import load_volume
     from training.validation import STRIP_CASES
     res = {}
