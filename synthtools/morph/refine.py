@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..nets.warp import sample
 
-__all__ = ["refine_linear", "mutual_information", "parzen_weights"]
+__all__ = ["refine_linear", "mutual_information", "parzen_weights", "brain_mask"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
 
@@ -52,14 +52,19 @@ def _sample_points(feat: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
     return sample(feat[None], vox.view(1, 1, 1, -1, 3))[0, :, 0, 0]
 
 
+def brain_mask(feat: torch.Tensor, threshold: float, dilate: int) -> torch.Tensor:
+    """(*S) bool: where the (K, *S) feature maps' total mass exceeds
+    ``threshold``, dilated by ``dilate`` voxels (the fixed brain)."""
+    mass = (feat.sum(0) > threshold).float()[None, None]
+    return F.max_pool3d(mass, 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0
+
+
 def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,
                   max_points: int = 40000) -> torch.Tensor:
     """Voxel indices (N, 3) where the fixed maps have mass, dilated by
     ``dilate`` voxels; at most ``max_points``, evenly spread over the list
     (a 2 mm brain has ~250k: the fit needs far fewer, each step costs N)."""
-    mass = feat.sum(0, keepdim=True)[None]
-    keep = F.max_pool3d((mass > threshold).float(), 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0
-    vox = keep.nonzero().to(torch.float32)
+    vox = brain_mask(feat, threshold, dilate).nonzero().to(torch.float32)
     if len(vox) > max_points:
         vox = vox[torch.linspace(0, len(vox) - 1, max_points).round().long()]
     return vox

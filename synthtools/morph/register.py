@@ -26,7 +26,6 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..conform import conform, resample
 from ..infer import normalize_intensities
@@ -221,9 +220,9 @@ def register_deform(model: Model, moving: Volume, fixed: Volume, affine: Affine 
     if model_kind(model) == "svf":
         disp = _network_displacements(model, xm, xf, regularization, inverse)
     else:
+        from .refine import brain_mask
         from .svf_fit import fit_svf, svf_displacement
-        feat = _with_features(model, side).float().cpu()
-        mask = F.max_pool3d((feat.sum(0) > 0.5).float()[None, None], 5, stride=1, padding=2)[0, 0]
+        mask = brain_mask(_with_features(model, side).float().cpu(), threshold=0.5, dilate=2)
         vel, spacing = fit_svf(xf.float().cpu(), xm.float().cpu(), mask, regularization * FIT_WEIGHT_MAX)
         disp = [svf_displacement(vel, spacing, cf.shape, inverse=inv) for inv in ((False, True) if inverse
                                                                                   else (False,))]

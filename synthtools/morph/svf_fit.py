@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..nets.warp import integrate_svf, sample
+from ..nets.warp import identity_grid, integrate_svf, sample
 
 __all__ = ["fit_svf", "svf_displacement", "local_ncc2", "LEVELS"]
 
@@ -69,9 +69,7 @@ def _gradient_penalty(vel: torch.Tensor, spacing: int) -> torch.Tensor:
 
 def _resample_velocity(vel: torch.Tensor, old: int, new: int, shape: Sequence[int]) -> torch.Tensor:
     """A coarse velocity (fine voxels) moved to another spacing."""
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) * new / old
-                                        for n in _coarse_shape(shape, new)], indexing="ij"), dim=-1)
-    return sample(vel[None], grid[None], padding="border")[0]
+    return sample(vel[None], identity_grid(_coarse_shape(shape, new)) * (new / old), padding="border")[0]
 
 
 def local_ncc2(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, window: int = 5,
@@ -152,8 +150,8 @@ def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weigh
         m = _pool(moving[None].float(), pool)[None]
         w = sel[box].float()[None, None]
         centre = (pool - 1) / 2                      # pooled voxel q sits at fine pool * q + centre
-        fine = torch.stack(torch.meshgrid(*[torch.arange(s.start, s.stop, dtype=torch.float32) for s in box],
-                                          indexing="ij"), dim=-1) * pool + centre
+        start = torch.tensor([s.start for s in box], dtype=torch.float32)
+        fine = (identity_grid([s.stop - s.start for s in box])[0] + start) * pool + centre
         vel = vel.clone().requires_grad_(True)
         step = _GlobalAdam(vel, lr)
         for _ in range(iters):
@@ -173,6 +171,4 @@ def svf_displacement(vel: torch.Tensor, spacing: int, shape: Sequence[int], step
     (1, 3, *S) displacement in fine voxels on the fine grid."""
     with torch.no_grad():
         disp = _integrate(-vel if inverse else vel, spacing, steps)
-        grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) / spacing for n in shape],
-                                          indexing="ij"), dim=-1)
-        return sample(disp[None], grid[None], padding="border")
+        return sample(disp[None], identity_grid(shape) / spacing, padding="border")
