@@ -165,3 +165,28 @@ def test_init_accepts_a_shipped_model_name(tmp_path):
     assert init_file(str(f)) == f
     with pytest.raises(FileNotFoundError):
         init_file(str(tmp_path / "missing.pt"))
+
+
+def test_dice_plus_ce_revives_a_channel_the_softmax_has_shut():
+    """A structure whose logit sits far below the others gets almost no soft
+    Dice gradient (the softmax is saturated), but a full cross-entropy one:
+    the reason for ``recipe.loss = "dice+ce"``."""
+    from training.recipes.segment import segmentation_loss
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5, 2:5] = 2
+    grads = {}
+    for kind in ("dice", "dice+ce"):
+        logits = torch.zeros(1, 3, 8, 8, 8)
+        logits[:, 2] = -12.0      # channel 2: "dead"
+        logits.requires_grad_(True)
+        segmentation_loss(logits, target, kind).backward()
+        grads[kind] = -logits.grad[0, 2][target[0] == 2].mean().item()   # push up inside the structure
+    assert grads["dice"] > 0 and grads["dice"] < 1e-5
+    assert grads["dice+ce"] > 1e3 * grads["dice"]
+
+
+def test_segment_recipe_rejects_an_unknown_loss(label_dir):
+    cfg = tiny_cfg("segment", label_dir)
+    cfg["recipe"]["loss"] = "focal"
+    with pytest.raises(ValueError, match="recipe.loss"):
+        get_recipe(cfg)

@@ -29,6 +29,20 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return 1 - dice[present].mean()
 
 
+LOSSES = ("dice", "dice+ce")
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice") -> torch.Tensor:
+    """``dice``: soft Dice (SynthSeg). ``dice+ce``: soft Dice plus voxel-wise
+    cross-entropy (nnU-Net's pairing): the cross-entropy gives every voxel a
+    gradient, which soft Dice alone gives weakly to a structure the network
+    does not yet predict."""
+    loss = soft_dice_loss(logits, target)
+    if kind == "dice+ce":
+        loss = loss + torch.nn.functional.cross_entropy(logits.float(), target.long())
+    return loss
+
+
 class SegmentRecipe(Recipe):
     name = task = "segment"
 
@@ -39,6 +53,9 @@ class SegmentRecipe(Recipe):
         if self.real_target == "mask":
             raise ValueError("real.target = 'mask' is for skull-stripping; segmentation needs label maps")
         self.flip_prob = float(r.get("flip_prob", 0.5))
+        self.loss_kind = str(r.get("loss", "dice"))
+        if self.loss_kind not in LOSSES:
+            raise ValueError(f"recipe.loss must be one of {LOSSES}, got {self.loss_kind!r}")
         values = self.labels.synthseg_lut()
         channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
         self.to_channel = torch.tensor([channel[int(v)] for v in values])   # index -> channel
@@ -73,7 +90,7 @@ class SegmentRecipe(Recipe):
         return [] if present > 2 else [f"only {present} label(s) left in the target (anatomy out of the FOV?)"]
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return soft_dice_loss(model(batch["image"]), batch["target"])
+        return segmentation_loss(model(batch["image"]), batch["target"], self.loss_kind)
 
     def output_metadata(self) -> dict[str, Any]:
         from synthtools.lut import names_for
