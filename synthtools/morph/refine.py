@@ -92,7 +92,7 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
     return (joint * (torch.log(joint + 1e-10) - torch.log(pa @ pb + 1e-10))).sum()
 
 
-def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox2mm: torch.Tensor,
+def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fixed_vox2mm: torch.Tensor,
                   moving_vox2mm: torch.Tensor, rigid: bool, iterations: tuple[int, ...] = (40, 20),
                   lr: float = 0.01, images: tuple[torch.Tensor, torch.Tensor] | None = None,
                   native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -106,7 +106,8 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox
     level, coarsest first (each level halves the resolution). With
     ``images`` (fixed, moving: (*S) intensities in [0, 1] on the same grids)
     the criterion is their mutual information instead, still sampled where
-    the fixed feature maps have mass (the brain, not neck or skull).
+    the fixed feature maps have mass (the brain, not neck or skull), and
+    ``feat_moving`` is not used (may be None).
 
     ``native`` (fixed image, its vox2mm, moving image, its vox2mm; images in
     [0, 1] on their own, typically finer, grids) adds a last MI level of
@@ -115,6 +116,8 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox
     grids, so the answer is not limited by the conformed grid's spacing."""
     af, am = fixed_vox2mm.to(torch.float32), moving_vox2mm.to(torch.float32)
     if images is None:
+        if feat_moving is None:
+            raise ValueError("refine_linear: the feature criterion needs feat_moving")
         ff = feat_fixed.float()
         level = (ff, ff, feat_moving.float(), af, am)
     else:

@@ -118,12 +118,14 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     s = torch.as_tensor(shift, dtype=torch.float64)
     af = (s @ torch.as_tensor(cf.affine, dtype=torch.float64)).float()
 
-    def moving_side(m: np.ndarray):
+    def moving_side(m: np.ndarray, features: bool = True):
         """The moving image re-posed by ``m`` (header move), conformed: its
-        frame matrix, normalised image and feature maps."""
+        frame matrix, normalised image and feature maps (None without
+        ``features``: the mutual-information refinement never reads them)."""
         cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)
         xm = normalize_intensities(cm.data)
-        return (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float(), xm, _features(model, xm)
+        am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
+        return am, xm, _features(model, xm) if features else None
 
     m = np.eye(4) if init is None else np.asarray(init.matrix, dtype=np.float64)
     for _ in range(passes):
@@ -134,7 +136,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
         m = m @ np.linalg.inv(shift) @ step @ shift
     if any(refine):
         from .refine import refine_linear
-        am, xm, fm = moving_side(m)
+        am, xm, fm = moving_side(m, features=refine_metric == "features")
         images, native, levels = None, None, refine
         if refine_metric == "mi":
             images = (xf.float().cpu(), xm.float().cpu())
@@ -143,7 +145,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
                       _normalised(moving), s.float() @ torch.as_tensor(np.linalg.inv(m) @ moving.affine,
                                                                      dtype=torch.float32))
             levels = refine[:-1]
-        step = refine_linear(ff.float().cpu(), fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
+        step = refine_linear(ff.float().cpu(), None if fm is None else fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
                              iterations=levels, images=images, native=native,
                              native_iterations=refine[-1] if native else 0).numpy()
         m = m @ np.linalg.inv(shift) @ step @ shift
