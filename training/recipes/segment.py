@@ -37,6 +37,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "d
     cross-entropy (nnU-Net's pairing): the cross-entropy gives every voxel a
     gradient, which soft Dice alone gives weakly to a structure the network
     does not yet predict."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown segmentation loss {kind!r} (one of {LOSSES})")
     loss = soft_dice_loss(logits, target)
     if kind == "dice+ce":
         loss = loss + torch.nn.functional.cross_entropy(logits.float(), target.long())
