@@ -217,7 +217,9 @@ def test_presets(tmp_path):
     assert half["train"] == base["train"] and half["validation"] == base["validation"]
     seg = tmp_path / "seg_half.toml"
     main(["preset", "segment", "--half", "-o", str(seg)])
-    assert load_config(seg)["recipe"]["shape"] == [48, 48, 48]   # 40 rounded up to the net's multiple (16)
+    full = load_config("segment")["recipe"]["shape"]
+    # Half the crop, rounded up to the net's multiple (16 voxels).
+    assert load_config(seg)["recipe"]["shape"] == [-(-n // 2 // 16) * 16 for n in full]
     main(["preset", "skullstrip", "--2d", "-o", str(tmp_path / "2d.toml")])
     two = load_config(tmp_path / "2d.toml")
     assert two["recipe"]["ndim"] == 2 and two["recipe"]["shape"] == [96, 96]
