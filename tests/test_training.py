@@ -39,6 +39,15 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     state = torch.load(dest / "weights.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values())
     assert model.net.config["features"] == [4, 8]
+    # A run continued from earlier runs counts their steps and minutes too.
+    (run / "lineage.json").write_text(json.dumps({"runs": [{"run": "a", "steps": 100, "minutes": 2.5},
+                                                          {"run": "b", "steps": 20, "minutes": 0.5}]}))
+    meta2 = json.loads((export(recipe, run, tmp_path / "model2", name) / "metadata.json").read_text())
+    assert meta2["steps"] == 125 and meta2["run_steps"] == 5 and meta2["lineage"]["runs"][1]["run"] == "b"
+    assert meta2["training_minutes"] == pytest.approx(meta["training_minutes"] + 3.0, abs=0.11)
+    (run / "lineage.json").write_text(json.dumps({"runs": [{"run": "a"}]}))
+    with pytest.raises(ValueError, match="steps"):
+        export(recipe, run, tmp_path / "model3", name)
 
 
 def test_sample_targets(label_dir):

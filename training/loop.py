@@ -548,6 +548,29 @@ def _validate_and_keep_best(recipe, model, ema: EMA | None, history: Log, step: 
         log(f"step {step}: best validation so far ({score:.4f}), saved best.pt")
 
 
+def _add_lineage(meta: dict[str, Any], path: Path) -> None:
+    """A run continued from other runs' weights (a pilot arm, an earlier run
+    whose checkpoint was copied) lists them in ``lineage.json``:
+    ``{"runs": [{"run": ..., "steps": N, "minutes": M}, ...], "init": ..., "note": ...}``.
+    Their steps and minutes are added to this run's, so ``steps`` in the
+    metadata counts every training step behind the weights."""
+    if not path.is_file():
+        return
+    lineage = json.loads(path.read_text())
+    runs = lineage.get("runs", [])
+    try:
+        steps = sum(int(r["steps"]) for r in runs)
+        minutes = sum(float(r["minutes"]) for r in runs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: every run needs 'steps' and 'minutes' ({e})") from None
+    meta["run_steps"] = meta["steps"]
+    meta["steps"] += steps
+    meta["training_minutes"] = round(meta["training_minutes"] + minutes, 1)
+    meta["lineage"] = lineage
+    if "init" in lineage:   # where the chain began (the config's train.init is not this run's start)
+        meta["init"] = lineage["init"]
+
+
 def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str = "best") -> Path:
     """Write shipped weights (fp16, no optimizer) + metadata from a run:
     ``which`` = ``best`` (best validation, else last) or ``last``."""
@@ -574,6 +597,7 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
         else:
             before = torch.load(path, map_location="cpu", weights_only=True)
             meta["init"]["steps"] = int(before.get("step", 0)) if isinstance(before, dict) else 0
+    _add_lineage(meta, out / "lineage.json")
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.
     plot_log(out / "log.jsonl", out / "log.png")
