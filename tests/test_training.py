@@ -30,11 +30,15 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     out = train(recipe, run, steps=5, log=lambda *a: None)   # resume continues the step count
     assert out["step"] == 5
-    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    recipe.cfg["train"]["lr"] = 1e-5   # a resumed run follows the config's learning rate
+    train(recipe, run, steps=6, log=lambda *a: None)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["opt"]["param_groups"]
+    assert all(g["lr"] == 1e-5 for g in saved)
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     dest = export(recipe, run, tmp_path / "model", name)
     model = load_model(dest)
     meta = json.loads((dest / "metadata.json").read_text())
-    assert meta["steps"] == 5 and meta["recipe"] == name and len(meta["sha256"]) == 64
+    assert meta["steps"] == 6 and meta["recipe"] == name and len(meta["sha256"]) == 64
     # Shipped weights are half precision and hold no optimizer state.
     state = torch.load(dest / "weights.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values())
@@ -43,7 +47,7 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     (run / "lineage.json").write_text(json.dumps({"runs": [{"run": "a", "steps": 100, "minutes": 2.5},
                                                           {"run": "b", "steps": 20, "minutes": 0.5}]}))
     meta2 = json.loads((export(recipe, run, tmp_path / "model2", name) / "metadata.json").read_text())
-    assert meta2["steps"] == 125 and meta2["run_steps"] == 5 and meta2["lineage"]["runs"][1]["run"] == "b"
+    assert meta2["steps"] == 126 and meta2["run_steps"] == 6 and meta2["lineage"]["runs"][1]["run"] == "b"
     assert meta2["training_minutes"] == pytest.approx(meta["training_minutes"] + 3.0, abs=0.11)
     (run / "lineage.json").write_text(json.dumps({"runs": [{"run": "a"}]}))
     with pytest.raises(ValueError, match="steps"):

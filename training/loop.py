@@ -375,6 +375,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        for group in opt.param_groups:   # the config's lr, not the one saved with the state
+            group["lr"] = float(cfg.get("lr", 1e-4))
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed from {ckpt} at step {step}")
     elif cfg.get("init"):
