@@ -12,8 +12,9 @@ Accuracy (default) on the real labelled validation cases
 
 Methods, both scored on the target's own grid:
 
-  ours   synthtools.seg.segment(model, volume).labels (``--model``, default
-         the shipped 'synthseg'), the whole image as given;
+  ours   synthtools.seg.segment(model, volume, flip=True).labels (``--model``,
+         default the shipped 'synthseg'), the whole image as given, with the
+         left/right test-time flip that the CLI applies by default;
   ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
          mutual information, so it works across contrasts) of ONE labelled
          atlas to the target, then the atlas labels moved with
@@ -105,7 +106,7 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     for c in cases:
         vol = load_volume(c["image"])
         t0 = time.perf_counter()
-        pred = segment(model, vol).labels
+        pred = segment(model, vol, flip=True).labels   # the CLI's default (left/right test-time flip)
         res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(pred, c["ref"], c["kind"])}
     path = Path(model.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path   # no machine paths in results

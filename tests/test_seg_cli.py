@@ -120,7 +120,7 @@ def test_native_outputs_oblique_anisotropic(make_head, tiny_seg_model, tmp_path,
     head = make_head("aniso.nii.gz", shape=(44, 40, 24), voxsize=(1.8, 2.2, 3.0), qcode=1, scode=2)
     out, post, res = tmp_path / "seg.nii.gz", tmp_path / "post.nii.gz", tmp_path / "res.nii.gz"
     qc, png = tmp_path / "qc.csv", tmp_path / "snap.png"
-    code, err = synthseg(head, out, "--post", post, "--resample", res, "--qc", qc, "--snapshot", png,
+    code, err = synthseg(head, out, "--no-flip", "--post", post, "--resample", res, "--qc", qc, "--snapshot", png,
                          "--model", tiny_seg_model, capsys=capsys)
     assert code == 0, err
     assert_same_geometry(out, head)
@@ -155,7 +155,7 @@ def test_native_outputs_oblique_anisotropic(make_head, tiny_seg_model, tmp_path,
 
 def test_keep_conformed_grid_and_soft_volumes(head_path, tiny_seg_model, tmp_path, capsys):
     out, post, res, vol = (tmp_path / n for n in ("seg.nii.gz", "post.nii.gz", "res.nii.gz", "vol.csv"))
-    code, err = synthseg(head_path, out, "--post", post, "--resample", res, "--vol", vol, "--keep-conformed",
+    code, err = synthseg(head_path, out, "--no-flip", "--post", post, "--resample", res, "--vol", vol, "--keep-conformed",
                          "--model", tiny_seg_model, capsys=capsys)
     assert code == 0, err
     seg, ref = nib.load(str(out)), nib.load(str(res))
@@ -186,7 +186,7 @@ def test_volumes_table_structure_sums_and_appending(make_head, tiny_seg_model, t
     # the sum of the structures.
     model = load_model(tiny_seg_model)
     img = nib.load(str(a))
-    result = segment(model, Volume(np.asarray(img.dataobj, np.float32), img.affine))
+    result = segment(model, Volume(np.asarray(img.dataobj, np.float32), img.affine), flip=True)  # the CLI default
     n_vox, vv = np.prod(img.shape), voxel_volume(a)
     assert result.volumes.sum() == pytest.approx(n_vox * vv, rel=1e-3)
     values = np.array(rows[1][1:], float)
@@ -226,7 +226,7 @@ def test_mgz_output_embeds_colour_table(head_path, tiny_seg_model, tmp_path, cap
 # ------------------------------------------------------ flip augmentation --
 
 def test_flip_averaging_is_left_right_equivariant(random_seg_model, tmp_path, capsys):
-    """With --flip, segmenting the mirrored head gives the mirrored result
+    """With the flip (the default), segmenting the mirrored head gives the mirrored result
     with left and right labels swapped -- for any model, here a random,
     asymmetric one. This fails if the mirror axis, the mirroring back or the
     left/right channel permutation is wrong."""
@@ -235,7 +235,8 @@ def test_flip_averaging_is_left_right_equivariant(random_seg_model, tmp_path, ca
     posts, labels = {}, {}
     for name, src in (("orig", orig), ("mirror", mirrored)):
         out, post = tmp_path / f"{name}_seg.nii.gz", tmp_path / f"{name}_post.nii.gz"
-        code, err = synthseg(src, out, "--post", post, "--flip", "--model", random_seg_model, capsys=capsys)
+        # The flip is the default: no flag needed.
+        code, err = synthseg(src, out, "--post", post, "--model", random_seg_model, capsys=capsys)
         assert code == 0, err
         posts[name], labels[name] = data(post), data(out)
     back = posts["mirror"][::-1][..., perm]
@@ -252,14 +253,20 @@ def test_flip_averaging_is_left_right_equivariant(random_seg_model, tmp_path, ca
     plain = {k: segment(model, Volume(np.asarray(nib.load(str(p)).dataobj), nib.load(str(p)).affine),
                         posteriors=True).posteriors for k, p in (("orig", orig), ("mirror", mirrored))}
     assert np.abs(plain["mirror"][::-1][..., perm] - plain["orig"]).max() > 0.05
+    # --no-flip is that one pass.
+    one = tmp_path / "one_post.nii.gz"
+    code, err = synthseg(orig, tmp_path / "one.nii.gz", "--post", one, "--no-flip", "--model", random_seg_model,
+                         capsys=capsys)
+    assert code == 0, err
+    assert np.allclose(data(one), plain["orig"], atol=1e-5)
 
 
 # -------------------------------------------------------------------- crop --
 
 def test_crop_is_centred_rounded_and_background_outside(head_path, tiny_seg_model, tmp_path, capsys):
     out, res = tmp_path / "seg.nii.gz", tmp_path / "res.nii.gz"
-    code, err = synthseg(head_path, out, "--resample", res, "--crop", 5, 6, 7, "--model", tiny_seg_model,
-                         capsys=capsys)
+    code, err = synthseg(head_path, out, "--no-flip", "--resample", res, "--crop", 5, 6, 7,
+                         "--model", tiny_seg_model, capsys=capsys)
     assert code == 0, err
     assert nib.load(str(res)).shape == (6, 6, 8)  # rounded up to the multiple (2)
     labels = data(out)
