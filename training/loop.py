@@ -368,7 +368,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     channels_last = bool(cfg.get("channels_last", True)) and getattr(model, "ndim", 3) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 1e-4)))
+    lr = float(cfg.get("lr", 1e-4))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     ckpt = out / "checkpoint.pt"
     step, seconds, state = 0, 0.0, {}
     if ckpt.exists():
@@ -376,7 +377,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         for group in opt.param_groups:   # the config's lr, not the one saved with the state
-            group["lr"] = float(cfg.get("lr", 1e-4))
+            group["lr"] = lr
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed from {ckpt} at step {step}")
     elif cfg.get("init"):

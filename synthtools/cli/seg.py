@@ -77,11 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-conformed", action="store_true",
                    help="write labels and posteriors on the network's grid (its voxel size, LIA axes) "
                    "instead of the input's")
-    p.add_argument("--flip", dest="flip", action="store_true", default=True,
-                   help="test-time augmentation (the default): also segment the left-right mirrored "
-                   "image and average the two (twice the network time; vxm T1 mean Dice +0.02)")
-    p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help="one pass only: about half the time, slightly less accurate")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time augmentation (on unless --no-flip): also segment the left-right "
+                   "mirrored image and average the two (twice the network time; vxm T1 mean Dice +0.02)")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
