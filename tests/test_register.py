@@ -482,3 +482,37 @@ def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     corners = np.array(np.meshgrid(*[[-50.0, 50.0]] * 3)).reshape(3, -1) + centre[:, None]
     err = np.linalg.norm((t.matrix - truth)[:3, :3] @ corners + (t.matrix - truth)[:3, 3:], axis=0)
     assert err.max() < 1.5, err
+
+
+def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
+    """In joint mode the affine step drops its last (native-grid) MI level:
+    the deformable fit absorbs that residual. ``native_level=False`` equals
+    the model's refinement with 0 native steps, and differs from the full
+    refinement (so the level really is skipped, not ignored)."""
+    from synthtools.data import example_scan
+    from synthtools.morph import register as reg_module
+    model = load_model("synthmorph-affine")
+    levels = tuple(model.meta["inference"]["refine"])
+    assert model.meta["inference"]["refine_metric"] == "mi" and levels[-1] > 0
+    fixed = load_volume(example_scan())
+    pose = np.eye(4)
+    pose[:3, 3] = (3.0, -2.0, 1.5)
+    moving = Volume(np.asarray(fixed.data), pose @ fixed.affine)
+    fast = register_linear(model, moving, fixed, native_level=False).matrix
+    explicit = register_linear(model, moving, fixed, refine=levels[:-1] + (0,)).matrix
+    full = register_linear(model, moving, fixed).matrix
+    assert np.allclose(fast, explicit, atol=1e-9)
+    assert not np.allclose(fast, full, atol=1e-6)
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return Affine(np.eye(4))
+    monkeypatch.setattr(reg_module, "register_linear", spy)
+    monkeypatch.setattr(reg_module, "register_deform", lambda *a, **k: "deformed")
+    assert reg_module.register(moving, fixed, "joint", {"linear": model, "deform": model}) == "deformed"
+    assert seen.get("native_level") is False
+    seen.clear()
+    reg_module.register(moving, fixed, "affine", {"linear": model})
+    assert seen.get("native_level", True) is True   # a linear registration keeps the full refinement
