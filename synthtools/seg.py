@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .conform import Conformed, conform
+from .conform import Conformed, conform, lr_axis
 from .infer import normalize_intensities, predict
 from .io import Volume
 from .lut import names_for, twin
@@ -155,11 +155,6 @@ def flip_permutation(values: Sequence[int]) -> np.ndarray:
     return np.array([pos.get(twin(int(v)), k) for k, v in enumerate(values)], dtype=np.int64)
 
 
-def _lr_axis(orientation: str) -> int:
-    """Array axis of a grid with this orientation code that runs left-right."""
-    return [c in "LR" for c in orientation.upper()].index(True)
-
-
 def _voxel_volume(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, np.float64)[:3, :3])))
 
@@ -277,7 +272,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
         raise ValueError(f"model outputs {prob.shape[0]} channels but its metadata lists "
                          f"{len(values)} labels")
     if flip:
-        axis = _lr_axis(space["orientation"])
+        axis = lr_axis(space["orientation"])
         mirrored = _softmax_(predict(model, conf.data.flip(axis)[None]))
         # Channel j at x is "label j": in the mirrored run that is its twin at
         # the mirror voxel. Channel by channel: flipping or permuting the

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .conform import conform
+from .conform import conform, lr_axis
 from .infer import normalize_intensities, predict
 from .io import Volume
 from .weights import Model
@@ -35,15 +35,21 @@ def channel_of(model: Model, brain: str) -> int | None:
     return names.index(brain) if brain in names else None
 
 
-def brain_sdt(model: Model, volume: Volume, frame: int | None = None, channel: int = 0) -> np.ndarray:
+def brain_sdt(model: Model, volume: Volume, frame: int | None = None, channel: int = 0,
+              flip: bool = False) -> np.ndarray:
     """Signed distance (mm) to the brain boundary on the native grid of
-    ``volume`` (3D, or one ``frame`` of a 4D image), from output ``channel``."""
+    ``volume`` (3D, or one ``frame`` of a 4D image), from output ``channel``.
+    ``flip``: average with the prediction on the left-right mirrored image
+    (mirrored back); the brain boundary has no left/right labels to swap."""
     data = volume.data if frame is None else volume.data[..., frame]
     space = model.meta["input"]
     conf = conform((data, volume.affine), voxsize=space["voxsize"], orientation=space["orientation"],
                    multiple=space["multiple"])
     x = normalize_intensities(conf.data)
     sdt = predict(model, x[None])[channel]
+    if flip:
+        axis = lr_axis(space["orientation"])
+        sdt = 0.5 * (sdt + predict(model, x.flip(axis)[None])[channel].flip(axis))
     band = float(model.meta["output"].get("band_mm", 5.0))
     # Outside the conformed FOV the brain is absent: fill with the far value.
     return conf.to_native(sdt, order=1, fill=band).astype(np.float32)
@@ -61,13 +67,15 @@ def mask_from_sdt(sdt: np.ndarray, border: float = 1.0) -> np.ndarray:
     return ndimage.binary_fill_holes(mask).astype(np.uint8)
 
 
-def strip(model: Model, volume: Volume, border: float = 1.0, channel: int = 0) -> StripResult:
+def strip(model: Model, volume: Volume, border: float = 1.0, channel: int = 0,
+          flip: bool = False) -> StripResult:
     """Skull-strip a 3D volume; 4D volumes are processed frame by frame.
-    ``channel``: which brain definition (see ``boundaries``)."""
+    ``channel``: which brain definition (see ``boundaries``); ``flip``: see
+    :func:`brain_sdt`."""
     if volume.data.ndim == 4:
-        sdts = [brain_sdt(model, volume, t, channel) for t in range(volume.data.shape[3])]
+        sdts = [brain_sdt(model, volume, t, channel, flip) for t in range(volume.data.shape[3])]
         sdt = np.stack(sdts, axis=-1)
         mask = np.stack([mask_from_sdt(s, border) for s in sdts], axis=-1)
         return StripResult(sdt, mask)
-    sdt = brain_sdt(model, volume, channel=channel)
+    sdt = brain_sdt(model, volume, channel=channel, flip=flip)
     return StripResult(sdt, mask_from_sdt(sdt, border))

@@ -79,6 +79,25 @@ def test_mask_from_sdt_one_component_no_holes_monotonic():
         assert np.all(masks[small] <= masks[big]) and masks[small].sum() < masks[big].sum()
 
 
+def test_flip_makes_the_distance_map_mirror_equivariant(random_strip_model):
+    """With the test-time flip, mirroring the head left-right (same grid)
+    mirrors the distance map exactly; a random network alone does not."""
+    from synthtools.io import Volume
+    from synthtools.strip import brain_sdt
+    from synthtools.weights import load_model
+    from conftest import head_phantom  # noqa: E402
+    model = load_model(random_strip_model)
+    # Already the model's space (4 mm LIA, even sizes): conform is the identity.
+    affine = np.array([[-4.0, 0, 0, 60], [0, 0, 4, -60], [0, -4, 0, 60], [0, 0, 0, 1]])
+    shape = (32, 32, 32)
+    head = head_phantom(affine, shape)[0].astype(np.float32)
+    left, right = Volume(head, affine), Volume(head[::-1].copy(), affine)
+    for flip in (False, True):
+        a, b = brain_sdt(model, left, flip=flip), brain_sdt(model, right, flip=flip)
+        gap = np.abs(a[::-1] - b).max()
+        assert gap < 1e-4 if flip else gap > 1e-3, (flip, gap)
+
+
 # ------------------------------------------------------------- geometry --
 
 def test_geometry_oblique_anisotropic_3d(make_head, tiny_strip_model, tmp_path, capsys):
