@@ -203,3 +203,28 @@ def test_segment_recipe_rejects_an_unknown_loss(label_dir):
     cfg["recipe"]["loss"] = "focal"
     with pytest.raises(ValueError, match="recipe.loss"):
         get_recipe(cfg)
+
+
+def test_widened_unet_computes_what_the_narrow_one_did():
+    """A wider U-Net started from a narrow one's weights gives the same
+    output (any input), and its new channels get gradients at once."""
+    from synthtools.nets.unet import UNet
+    from training.loop import load_init
+    torch.manual_seed(0)
+    # float64: the check is exact up to rounding, not up to float32's 1e-7 of ~1e3 outputs
+    narrow = UNet(3, 1, 5, features=(4, 6, 8), convs=2).double()
+    for p in narrow.parameters():   # non-zero biases too, so nothing passes by luck
+        p.data.normal_(0, 0.3)
+    wide = UNet(3, 1, 5, features=(6, 9, 12), convs=2).double()
+    x = torch.randn(2, 1, 16, 12, 8, dtype=torch.float64)
+    assert not torch.allclose(wide(x), narrow(x), atol=1e-3)
+    assert load_init(wide, narrow.state_dict(), widen=True) == []
+    torch.testing.assert_close(wide(x), narrow(x), rtol=1e-9, atol=1e-9)
+    wide(x).square().mean().backward()
+    # The head's weights from the new level-0 channels start at zero but learn.
+    assert torch.all(wide.head.weight[:, 4:] == 0)
+    assert wide.head.weight.grad[:, 4:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot narrow"):
+        load_init(narrow, wide.state_dict(), widen=True)
+    with pytest.raises(ValueError, match="depths differ"):
+        load_init(UNet(3, 1, 5, features=(6, 9), convs=2), narrow.state_dict(), widen=True)

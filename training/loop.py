@@ -309,12 +309,24 @@ def init_file(name: str) -> Path:
     return folder / meta.get("weights", "weights.pt")
 
 
-def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False) -> list[str]:
+def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False,
+              widen: bool = False) -> list[str]:
     """Start ``model`` from ``weights``. ``partial`` (transfer from another
     task, e.g. a skull-stripper's encoder for segmentation): copy every tensor
     whose name and shape match and keep the new model's own initialisation for
-    the rest (typically the output head); returns the names kept new. Without
-    ``partial`` any mismatch is an error, so a wrong file cannot slip through."""
+    the rest (typically the output head); returns the names kept new.
+    ``widen``: ``model`` is a wider U-Net than the one of ``weights``; embed
+    them so that it starts computing exactly the same output
+    (:mod:`training.widen`). Otherwise any mismatch is an error, so a wrong
+    file cannot slip through."""
+    if widen:
+        from .widen import widen_unet_state
+        if partial:
+            raise ValueError("train.init_widen and train.init_partial do not combine")
+        cfg = model.config
+        model.load_state_dict(widen_unet_state(weights, model.state_dict(), cfg["in_channels"],
+                                               cfg["out_channels"]))
+        return []
     if not partial:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
         return []
@@ -385,7 +397,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         # train.init_into: a submodule that has the init's layout (e.g. a
         # registration network's feature U-Net "unet" from a segmenter).
         target = model.get_submodule(cfg["init_into"]) if cfg.get("init_into") else model
-        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", False)))
+        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", False)),
+                            widen=bool(cfg.get("init_widen", False)))
         log(f"initialised from {cfg['init']}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
     if ddp.on:
         # Every rank must have read the same checkpoint (RUN on a shared file system).
@@ -594,6 +607,8 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
         meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", False))}
         if recipe.cfg["train"].get("init_into"):
             meta["init"]["into"] = str(recipe.cfg["train"]["init_into"])
+        if recipe.cfg["train"].get("init_widen"):
+            meta["init"]["widened"] = True
         if (path.parent / "metadata.json").is_file():
             src = json.loads((path.parent / "metadata.json").read_text())
             meta["init"].update(steps=int(src.get("steps", 0)), sha256=src.get("sha256"))

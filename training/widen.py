@@ -1,0 +1,95 @@
+"""Start a wider U-Net from a narrower one's weights without changing its output.
+
+Why: a network trained for hours on CPU is too costly to throw away to test
+whether width helps; training a wider copy from scratch would spend the
+first hours catching up. Embedding the old weights in the wider network
+(zero-padded, as in Net2Net's function-preserving growth) gives a start with
+the old network's exact output, so an equal-time pilot measures width alone.
+
+Channel k of the old network stays channel k at its level. In every
+convolution, old output channels read only old input channels (their weights
+from the new ones are zero), so the old function is computed unchanged; new
+output channels keep the wider network's random initialisation and are read
+by nothing yet. Their outgoing weights are zero, not frozen: the gradient
+through them is non-zero as soon as the new channels are active, so they
+start learning at the first step.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+_CONV = re.compile(r"^(down|up)\.(\d+)\.(\d+)\.(weight|bias)$")
+
+
+def unet_features(weights: dict[str, torch.Tensor]) -> list[int]:
+    """Channels per level of a :class:`synthtools.nets.unet.UNet` state dict."""
+    out, k = [], 0
+    while f"down.{k}.0.weight" in weights:
+        out.append(int(weights[f"down.{k}.0.weight"].shape[0]))
+        k += 1
+    if not out:
+        raise ValueError("not a U-Net state dict: no 'down.0.0.weight'")
+    return out
+
+
+def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list[int]:
+    """Sizes of the consecutive input-channel groups a convolution reads:
+    one group, except a decoder block's first convolution, which reads the
+    upsampled deeper features then the encoder's skip."""
+    if key.startswith("head."):
+        return [features[0]]
+    kind, block, layer, _ = _CONV.match(key).groups()
+    block, n = int(block), len(features)
+    if kind == "down":
+        own = features[block]
+        return [own] if int(layer) else [in_channels if block == 0 else features[block - 1]]
+    level = n - 2 - block                 # decoder block j works at level n-2-j
+    if int(layer):
+        return [features[level]]
+    deeper = features[n - 1] if block == 0 else features[level + 1]
+    return [deeper, features[level]]
+
+
+def _out_size(key: str, features: Sequence[int], out_channels: int) -> int:
+    if key.startswith("head."):
+        return out_channels
+    kind, block, _, _ = _CONV.match(key).groups()
+    n = len(features)
+    return features[int(block)] if kind == "down" else features[n - 2 - int(block)]
+
+
+def widen_unet_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                     in_channels: int, out_channels: int) -> dict[str, torch.Tensor]:
+    """State dict for the wider U-Net whose (randomly initialised) state is
+    ``new``, computing exactly what the narrower ``old`` computes. Both must
+    have the same depth, convolutions per level, input and output channels."""
+    f_old, f_new = unet_features(old), unet_features(new)
+    if len(f_old) != len(f_new):
+        raise ValueError(f"U-Net depths differ: {len(f_old)} vs {len(f_new)} levels")
+    if any(a > b for a, b in zip(f_old, f_new)):
+        raise ValueError(f"cannot narrow: features {f_old} -> {f_new}")
+    if set(old) != set(new):
+        raise ValueError("the two U-Nets have different layers (convolutions per level?)")
+    out = {}
+    for key, init in new.items():
+        src = old[key].to(init.dtype)
+        w = init.clone()
+        o_old, o_new = _out_size(key, f_old, out_channels), _out_size(key, f_new, out_channels)
+        if src.shape[0] != o_old or init.shape[0] != o_new:
+            raise ValueError(f"{key}: unexpected shape {tuple(src.shape)} -> {tuple(init.shape)}")
+        if key.endswith(".bias"):
+            w[:o_old] = src
+        else:
+            w[:o_old] = 0                 # old outputs read no new input channel
+            start_old = start_new = 0
+            for s_old, s_new in zip(_input_segments(key, f_old, in_channels),
+                                    _input_segments(key, f_new, in_channels)):
+                w[:o_old, start_new:start_new + s_old] = src[:, start_old:start_old + s_old]
+                start_old, start_new = start_old + s_old, start_new + s_new
+            if start_old != src.shape[1] or start_new != init.shape[1]:
+                raise ValueError(f"{key}: input channels do not add up")
+        out[key] = w
+    return out
