@@ -330,9 +330,18 @@ def worker(args) -> int:
     return 0
 
 
+def flip_flag(args) -> str:
+    """Our CLI's switch for the left-right test-time flip, as ``args`` asks."""
+    return "--flip" if args.flip else "--no-flip"
+
+
+def flip_text(args) -> str:
+    return f"{'with' if args.flip else 'no'} left-right test-time flip"
+
+
 def spawn(method: str, case_name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--case", case_name,
-           "--threads", str(args.threads), "--border", str(args.border), "--flip" if args.flip else "--no-flip"]
+           "--threads", str(args.threads), "--border", str(args.border), flip_flag(args)]
     if args.model:
         cmd += ["--model", str(args.model)]
     limit = args.timeout if args.timeout > 0 else None
@@ -493,7 +502,7 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
     ms = summary["methods"]
     metrics = {
         "description": "Dice vs reference brain masks on the real validation cases (benchmarks/strip.py, "
-                       f"border {args.border:g} mm, {'with' if args.flip else 'no'} left-right test-time flip, native grid; each case scored with the output matching its "
+                       f"border {args.border:g} mm, {flip_text(args)}, native grid; each case scored with the output matching its "
                        "reference's convention: csf or nocsf)",
         "date": _dt.date.today().isoformat(),
         "reference_convention": {c["name"]: c.get("brain", "csf") for c in data["cases"] if c["available"]},
@@ -535,7 +544,7 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
         f"`python benchmarks/strip.py` on {_dt.date.today().isoformat()}: Dice against the reference brain mask "
         f"on the native grid (BrainWeb: cord below the foramen magnum excluded), one subprocess per method and "
         f"case, {args.threads} threads, CPU: {cpu_name()}, torch {torch_version}"
-        + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm, {'with' if args.flip else 'no'} left-right test-time flip. "
+        + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm, {flip_text(args)}. "
         "A failure or time-out scores 0 in the means."
         + ("".join(f" {m}: results reused from `{src}` (an earlier run, same version and threads)."
                    for m, src in sorted({(m, r["reused_from"]) for m in methods
@@ -715,7 +724,7 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
         if "ours" not in unavailable:
             cmds["ours"] = [sys.executable, "-m", "synthtools.cli.strip", "-i", str(head),
                             "-m", str(tmp / "ours_mask.nii.gz"), "-t", str(args.threads),
-                            "--flip" if args.flip else "--no-flip"]
+                            flip_flag(args)]
             if args.model:
                 cmds["ours"] += ["--model", str(args.model)]
         if "brainextractor" not in unavailable:

@@ -35,30 +35,31 @@ def unet_features(weights: dict[str, torch.Tensor]) -> list[int]:
     return out
 
 
+def _level(key: str, n: int) -> tuple[int, int, bool]:
+    """(level the convolution works at, its block's input level, whether it
+    is the block's first convolution) of a U-Net conv key; level 0 = full
+    resolution, decoder block j works at level n-2-j (input from n-1-j)."""
+    kind, block, layer, _ = _CONV.match(key).groups()
+    level = int(block) if kind == "down" else n - 2 - int(block)
+    return level, level - 1 if kind == "down" else level + 1, int(layer) == 0
+
+
 def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list[int]:
     """Sizes of the consecutive input-channel groups a convolution reads:
     one group, except a decoder block's first convolution, which reads the
     upsampled deeper features then the encoder's skip."""
     if key.startswith("head."):
         return [features[0]]
-    kind, block, layer, _ = _CONV.match(key).groups()
-    block, n = int(block), len(features)
-    if kind == "down":
-        own = features[block]
-        return [own] if int(layer) else [in_channels if block == 0 else features[block - 1]]
-    level = n - 2 - block                 # decoder block j works at level n-2-j
-    if int(layer):
+    level, source, first = _level(key, len(features))
+    if not first:
         return [features[level]]
-    deeper = features[n - 1] if block == 0 else features[level + 1]
-    return [deeper, features[level]]
+    if key.startswith("up."):
+        return [features[source], features[level]]
+    return [in_channels if source < 0 else features[source]]
 
 
 def _out_size(key: str, features: Sequence[int], out_channels: int) -> int:
-    if key.startswith("head."):
-        return out_channels
-    kind, block, _, _ = _CONV.match(key).groups()
-    n = len(features)
-    return features[int(block)] if kind == "down" else features[n - 2 - int(block)]
+    return out_channels if key.startswith("head.") else features[_level(key, len(features))[0]]
 
 
 def widen_unet_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
