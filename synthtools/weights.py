@@ -92,7 +92,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         raise ModelError(f"{weights}: sha256 mismatch ({digest[:12]} != {meta['sha256'][:12]}): corrupted download?")
     net = build_net(meta["architecture"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     net.eval().to(device)
     dev = torch.device(device)
     if dev.type == "cpu" and net.config.get("ndim", 3) == 3:
@@ -110,11 +110,14 @@ def _cpu_has_bf16() -> bool:
 
 def save_model(net: torch.nn.Module, meta: dict[str, Any], folder: str | os.PathLike,
                dtype: torch.dtype = torch.float16) -> Path:
-    """Write ``weights.pt`` (``dtype``) and ``metadata.json`` with its sha256."""
+    """Write ``weights.pt`` (parameters in ``dtype``; buffers such as batch-norm
+    statistics as they are, since they are few and a variance may underflow
+    fp16) and ``metadata.json`` with its sha256."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.pt"
-    state = {k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}
+    params = {name for name, _ in net.named_parameters()}
+    state = {k: v.detach().to("cpu", dtype if k in params else v.dtype) for k, v in net.state_dict().items()}
     tmp = weights.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, weights)

@@ -228,3 +228,32 @@ def test_widened_unet_computes_what_the_narrow_one_did():
         load_init(narrow, wide.state_dict(), widen=True)
     with pytest.raises(ValueError, match="depths differ"):
         load_init(UNet(3, 1, 5, features=(6, 9), convs=2), narrow.state_dict(), widen=True)
+
+
+def test_batch_norm_unet_round_trips_and_ignores_the_batch(tmp_path):
+    """A U-Net with batch normalisation: the saved model reproduces the
+    network's eval output (running statistics saved in full precision), and
+    in eval mode an image's output does not depend on what shares its batch."""
+    from synthtools.nets.unet import UNet
+    from synthtools.weights import save_model
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, features=(4, 8), convs=1, norm="batch")
+    for _ in range(3):   # train-mode passes move the running statistics off (0, 1)
+        net(torch.rand(1, 1, 8, 8, 8) * 5 + 2)
+    net.eval()
+    bn = net.down[0][1]
+    assert bn.running_mean.abs().sum() > 0 and not torch.allclose(bn.running_var, torch.ones(4))
+    x, other = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8) * 10
+    with torch.no_grad():
+        alone, together = net(x), net(torch.cat([x, other]))[:1]
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+    meta = {"task": "segment", "input": {"voxsize": 8.0, "orientation": "LIA", "multiple": 2},
+            "output": {"type": "softmax", "labels": [0, 2, 3]}}
+    model = load_model(save_model(net, meta, tmp_path / "bn"))
+    assert model.net.config["norm"] == "batch"
+    saved = torch.load(tmp_path / "bn" / "weights.pt", weights_only=True)
+    assert saved["down.0.1.running_var"].dtype == torch.float32 and saved["down.0.0.weight"].dtype == torch.float16
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x).float(), alone, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="normalisation"):
+        UNet(3, 1, 3, features=(4, 8), norm="group")

@@ -324,6 +324,8 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
         if partial:
             raise ValueError("train.init_widen and train.init_partial do not combine")
         cfg = model.config
+        if cfg.get("norm"):
+            raise ValueError("train.init_widen embeds plain U-Nets; this one has normalisation layers")
         model.load_state_dict(widen_unet_state(weights, model.state_dict(), cfg["in_channels"],
                                                cfg["out_channels"]))
         return []

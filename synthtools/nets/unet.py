@@ -1,6 +1,7 @@
 """A U-Net configured by a few numbers, for 2D or 3D inputs (voxelmorph /
-neurite style): features per level, convolutions per level, no normalisation
-layers (so inference does not depend on batch statistics)."""
+neurite style): features per level, convolutions per level and, optionally,
+batch normalisation after each convolution (SynthSeg's choice; in eval mode
+it uses the running statistics, so inference never depends on the batch)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -10,32 +11,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+NORMS = (None, "batch")
+
+
 def _conv(ndim: int):
     return {2: nn.Conv2d, 3: nn.Conv3d}[ndim]
 
 
 class ConvBlock(nn.Sequential):
-    """``n`` convolutions (3^N kernels), each followed by LeakyReLU(0.2)."""
+    """``n`` convolutions (3^N kernels), each followed by LeakyReLU(0.2), or
+    by batch normalisation then LeakyReLU with ``norm = "batch"``."""
 
-    def __init__(self, ndim: int, cin: int, cout: int, n: int = 2):
-        layers = []
+    def __init__(self, ndim: int, cin: int, cout: int, n: int = 2, norm: str | None = None):
+        if norm not in NORMS:
+            raise ValueError(f"unknown normalisation {norm!r} (one of {NORMS})")
+        layers: list[nn.Module] = []
         for i in range(n):
-            layers += [_conv(ndim)(cin if i == 0 else cout, cout, 3, padding=1), nn.LeakyReLU(0.2)]
+            layers.append(_conv(ndim)(cin if i == 0 else cout, cout, 3, padding=1))
+            if norm == "batch":
+                layers.append({2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim](cout))
+            layers.append(nn.LeakyReLU(0.2))
         super().__init__(*layers)
 
 
-def levels(ndim: int, in_channels: int, features: Sequence[int], convs: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+def levels(ndim: int, in_channels: int, features: Sequence[int], convs: int,
+           norm: str | None = None) -> tuple[nn.ModuleList, nn.ModuleList]:
     """Encoder blocks (``features[k]`` channels at level k, level 0 = full
     resolution) and decoder blocks (deepest level up, each fed the upsampled
     features and the encoder's skip): the U-Net every network here shares."""
     f = list(features)
     down, cin = nn.ModuleList(), in_channels
     for c in f:
-        down.append(ConvBlock(ndim, cin, c, convs))
+        down.append(ConvBlock(ndim, cin, c, convs, norm))
         cin = c
     up = nn.ModuleList()
     for k in range(len(f) - 2, -1, -1):
-        up.append(ConvBlock(ndim, cin + f[k], f[k], convs))
+        up.append(ConvBlock(ndim, cin + f[k], f[k], convs, norm))
         cin = f[k]
     return down, up
 
@@ -65,15 +76,17 @@ def run_levels(x: torch.Tensor, down: nn.ModuleList, up: nn.ModuleList,
 class UNet(nn.Module):
     """Encoder-decoder with skip connections. ``features[k]`` channels at level
     k (level 0 = full resolution); inputs need sizes divisible by
-    2 ** (len(features) - 1)."""
+    2 ** (len(features) - 1). ``norm``: None or ``"batch"``."""
 
     def __init__(self, ndim: int = 3, in_channels: int = 1, out_channels: int = 1,
-                 features: Sequence[int] = (16, 32, 64, 64), convs: int = 2):
+                 features: Sequence[int] = (16, 32, 64, 64), convs: int = 2, norm: str | None = None):
         super().__init__()
         self.ndim = ndim
         self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels,
                            features=list(features), convs=convs)
-        self.down, self.up = levels(ndim, in_channels, features, convs)
+        if norm is not None:   # older metadata has no key: they stay loadable and unchanged
+            self.config["norm"] = norm
+        self.down, self.up = levels(ndim, in_channels, features, convs, norm)
         self.head = _conv(ndim)(features[0], out_channels, 1)
 
     @property

@@ -70,7 +70,7 @@ class SegmentRecipe(Recipe):
     def build_model(self) -> UNet:
         m = self.cfg["model"]
         return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", 2)))
+                    convs=int(m.get("convs", 2)), norm=m.get("norm"))
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
