@@ -29,10 +29,15 @@ from .conform import Conformed, conform, lr_axis
 from .infer import normalize_intensities, predict
 from .io import Volume
 from .lut import names_for, twin
+from .refine import refine_posteriors
 from .weights import Model
 
 __all__ = ["SegResult", "GridSummary", "segment", "volumes", "total_intracranial", "qc_scores",
            "QC_GROUPS", "flip_permutation", "crop_conformed", "label_values"]
+
+# Voxels whose background posterior is below this get the intensity refinement;
+# the rest (far outside the head or brain) keep the network's posteriors.
+REFINE_BELOW = 0.999
 
 # Channels resampled to the native grid per step: bounds the temporary
 # native array to CHUNK * X * Y * Z float32 (268 MB for 256^3).
@@ -89,7 +94,9 @@ class SegResult:
     image it saw, ``conformed.affine`` its voxel->world matrix in mm);
     ``conformed_posteriors``: (C, X', Y', Z') float32 softmax on that grid.
     ``posteriors`` (native, channel-last) is computed on first use unless
-    :func:`segment` was asked for it.
+    :func:`segment` was asked for it. After ``refine``, both grids hold the
+    refined posteriors, each refined with its own grid's image;
+    ``network_posteriors`` keeps the network's softmax.
     """
 
     label_values: np.ndarray
@@ -100,6 +107,8 @@ class SegResult:
     conformed_posteriors: torch.Tensor
     _posteriors: np.ndarray | None = field(default=None, repr=False)
     _conformed_summary: GridSummary | None = field(default=None, repr=False)
+    network_posteriors: torch.Tensor | None = field(default=None, repr=False)
+    _native_image: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def volumes(self) -> np.ndarray:
@@ -109,7 +118,10 @@ class SegResult:
     @property
     def posteriors(self) -> np.ndarray:
         """(X, Y, Z, C) float32 posteriors on the native grid (linear interpolation)."""
-        if self._posteriors is None:
+        if self._posteriors is None and self._native_image is not None:
+            self._posteriors = _refine_native(self.conformed, self.network_posteriors, self.label_values,
+                                              keep=True, image=self._native_image)[2]
+        elif self._posteriors is None:
             self._posteriors = _map_to_native(self.conformed, self.conformed_posteriors,
                                               self.label_values, keep=True)[2]
         return self._posteriors
@@ -240,11 +252,60 @@ def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     return arg, summary, post
 
 
+def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool, image: np.ndarray,
+                   chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
+    """:func:`_map_to_native`, then :func:`refine_posteriors` with the native
+    ``image`` on the voxels whose background posterior is below
+    ``REFINE_BELOW`` (outside them the background wins anyway)."""
+    n = prob.shape[0]
+    shape = tuple(conf.native_shape)
+    bg = int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
+    fills = (values == 0).astype(np.float32)
+    region = conf.to_native(prob[bg:bg + 1], order=1, fill=float(fills[bg]))[0] < REFINE_BELOW
+    outside = ~region
+    prior = np.empty((int(region.sum()), n), dtype=np.float32)
+    sums = np.zeros(n, dtype=np.float64)
+    best = np.empty(shape, dtype=np.float32)
+    post = np.empty(shape + (n,), dtype=np.float32) if keep else None
+    for c0, c1 in _channel_runs(n, fills, chunk):
+        nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
+        np.clip(nat, 0.0, 1.0, out=nat)
+        for k in range(c1 - c0):
+            prior[:, c0 + k] = nat[k][region]
+            sums[c0 + k] = nat[k][outside].sum(dtype=np.float64)
+            if c0 + k == bg:
+                best[:] = nat[k]
+            if post is not None:
+                post[..., c0 + k] = nat[k]
+        del nat
+    refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
+                                background=bg).numpy()
+    del prior
+    sums += refined.sum(0, dtype=np.float64)
+    arg = np.full(shape, bg, dtype=np.uint8 if n <= 256 else np.int32)
+    arg[region] = refined.argmax(1)
+    best[region] = refined.max(1)
+    if post is not None:
+        post[region] = refined
+    summary = _summary(sums, arg, best, n, _voxel_volume(conf.native_affine))
+    return arg, summary, post
+
+
+def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+    """The network-grid posteriors refined with the conformed image (a copy)."""
+    bg = int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
+    out = prob.clone()
+    region = prob[bg] < REFINE_BELOW
+    out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg).T
+    return out
+
+
 # ---------------------------------------------------------------- main --
 
 @torch.inference_mode()  # predict() returns inference tensors; the softmax updates them in place
 def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: bool = False,
-            crop: int | Sequence[int] | None = None, posteriors: bool = False) -> SegResult:
+            crop: int | Sequence[int] | None = None, posteriors: bool = False,
+            refine: bool = False) -> SegResult:
     """Segment a 3D image (or one ``frame`` of a 4D image).
 
     Steps: conform (trilinear) to the model's space, optional centre ``crop``
@@ -255,6 +316,10 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     the mirrored one mirrored back with its left/right channels swapped.
     ``posteriors``: build the native (X, Y, Z, C) posteriors in the same pass
     (otherwise :attr:`SegResult.posteriors` computes them on first use).
+    ``refine``: take the network's posteriors as a spatial prior and refine
+    them with an intensity model fitted to this image (:mod:`.refine`), on
+    the native grid with the native image and on the network's grid with
+    the image it saw.
     """
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
@@ -282,10 +347,16 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
         prob *= 0.5
         del mirrored
 
-    arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
-    return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
-                     conformed=conf, conformed_posteriors=prob, _posteriors=post)
+    if not refine:
+        arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
+        return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
+                         conformed=conf, conformed_posteriors=prob, _posteriors=post, network_posteriors=prob)
+    image = np.asarray(data, dtype=np.float32)
+    arg, summary, post = _refine_native(conf, prob, values, keep=posteriors, image=image)
+    return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
+                     conformed_posteriors=_refine_conformed(conf, prob, values), _posteriors=post,
+                     network_posteriors=prob, _native_image=image)
 
 
 # ------------------------------------------------------------- volumes --
