@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time augmentation (on unless --no-flip): also segment the left-right "
                    "mirrored image and average the two (twice the network time; vxm T1 mean Dice +0.02)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="intensity refinement (on unless --no-refine): take the network's posteriors as "
+                   "a prior and fit an intensity model per structure to this image, so boundaries follow "
+                   "its edges (vxm T1 mean Dice 0.646 -> 0.736; BrainWeb grey/white matter 0.69 -> 0.89-0.94)")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
@@ -228,7 +232,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
 
     vol = load_volume(job.input)
     keep = args.keep_conformed
-    result = segment(model, vol, flip=args.flip, crop=args.crop,
+    result = segment(model, vol, flip=args.flip, crop=args.crop, refine=args.refine,
                      posteriors="post" in job.outputs and not keep)
     values, names = result.label_values, result.names
     if keep:  # the network's grid: fresh header with its affine

@@ -1,0 +1,46 @@
+"""Intensity refinement of segmentation posteriors (synthtools.refine)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from synthtools.refine import refine_posteriors
+
+
+def _line(boundary_prior: float = 60.0):
+    """A 1D 'scan' of 300 voxels: background 0..29 (two intensities, like air
+    and scalp), structure A 30..149 (0.3), structure B 150..299 (0.8), with
+    noise; and a smooth prior whose A/B boundary sits at ``boundary_prior``
+    voxels instead of 150 (a network that is off by several voxels)."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.arange(300, dtype=torch.float32)
+    truth = torch.where(pos < 30, 0, torch.where(pos < 150, 1, 2))
+    image = torch.tensor([0.05, 0.3, 0.8])[truth] + 0.03 * torch.randn(300, generator=g)
+    image[:15] = 0.95 + 0.02 * torch.randn(15, generator=g)   # bright "scalp" in the background
+    inside = torch.sigmoid((pos - 30) / 3)
+    b = torch.sigmoid((pos - boundary_prior) / 15)
+    prior = torch.stack([1 - inside, inside * (1 - b), inside * b], 1)
+    return prior, image, truth
+
+
+def test_boundary_moves_to_the_image_edge_for_any_contrast():
+    prior, image, truth = _line(boundary_prior=175.0)
+    before = (prior.argmax(1) == truth).float().mean()
+    for img in (image, 1 - image, image ** 3 * 500 + 7):   # inverted, non-linear, other units
+        post = refine_posteriors(prior, img)
+        assert post.shape == prior.shape and torch.allclose(post.sum(1), torch.ones(300), atol=1e-5)
+        assert post.min() >= 0
+        after = (post.argmax(1) == truth).float().mean()
+        assert before < 0.93 and after > 0.98, (before, after)
+
+
+def test_an_image_without_contrast_leaves_the_prior_decision():
+    prior, _, _ = _line()
+    post = refine_posteriors(prior, torch.full((300,), 0.5))
+    assert torch.equal(post.argmax(1), prior.argmax(1))
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="expected"):
+        refine_posteriors(torch.ones(5, 3) / 3, torch.ones(4))
