@@ -12,9 +12,11 @@ Accuracy (default) on the real labelled validation cases
 
 Methods, both scored on the target's own grid:
 
-  ours   synthtools.seg.segment(model, volume, flip=True).labels (``--model``,
-         default the shipped 'synthseg'), the whole image as given, with the
-         left/right test-time flip that the CLI applies by default;
+  ours   synthtools.seg.segment(model, volume, flip=True, refine=True).labels
+         (``--model``, default the shipped 'synthseg'), the whole image as
+         given, with the CLI's defaults: the left/right test-time flip and the
+         intensity refinement (synthtools/refine.py). The network's own labels
+         (same run, no refinement) are reported beside them;
   ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
          mutual information, so it works across contrasts) of ONE labelled
          atlas to the target, then the atlas labels moved with
@@ -102,15 +104,19 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_name)
     setup = time.perf_counter() - t0
-    res = {}
+    from synthtools.seg import _map_to_native
+    res, network = {}, {}
     for c in cases:
         vol = load_volume(c["image"])
         t0 = time.perf_counter()
-        pred = segment(model, vol, flip=True).labels   # the CLI's default (left/right test-time flip)
-        res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(pred, c["ref"], c["kind"])}
+        result = segment(model, vol, flip=True, refine=True)   # the CLI's defaults
+        res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(result.labels, c["ref"], c["kind"])}
+        # The network's own answer: the same posteriors, mapped without the refinement.
+        arg = _map_to_native(result.conformed, result.network_posteriors, result.label_values, keep=False)[0]
+        network[c["name"]] = score(result.label_values[arg], c["ref"], c["kind"])
     path = Path(model.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path   # no machine paths in results
-    return {"setup_s": round(setup, 2), "cases": res, "model": str(shown)}
+    return {"setup_s": round(setup, 2), "cases": res, "network_only": network, "model": str(shown)}
 
 
 def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
@@ -185,21 +191,28 @@ def markdown(data: dict) -> str:
              f"Machine: {data['cpu']}, {data['threads']} threads; torch {data['torch']}; model `{ours['model']}`"
              + (f"; ANTsPy {ants['version']} SyN, single atlas `{ants['atlas']}` (see benchmarks/seg.py)"
                 if has_ants else f"; ANTs: {ants.get('error', 'not run')}"), "",
-             "| case | metric | ours | ANTs SyN atlas |", "|---|---|---|---|"]
+             "'ours' is the `synthseg` default (network + intensity refinement); 'network only' is the same "
+             "run's network posteriors without the refinement.", "",
+             "| case | metric | ours | network only | ANTs SyN atlas |", "|---|---|---|---|---|"]
+    net = ours.get("network_only", {})
     for name, r in ours["cases"].items():
         a = ants["cases"].get(name, {}) if has_ants else {}
+        n = net.get(name, {})
         keys = (["mean", "large"] if "mean" in r else []) + ["CSF", "GM", "WM", "tissue_mean"]
         for k in keys:
             av = f"{a[k]:.3f}" if k in a else "n/a"
-            lines.append(f"| {name} | {k} | {r[k]:.3f} | {av} |")
-        lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | {a['run_s']:.1f} |" if a
-                     else f"| {name} | time (s) | {r['run_s']:.1f} | n/a |")
+            nv = f"{n[k]:.3f}" if k in n else "n/a"
+            lines.append(f"| {name} | {k} | {r[k]:.3f} | {nv} | {av} |")
+        lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | - | {a['run_s']:.1f} |" if a
+                     else f"| {name} | time (s) | {r['run_s']:.1f} | - | n/a |")
     if "mean" in ours["cases"].get("vxm_T1", {}):
         r, a = ours["cases"]["vxm_T1"], (ants["cases"].get("vxm_T1", {}) if has_ants else {})
-        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | ANTs |", "|---|---|---|"]
+        n = net.get("vxm_T1", {}).get("label_dice", {})
+        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | network only | ANTs |", "|---|---|---|---|"]
         from synthtools.lut import names_for
         for k, v in r["label_dice"].items():
-            lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} |")
+            lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {n.get(k, float('nan')):.3f} | "
+                         f"{a.get('label_dice', {}).get(k, float('nan')):.3f} |")
     tw = ours["cases"]
     groups = {c: tw[f"brainweb_{c}"]["tissue_mean"] for c in ("T1", "T2", "PD") if f"brainweb_{c}" in tw}
     if groups:
@@ -248,9 +261,12 @@ def write_metadata(folder: Path, data: dict) -> None:
     ours = data["ours"]["cases"]
     metrics = {"description": "Dice on real labelled scans (benchmarks/seg.py, native grid): vxm_T1 against its "
                               "FreeSurfer aseg (mean over present SynthSeg labels, large structures), BrainWeb "
-                              "subject04 T1/T2/PD tissue classes (our labels merged into CSF/GM/WM)",
+                              "subject04 T1/T2/PD tissue classes (our labels merged into CSF/GM/WM); "
+                              "'cases': the synthseg defaults (flip + intensity refinement), 'network_only': "
+                              "the network's posteriors without the refinement",
                "date": data["date"], "cases": {n: {k: v for k, v in r.items() if k != "run_s"}
-                                               for n, r in ours.items()}}
+                                               for n, r in ours.items()},
+               "network_only": data["ours"].get("network_only", {})}
     if data.get("ants", {}).get("status") == "ok":
         metrics["peer_ants_syn_atlas"] = {n: {k: v for k, v in r.items() if k != "label_dice"}
                                           for n, r in data["ants"]["cases"].items()}
