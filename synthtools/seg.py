@@ -279,8 +279,7 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
                 post[..., c0 + k] = nat[k]
         del nat
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
-                                background=bg).numpy()
-    del prior
+                                background=bg, inplace=True).numpy()
     sums += refined.sum(0, dtype=np.float64)
     arg = np.full(shape, bg, dtype=np.uint8 if n <= 256 else np.int32)
     arg[region] = refined.argmax(1)

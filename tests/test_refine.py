@@ -44,3 +44,18 @@ def test_an_image_without_contrast_leaves_the_prior_decision():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="expected"):
         refine_posteriors(torch.ones(5, 3) / 3, torch.ones(4))
+
+
+def test_fit_on_a_subsample_and_in_place(monkeypatch):
+    """A large image's model is fitted on a regular subsample and written into
+    the prior's memory: the answer stays that of the full fit."""
+    import synthtools.refine as refine
+    prior, image, truth = _line(boundary_prior=175.0)
+    full = refine_posteriors(prior, image)
+    monkeypatch.setattr(refine, "FIT_VOXELS", 60)      # every 5th voxel
+    monkeypatch.setattr(refine, "CHUNK_VOXELS", 64)    # several chunks, the last one short
+    buffer = prior.clone()
+    sub = refine_posteriors(buffer, image, inplace=True)
+    assert sub.data_ptr() == buffer.data_ptr()
+    assert (sub.argmax(1) == truth).float().mean() > 0.98
+    assert (sub.argmax(1) == full.argmax(1)).float().mean() > 0.99
