@@ -63,14 +63,23 @@ def _background_table(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (hist / (hist.sum() / HIST_BINS).clamp_min(1e-12) + 1e-6).log()
 
 
+def _tied(sums: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel sums -> the sum over each channel's group, per channel."""
+    if groups is None:
+        return sums
+    return torch.zeros_like(sums).index_add_(0, groups, sums)[groups]
+
+
 def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: int = 0, iters: int = 5,
-                      inplace: bool = False) -> torch.Tensor:
+                      inplace: bool = False, groups=None) -> torch.Tensor:
     """Posteriors (N, C) float32 of N voxels given the network's ``prior``
     (N, C), summing to 1 per voxel, and the voxels' ``intensity`` (N,) in any
     unit. ``background``: the channel modelled by a histogram instead of a
     Gaussian. ``iters``: EM iterations (the fit settles in 3-5).
     ``inplace``: write the result into ``prior`` (float32), which saves one
-    (N, C) array (0.8 GB for a whole 1 mm head).
+    (N, C) array (0.8 GB for a whole 1 mm head). ``groups`` (C,): channels
+    with the same group id share one Gaussian (left/right twins): half the
+    parameters, and a fit that cannot drift apart between hemispheres.
 
     The intensity model is fitted on at most ``FIT_VOXELS`` voxels (a regular
     subsample: ~20 parameters need no more); the posteriors of all voxels are
@@ -86,12 +95,13 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
     xs = x[::step].contiguous()
     log_prior = prior[::step].float().clamp_min(PRIOR_FLOOR).log_()
     post = torch.softmax(log_prior, dim=1)
+    groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
     for _ in range(iters):
-        # M step: each structure's intensity mean and variance under the current posteriors.
-        w = post.sum(0).clamp_min(1e-3)
-        mean = (xs @ post) / w
+        # M step: each structure's (group's) intensity mean and variance under the current posteriors.
+        w = _tied(post.sum(0), groups).clamp_min(1e-3)
+        mean = _tied(xs @ post, groups) / w
         # Two passes (not E[x^2] - mean^2): float32 sums over millions of voxels cancel badly.
-        var = ((xs[:, None] - mean).square_().mul_(post)).sum(0) / w + VAR_PRIOR
+        var = _tied((xs[:, None] - mean).square_().mul_(post).sum(0), groups) / w + VAR_PRIOR
         table = _background_table(xs, post[:, background])
         # E step (log domain: no underflow).
         post = _normalised_exp_(_log_posterior(xs, log_prior, mean, var, background, table))

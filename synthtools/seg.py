@@ -167,6 +167,11 @@ def flip_permutation(values: Sequence[int]) -> np.ndarray:
     return np.array([pos.get(twin(int(v)), k) for k, v in enumerate(values)], dtype=np.int64)
 
 
+def twin_groups(values: Sequence[int]) -> np.ndarray:
+    """Channel -> group id shared by left/right twins (the lower channel index)."""
+    return np.minimum(np.arange(len(values)), flip_permutation(values))
+
+
 def _voxel_volume(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, np.float64)[:3, :3])))
 
@@ -279,7 +284,7 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
                 post[..., c0 + k] = nat[k]
         del nat
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
-                                background=bg, inplace=True).numpy()
+                                background=bg, inplace=True, groups=twin_groups(values)).numpy()
     sums += refined.sum(0, dtype=np.float64)
     arg = np.full(shape, bg, dtype=np.uint8 if n <= 256 else np.int32)
     arg[region] = refined.argmax(1)
@@ -295,7 +300,8 @@ def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray) -
     bg = int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
     out = prob.clone()
     region = prob[bg] < REFINE_BELOW
-    out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg).T
+    out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg,
+                                       groups=twin_groups(values)).T
     return out
 
 
