@@ -59,3 +59,21 @@ def test_fit_on_a_subsample_and_in_place(monkeypatch):
     assert sub.data_ptr() == buffer.data_ptr()
     assert (sub.argmax(1) == truth).float().mean() > 0.98
     assert (sub.argmax(1) == full.argmax(1)).float().mean() > 0.99
+
+
+def test_twins_share_a_gaussian_so_the_prior_alone_splits_them():
+    """Left/right twins (one group) get the same likelihood everywhere: their
+    posterior ratio is their prior ratio, whatever the image says."""
+    from synthtools.seg import twin_groups
+    from training.generator.labels import SYNTHSEG_LABELS
+    groups = twin_groups(SYNTHSEG_LABELS)
+    ch = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
+    assert groups[ch[41]] == groups[ch[2]] == ch[2] and groups[ch[16]] == ch[16]
+    g = torch.Generator().manual_seed(1)
+    prior = torch.rand(500, 3, generator=g) + 0.05
+    prior /= prior.sum(1, keepdim=True)
+    image = torch.where(torch.arange(500) < 250, 0.2, 0.9) + 0.05 * torch.randn(500, generator=g)
+    post = refine_posteriors(prior, image, groups=[0, 1, 1])
+    torch.testing.assert_close(post[:, 1] / post[:, 2], prior[:, 1] / prior[:, 2], rtol=1e-4, atol=0)
+    free = refine_posteriors(prior, image)
+    assert not torch.allclose(free[:, 1] / free[:, 2], prior[:, 1] / prior[:, 2], rtol=1e-2)
