@@ -222,6 +222,25 @@ def _summary(post_sums: np.ndarray, arg: np.ndarray, best: np.ndarray, n: int,
                        voxel_volume=voxel_volume)
 
 
+def _native_channels(conf: Conformed, prob: torch.Tensor, values: np.ndarray,
+                     chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """(channel, its posterior on the native grid) for every channel, a few
+    channels resampled at a time. Native voxels outside the conformed grid
+    are background: posterior 1 for label 0, 0 for the others."""
+    fills = (values == 0).astype(np.float32)
+    for c0, c1 in _channel_runs(prob.shape[0], fills, chunk):
+        nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
+        # The background fill is applied as a shift (p - 1, then + 1): undo its rounding below 0.
+        np.clip(nat, 0.0, 1.0, out=nat)
+        for k in range(c1 - c0):
+            yield c0 + k, nat[k]
+        del nat
+
+
+def _background_channel(values: np.ndarray) -> int:
+    return int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
+
+
 def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool,
                    chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
     """Posteriors to the native grid, a few channels at a time.
@@ -233,26 +252,19 @@ def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     """
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
-    fills = (values == 0).astype(np.float32)
     best = np.full(shape, -np.inf, dtype=np.float32)
     arg = np.zeros(shape, dtype=np.uint8 if n <= 256 else np.int32)
     better = np.empty(shape, dtype=bool)
     sums = np.zeros(n, dtype=np.float64)
     post = np.empty(shape + (n,), dtype=np.float32) if keep else None
-    for c0, c1 in _channel_runs(n, fills, chunk):
-        nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
-        # The background fill is applied as a shift (p - 1, then + 1): undo its rounding below 0.
-        np.clip(nat, 0.0, 1.0, out=nat)
-        for k in range(c1 - c0):
-            p = nat[k]
-            # Strict '>': ties keep the lower channel, as np.argmax does.
-            np.greater(p, best, out=better)
-            np.copyto(best, p, where=better)
-            np.copyto(arg, c0 + k, where=better)
-            sums[c0 + k] = p.sum(dtype=np.float64)
-            if post is not None:
-                post[..., c0 + k] = p
-        del nat
+    for c, p in _native_channels(conf, prob, values, chunk):
+        # Strict '>': ties keep the lower channel, as np.argmax does.
+        np.greater(p, best, out=better)
+        np.copyto(best, p, where=better)
+        np.copyto(arg, c, where=better)
+        sums[c] = p.sum(dtype=np.float64)
+        if post is not None:
+            post[..., c] = p
     summary = _summary(sums, arg, best, n, _voxel_volume(conf.native_affine))
     return arg, summary, post
 
@@ -264,25 +276,20 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     ``REFINE_BELOW`` (outside them the background wins anyway)."""
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
-    bg = int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
-    fills = (values == 0).astype(np.float32)
-    region = conf.to_native(prob[bg:bg + 1], order=1, fill=float(fills[bg]))[0] < REFINE_BELOW
+    bg = _background_channel(values)
+    region = conf.to_native(prob[bg:bg + 1], order=1, fill=1.0)[0] < REFINE_BELOW
     outside = ~region
     prior = np.empty((int(region.sum()), n), dtype=np.float32)
     sums = np.zeros(n, dtype=np.float64)
     best = np.empty(shape, dtype=np.float32)
     post = np.empty(shape + (n,), dtype=np.float32) if keep else None
-    for c0, c1 in _channel_runs(n, fills, chunk):
-        nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
-        np.clip(nat, 0.0, 1.0, out=nat)
-        for k in range(c1 - c0):
-            prior[:, c0 + k] = nat[k][region]
-            sums[c0 + k] = nat[k][outside].sum(dtype=np.float64)
-            if c0 + k == bg:
-                best[:] = nat[k]
-            if post is not None:
-                post[..., c0 + k] = nat[k]
-        del nat
+    for c, p in _native_channels(conf, prob, values, chunk):
+        prior[:, c] = p[region]
+        sums[c] = p[outside].sum(dtype=np.float64)
+        if c == bg:
+            best[:] = p
+        if post is not None:
+            post[..., c] = p
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
                                 background=bg, inplace=True, groups=twin_groups(values)).numpy()
     sums += refined.sum(0, dtype=np.float64)
@@ -297,7 +304,7 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
 
 def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray) -> torch.Tensor:
     """The network-grid posteriors refined with the conformed image (a copy)."""
-    bg = int(np.flatnonzero(values == 0)[0]) if np.any(values == 0) else 0
+    bg = _background_channel(values)
     out = prob.clone()
     region = prob[bg] < REFINE_BELOW
     out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg,
