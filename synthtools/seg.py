@@ -19,6 +19,7 @@ Model metadata (written by the training recipe)::
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -222,13 +223,17 @@ def _summary(post_sums: np.ndarray, arg: np.ndarray, best: np.ndarray, n: int,
                        voxel_volume=voxel_volume)
 
 
-def _native_channels(conf: Conformed, prob: torch.Tensor, values: np.ndarray,
-                     chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+def _native_channels(conf: Conformed, prob: torch.Tensor, values: np.ndarray, chunk: int = CHUNK,
+                     skip: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(channel, its posterior on the native grid) for every channel, a few
     channels resampled at a time. Native voxels outside the conformed grid
-    are background: posterior 1 for label 0, 0 for the others."""
+    are background: posterior 1 for label 0, 0 for the others. ``skip``: a
+    channel the caller has already resampled (left out when it forms a run
+    of its own, as the background does)."""
     fills = (values == 0).astype(np.float32)
     for c0, c1 in _channel_runs(prob.shape[0], fills, chunk):
+        if skip is not None and (c0, c1) == (skip, skip + 1):
+            continue
         nat = conf.to_native(prob[c0:c1], order=1, fill=float(fills[c0]))
         # The background fill is applied as a shift (p - 1, then + 1): undo its rounding below 0.
         np.clip(nat, 0.0, 1.0, out=nat)
@@ -277,17 +282,16 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
     bg = _background_channel(values)
-    region = conf.to_native(prob[bg:bg + 1], order=1, fill=1.0)[0] < REFINE_BELOW
+    # Outside the region the background wins, so its posterior is the maximum there.
+    best = np.clip(conf.to_native(prob[bg:bg + 1], order=1, fill=1.0)[0], 0.0, 1.0)
+    region = best < REFINE_BELOW
     outside = ~region
     prior = np.empty((int(region.sum()), n), dtype=np.float32)
     sums = np.zeros(n, dtype=np.float64)
-    best = np.empty(shape, dtype=np.float32)
     post = np.empty(shape + (n,), dtype=np.float32) if keep else None
-    for c, p in _native_channels(conf, prob, values, chunk):
+    for c, p in itertools.chain([(bg, best)], _native_channels(conf, prob, values, chunk, skip=bg)):
         prior[:, c] = p[region]
         sums[c] = p[outside].sum(dtype=np.float64)
-        if c == bg:
-            best[:] = p
         if post is not None:
             post[..., c] = p
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
