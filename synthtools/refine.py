@@ -15,6 +15,15 @@ Structures that look alike (left and right twins; thalamus and white
 matter on some contrasts) get near-equal likelihoods, so the prior decides
 between them, as it should; where the image separates two structures (grey
 and white matter, CSF), the likelihood moves the boundary to the edge.
+
+Bias field (with voxel ``coords``): scans are rarely flat; receive coils
+leave a smooth multiplicative field that bends every tissue's intensity
+across the head, so one Gaussian per structure no longer fits. As in
+SPM/SAMSEG (Van Leemput et al. 1999), the log field is a smooth function, a
+few cosines per axis, fitted inside the EM by weighted least squares: each
+voxel's log intensity minus the log mean its posteriors expect, weighted by
+their precision (bright, tight classes count most). The background is left
+out, so air, skull and fat do not pull the field.
 """
 from __future__ import annotations
 
@@ -27,13 +36,10 @@ VAR_PRIOR = 1e-4     # (fraction of the intensity range)^2 added to every varian
 HIST_BINS = 64
 FIT_VOXELS = 1_000_000   # voxels the intensity model is fitted on (a regular subsample beyond)
 CHUNK_VOXELS = 262_144   # voxels per step of the final pass: bounds its temporaries to ~35 MB x C/33
-
-
-def _normalise(intensity: torch.Tensor) -> torch.Tensor:
-    """Map the 0.5th..99.5th percentiles (of a subsample) to [0, 1], clipped."""
-    step = max(1, intensity.numel() // 1_000_000)
-    lo, hi = np.percentile(intensity[::step].numpy(), [0.5, 99.5])
-    return ((intensity - float(lo)) / max(float(hi - lo), 1e-6)).clamp_(0, 1)
+BIAS_ORDER = 4           # cosines per axis (0..3): the shortest half-period is a third of the region's extent
+BIAS_FIT_VOXELS = 200_000  # voxels the field is fitted on (63 coefficients)
+BIAS_RIDGE = 3e-2        # weight of the field's bending penalty, relative to the data's mean curvature:
+                         # a flat scan keeps a near-flat field (log range +-0.02 on BrainWeb T1)
 
 
 def _log_posterior(x: torch.Tensor, log_prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -70,16 +76,67 @@ def _tied(sums: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros_like(sums).index_add_(0, groups, sums)[groups]
 
 
-def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: int = 0, iters: int = 5,
-                      inplace: bool = False, groups=None) -> torch.Tensor:
+def _bias_basis(coords: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(N, BIAS_ORDER^3 - 1) products of cosines at ``coords`` (N, 3) mm, the
+    box (lo, hi) mm spanning half a period of the slowest; no constant term
+    (the Gaussians' means carry the overall scale)."""
+    lo, hi = box
+    u = ((coords.float() - lo) / (hi - lo).clamp_min(1.0)).clamp_(0, 1)
+    cos = torch.cos(torch.pi * u[:, :, None] * torch.arange(BIAS_ORDER, dtype=torch.float32))   # (N, 3, K)
+    prod = cos[:, 0, :, None, None] * cos[:, 1, None, :, None] * cos[:, 2, None, None, :]
+    return prod.reshape(len(u), -1)[:, 1:]
+
+
+def _bending(order: int) -> torch.Tensor:
+    """(order^3 - 1,) penalty per basis function, in the order of
+    :func:`_bias_basis`: (kx^2 + ky^2 + kz^2)^2, a cosine's squared second
+    derivative up to a constant, so fast wiggles cost far more than slow
+    ramps (the lowest costs 1)."""
+    k = torch.arange(order, dtype=torch.float64) ** 2
+    return ((k[:, None, None] + k[None, :, None] + k[None, None, :]) ** 2).reshape(-1)[1:]
+
+
+def _log_field(coords: torch.Tensor, box, coef: torch.Tensor) -> torch.Tensor:
+    """The log bias field (N,) at ``coords``, ``CHUNK_VOXELS`` at a time."""
+    out = torch.empty(len(coords), dtype=torch.float32)
+    for a in range(0, len(coords), CHUNK_VOXELS):
+        out[a:a + CHUNK_VOXELS] = _bias_basis(coords[a:a + CHUNK_VOXELS], box) @ coef
+    return out
+
+
+def _fit_log_field(log_y: torch.Tensor, post: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   background: int, basis: torch.Tensor) -> torch.Tensor:
+    """Coefficients of the log field that best explains ``log_y`` (n,) given
+    the posteriors (n, C) and each class's raw-unit ``mean`` and ``var``:
+    weighted least squares, with the delta-method precision mean^2 / var of
+    a class's log intensity; the background class has no weight."""
+    fg = torch.arange(post.shape[1]) != background
+    m = mean.clamp_min(1e-6)
+    w = post[:, fg] * (m.square() / var)[fg]
+    total = w.sum(1)
+    residual = log_y - (w @ m.log()[fg]) / total.clamp_min(1e-12)
+    a = basis.double()
+    aw = a * total.double()[:, None]
+    hess = aw.T @ a
+    hess += BIAS_RIDGE * hess.diagonal().mean().clamp_min(1e-12) * torch.diag(_bending(BIAS_ORDER))
+    return torch.linalg.solve(hess, aw.T @ residual.double()).float()
+
+
+def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: int = 0, iters: int = 20,
+                      inplace: bool = False, groups=None, coords: torch.Tensor | None = None) -> torch.Tensor:
     """Posteriors (N, C) float32 of N voxels given the network's ``prior``
     (N, C), summing to 1 per voxel, and the voxels' ``intensity`` (N,) in any
     unit. ``background``: the channel modelled by a histogram instead of a
-    Gaussian. ``iters``: EM iterations (the fit settles in 3-5).
+    Gaussian. ``iters``: EM iterations (measured on BrainWeb, grey/white
+    matter Dice still rises from 5 to 10 iterations (T2 0.90 -> 0.93) and
+    barely from 10 to 20).
     ``inplace``: write the result into ``prior`` (float32), which saves one
     (N, C) array (0.8 GB for a whole 1 mm head). ``groups`` (C,): channels
     with the same group id share one Gaussian (left/right twins): half the
     parameters, and a fit that cannot drift apart between hemispheres.
+    ``coords`` (N, 3), mm: the voxels' positions; given, a smooth
+    multiplicative bias field is fitted too (not for images with many
+    non-positive values, e.g. CT in Hounsfield units: no coil, no field).
 
     The intensity model is fitted on at most ``FIT_VOXELS`` voxels (a regular
     subsample: ~20 parameters need no more); the posteriors of all voxels are
@@ -87,25 +144,45 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
     if prior.ndim != 2 or intensity.shape != prior.shape[:1]:
         raise ValueError(f"prior (N, C) and intensity (N,) expected, got {tuple(prior.shape)} "
                          f"and {tuple(intensity.shape)}")
+    if coords is not None and coords.shape != (prior.shape[0], 3):
+        raise ValueError(f"coords (N, 3) expected, got {tuple(coords.shape)}")
     if inplace and prior.dtype != torch.float32:
         raise ValueError("inplace refinement needs a float32 prior")
-    x = _normalise(intensity.float())
-    n = x.numel()
+    y = intensity.float()
+    n = y.numel()
     step = -(-n // FIT_VOXELS)
-    xs = x[::step].contiguous()
+    ys = y[::step].contiguous()
+    lo, hi = (float(v) for v in np.percentile(ys.numpy(), [0.5, 99.5]))
+    scale = max(hi - lo, 1e-6)
     log_prior = prior[::step].float().clamp_min(PRIOR_FLOOR).log_()
     post = torch.softmax(log_prior, dim=1)
     groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
+    # Exact zeros are masked-out voxels (skull-stripped scans); negatives mean another unit (CT).
+    field = coords is not None and float((ys < 0).float().mean()) < 0.05
+    if field:
+        box = (coords.float().min(0).values, coords.float().max(0).values)
+        sub = max(1, len(ys) // BIAS_FIT_VOXELS)
+        basis = _bias_basis(coords[::step][::sub], box)
+        log_ys = ys.clamp_min(1e-3 * hi).log()
+        log_b = torch.zeros_like(ys)
+    xs = ((ys - lo) / scale).clamp_(0, 1)
     for _ in range(iters):
         # M step: each structure's (group's) intensity mean and variance under the current posteriors.
         w = _tied(post.sum(0), groups).clamp_min(1e-3)
         mean = _tied(xs @ post, groups) / w
         # Two passes (not E[x^2] - mean^2): float32 sums over millions of voxels cancel badly.
         var = _tied((xs[:, None] - mean).square_().mul_(post).sum(0), groups) / w + VAR_PRIOR
+        if field:   # then the field, given the classes; the voxels' corrected intensities follow
+            coef = _fit_log_field(log_ys[::sub], post[::sub], lo + scale * mean, scale ** 2 * var, background,
+                                  basis)
+            log_b = _log_field(coords[::step], box, coef)
+            xs = ((ys * torch.exp(-log_b) - lo) / scale).clamp_(0, 1)
         table = _background_table(xs, post[:, background])
         # E step (log domain: no underflow).
         post = _normalised_exp_(_log_posterior(xs, log_prior, mean, var, background, table))
     del log_prior, post
+    x = y if not field else y * torch.exp(-_log_field(coords, box, coef))
+    x = ((x - lo) / scale).clamp_(0, 1)
     out = prior if inplace else torch.empty(prior.shape, dtype=torch.float32)
     for a in range(0, n, CHUNK_VOXELS):
         lp = prior[a:a + CHUNK_VOXELS].float().clamp_min(PRIOR_FLOOR).log_()

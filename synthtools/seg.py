@@ -110,6 +110,7 @@ class SegResult:
     _conformed_summary: GridSummary | None = field(default=None, repr=False)
     network_posteriors: torch.Tensor | None = field(default=None, repr=False)
     _native_image: np.ndarray | None = field(default=None, repr=False)
+    _bias_field: bool = field(default=True, repr=False)
 
     @property
     def volumes(self) -> np.ndarray:
@@ -121,7 +122,8 @@ class SegResult:
         """(X, Y, Z, C) float32 posteriors on the native grid (linear interpolation)."""
         if self._posteriors is None and self._native_image is not None:
             self._posteriors = _refine_native(self.conformed, self.network_posteriors, self.label_values,
-                                              keep=True, image=self._native_image)[2]
+                                              keep=True, image=self._native_image,
+                                              bias_field=self._bias_field)[2]
         elif self._posteriors is None:
             self._posteriors = _map_to_native(self.conformed, self.conformed_posteriors,
                                               self.label_values, keep=True)[2]
@@ -275,10 +277,11 @@ def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
 
 
 def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool, image: np.ndarray,
-                   chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
+                   bias_field: bool = True, chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
     """:func:`_map_to_native`, then :func:`refine_posteriors` with the native
     ``image`` on the voxels whose background posterior is below
-    ``REFINE_BELOW`` (outside them the background wins anyway)."""
+    ``REFINE_BELOW`` (outside them the background wins anyway), with a bias
+    field unless ``bias_field`` is False."""
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
     bg = _background_channel(values)
@@ -294,8 +297,10 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
         sums[c] = p[outside].sum(dtype=np.float64)
         if post is not None:
             post[..., c] = p
+    coords = _world_coords(region, conf.native_affine) if bias_field else None
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
-                                background=bg, inplace=True, groups=twin_groups(values)).numpy()
+                                background=bg, inplace=True, groups=twin_groups(values), coords=coords).numpy()
+    del coords
     sums += refined.sum(0, dtype=np.float64)
     arg = np.full(shape, bg, dtype=np.uint8 if n <= 256 else np.int32)
     arg[region] = refined.argmax(1)
@@ -306,14 +311,26 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     return arg, summary, post
 
 
-def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray,
+                      bias_field: bool = True) -> torch.Tensor:
     """The network-grid posteriors refined with the conformed image (a copy)."""
     bg = _background_channel(values)
     out = prob.clone()
     region = prob[bg] < REFINE_BELOW
+    coords = _world_coords(region.numpy(), conf.affine) if bias_field else None
     out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg,
-                                       groups=twin_groups(values)).T
+                                       groups=twin_groups(values), coords=coords).T
     return out
+
+
+def _world_coords(region: np.ndarray, affine: np.ndarray) -> torch.Tensor:
+    """(N, 3) float32 world coordinates (mm) of the True voxels of ``region``, in C order."""
+    ijk = np.nonzero(region)
+    lin = np.asarray(affine, np.float64)
+    xyz = np.empty((len(ijk[0]), 3), dtype=np.float32)
+    for r in range(3):   # one output column at a time: no (N, 3) float64 temporaries
+        xyz[:, r] = lin[r, 0] * ijk[0] + lin[r, 1] * ijk[1] + lin[r, 2] * ijk[2] + lin[r, 3]
+    return torch.from_numpy(xyz)
 
 
 # ---------------------------------------------------------------- main --
@@ -321,7 +338,7 @@ def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray) -
 @torch.inference_mode()  # predict() returns inference tensors; the softmax updates them in place
 def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: bool = False,
             crop: int | Sequence[int] | None = None, posteriors: bool = False,
-            refine: bool = False) -> SegResult:
+            refine: bool = False, bias_field: bool = True) -> SegResult:
     """Segment a 3D image (or one ``frame`` of a 4D image).
 
     Steps: conform (trilinear) to the model's space, optional centre ``crop``
@@ -335,7 +352,8 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     ``refine``: take the network's posteriors as a spatial prior and refine
     them with an intensity model fitted to this image (:mod:`.refine`), on
     the native grid with the native image and on the network's grid with
-    the image it saw.
+    the image it saw; ``bias_field`` (with ``refine``): fit a smooth
+    multiplicative intensity field along with it.
     """
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
@@ -369,10 +387,10 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
         return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
                          conformed=conf, conformed_posteriors=prob, _posteriors=post, network_posteriors=prob)
     image = np.asarray(data, dtype=np.float32)
-    arg, summary, post = _refine_native(conf, prob, values, keep=posteriors, image=image)
+    arg, summary, post = _refine_native(conf, prob, values, keep=posteriors, image=image, bias_field=bias_field)
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
-                     conformed_posteriors=_refine_conformed(conf, prob, values), _posteriors=post,
-                     network_posteriors=prob, _native_image=image)
+                     conformed_posteriors=_refine_conformed(conf, prob, values, bias_field), _posteriors=post,
+                     network_posteriors=prob, _native_image=image, _bias_field=bias_field)
 
 
 # ------------------------------------------------------------- volumes --
