@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="intensity refinement (on unless --no-refine): take the network's posteriors as "
                    "a prior and fit an intensity model per structure to this image, so boundaries follow "
-                   "its edges (vxm T1 mean Dice 0.646 -> 0.738; BrainWeb grey/white matter 0.69 -> 0.89-0.94)")
+                   "its edges (vxm T1 mean Dice 0.646 -> 0.735; BrainWeb grey/white matter 0.69 -> 0.93-0.96)")
     p.add_argument("--bias-field", action=argparse.BooleanOptionalAction, default=True,
                    help="with the refinement (on unless --no-bias-field): also fit a smooth multiplicative "
                    "intensity field (coil inhomogeneity), as SPM and SAMSEG do")
