@@ -164,7 +164,6 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
         sub = max(1, len(ys) // BIAS_FIT_VOXELS)
         basis = _bias_basis(coords[::step][::sub], box)
         log_ys = ys.clamp_min(1e-3 * hi).log()
-        log_b = torch.zeros_like(ys)
     xs = ((ys - lo) / scale).clamp_(0, 1)
     for _ in range(iters):
         # M step: each structure's (group's) intensity mean and variance under the current posteriors.
@@ -175,8 +174,7 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
         if field:   # then the field, given the classes; the voxels' corrected intensities follow
             coef = _fit_log_field(log_ys[::sub], post[::sub], lo + scale * mean, scale ** 2 * var, background,
                                   basis)
-            log_b = _log_field(coords[::step], box, coef)
-            xs = ((ys * torch.exp(-log_b) - lo) / scale).clamp_(0, 1)
+            xs = ((ys * torch.exp(-_log_field(coords[::step], box, coef)) - lo) / scale).clamp_(0, 1)
         table = _background_table(xs, post[:, background])
         # E step (log domain: no underflow).
         post = _normalised_exp_(_log_posterior(xs, log_prior, mean, var, background, table))
