@@ -194,3 +194,23 @@ def test_same_anatomy_pair_ground_truth_aligns_labels():
     other = two_anatomy_pair(synth, idx, spheres((40, 44, 36), values=(0, 2, 1, 4, 3, 5)), (1, 1, 1), (1, 1, 1),
                              generator(7))
     assert other.fixed_to_moving is None
+
+
+def test_ct_like_gmm_makes_bone_brightest_and_brain_narrow():
+    from training.generator.intensity import RandomGMM
+    from training.generator.labels import GENERATION_LABELS
+    values = torch.as_tensor(GENERATION_LABELS)
+    gmm = RandomGMM(ct_prob=1.0, values=GENERATION_LABELS)
+    brain = (values > 0) & (values < 500)
+    bone = values == 515
+    for seed in range(20):
+        mu, _ = gmm.lookup(len(values), generator(seed))
+        assert mu[bone].min() > mu[~bone].max()              # bone is the brightest label
+        assert float(mu[brain].max() - mu[brain].min()) <= 0.15 + 1e-6   # a CT brain window
+        assert float(mu.min()) >= 0.0
+    # ct_prob = 0 draws exactly what the plain GMM draws (old seeds keep their samples)
+    plain, _ = RandomGMM().lookup(len(values), generator(3))
+    off, _ = RandomGMM(values=GENERATION_LABELS).lookup(len(values), generator(3))
+    assert torch.equal(plain, off)
+    with pytest.raises(ValueError, match="label values"):
+        RandomGMM(ct_prob=1.0).lookup(len(values), generator(0))

@@ -66,6 +66,11 @@ class SynthConfig:
                 setattr(cfg, key, value)
         return cfg
 
+    def with_label_values(self, values: Sequence[int]) -> "SynthConfig":
+        """A copy whose GMM knows the label value of each index (for its
+        CT-like draws, which single out bone and intracranial labels)."""
+        return dataclasses.replace(self, gmm=dataclasses.replace(self.gmm, values=tuple(int(v) for v in values)))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):

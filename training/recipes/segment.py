@@ -62,7 +62,7 @@ class SegmentRecipe(Recipe):
         channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
         self.to_channel = torch.tensor([channel[int(v)] for v in values])   # index -> channel
         self.flip_index = self.labels.flip_lut()                            # index -> twin index
-        gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
+        gen_cfg = SynthConfig.from_dict(cfg.get("generator")).with_label_values(self.labels.values)
         gen_cfg.crop_labels = True  # segment what the image shows
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels),
                                  brain_lut=self.labels.brain_lut(csf=True))

@@ -49,7 +49,7 @@ class SkullStripRecipe(Recipe):
             raise ValueError(f"recipe.boundaries must list 'csf' and/or 'nocsf' once, got {self.boundaries}")
         self.luts = [self.labels.brain_lut(csf=b == "csf") for b in self.boundaries]
         self.brain_lut = self.luts[0]
-        gen_cfg = SynthConfig.from_dict(cfg.get("generator"))
+        gen_cfg = SynthConfig.from_dict(cfg.get("generator")).with_label_values(self.labels.values)
         # Simulated skull-stripping keeps the widest brain (with CSF when learnt).
         widest = self.labels.brain_lut(csf="csf" in self.boundaries)
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels), brain_lut=widest)
