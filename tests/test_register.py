@@ -512,7 +512,23 @@ def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
     monkeypatch.setattr(reg_module, "register_linear", spy)
     monkeypatch.setattr(reg_module, "register_deform", lambda *a, **k: "deformed")
     assert reg_module.register(moving, fixed, "joint", {"linear": model, "deform": model}) == "deformed"
-    assert seen.get("native_level") is False
+    assert seen.get("native_level") is False and seen.get("passes") == 1   # one network pass too
     seen.clear()
     reg_module.register(moving, fixed, "affine", {"linear": model})
     assert seen.get("native_level", True) is True   # a linear registration keeps the full refinement
+    assert seen.get("passes") is None               # ... and the model's own number of passes
+
+
+def test_refinement_adam_steps_as_torch_adam():
+    """The refinement's own Adam (no torch.optim import) takes torch's steps."""
+    from synthtools.morph.refine import _Adam
+    a = torch.linspace(-1, 1, 12).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    ours, theirs = _Adam(a, 0.01), torch.optim.Adam([b], lr=0.01)
+    for _ in range(30):
+        for x, step in ((a, ours.step), (b, theirs.step)):
+            x.grad = None
+            ((x ** 3).sum() + (x * torch.arange(12.0)).sum()).backward()
+            step()
+    torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=0)
+    assert float((a.detach() - torch.linspace(-1, 1, 12)).abs().min()) > 0.05   # it really moved

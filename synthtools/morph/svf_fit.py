@@ -72,23 +72,41 @@ def _resample_velocity(vel: torch.Tensor, old: int, new: int, shape: Sequence[in
     return sample(vel[None], identity_grid(_coarse_shape(shape, new)) * (new / old), padding="border")[0]
 
 
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of (N, C, *S) maps over ``window``-voxel cubes centred on each
+    voxel (odd ``window``), counting only voxels inside the grid at the
+    edges. Separable, each axis a sum of ``window`` shifted slices: ~3x
+    faster forward + backward than ``avg_pool3d`` on CPU (which made up
+    ~40 % of a fit) and as exact, unlike differences of cumulative sums,
+    whose rounding (~1e-7) swamps the variance of flat regions (BrainWeb's
+    noise-free tissue) and blew up the NCC gradient there."""
+    r = window // 2
+    for ax in range(2, x.ndim):
+        n = x.shape[ax]
+        pad = [0, 0] * (x.ndim - 2)
+        pad[2 * (x.ndim - 1 - ax)] = pad[2 * (x.ndim - 1 - ax) + 1] = r   # F.pad lists the last axis first
+        xp = F.pad(x, pad)
+        total = xp.narrow(ax, 0, n)
+        for k in range(1, window):
+            total = total + xp.narrow(ax, k, n)
+        i = torch.arange(n)
+        count = (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(x.dtype)
+        shape = [1] * x.ndim
+        shape[ax] = n
+        x = total / count.view(shape)
+    return x
+
+
 def local_ncc2(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, window: int = 5,
                eps: float = 1e-9) -> torch.Tensor:
     """Mean over ``mask`` of the squared local correlation of two (1, 1, *S)
     images in ``window``-voxel cubes (1: locally linearly related, either
     sign; 0: unrelated or flat)."""
-    def box(x):   # separable mean over the window (3 x window taps, not window^3); edges: valid voxels only
-        for ax in range(3):
-            k = [1, 1, 1]
-            k[ax] = window
-            pad = [0, 0, 0]
-            pad[ax] = window // 2
-            x = F.avg_pool3d(x, tuple(k), stride=1, padding=tuple(pad), count_include_pad=False)
-        return x
-    ma, mb = box(a), box(b)
-    cov = box(a * b) - ma * mb
-    ncc2 = cov * cov / ((box(a * a) - ma * ma) * (box(b * b) - mb * mb) + eps)
-    return (ncc2 * mask).sum() / mask.sum().clamp_min(1)
+    m = _box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
+    ma, mb, aa, bb, ab = m.unbind(1)
+    cov = ab - ma * mb
+    ncc2 = cov * cov / ((aa - ma * ma) * (bb - mb * mb) + eps)
+    return (ncc2 * mask[:, 0]).sum() / mask.sum().clamp_min(1)
 
 
 class _GlobalAdam:
@@ -119,6 +137,18 @@ class _GlobalAdam:
         self.p.sub_(self.m, alpha=scale)
 
 
+def _upsample(disp: torch.Tensor, spacing: int, pool: int, box: tuple[slice, ...],
+              fine: torch.Tensor) -> torch.Tensor:
+    """A (3, *C) coarse displacement at the fine coordinates ``fine`` ((*B, 3),
+    the pooled voxels of ``box``). Unpooled, the coarse nodes fall on every
+    ``spacing``-th fine voxel and a trilinear upsampling + crop gives the same
+    values 4x faster (forward + backward) than ``grid_sample``."""
+    if pool != 1:
+        return sample(disp[None], (fine / spacing)[None], padding="border")[0]
+    size = [(c - 1) * spacing + 1 for c in disp.shape[1:]]
+    return F.interpolate(disp[None], size=size, mode="trilinear", align_corners=True)[(0, slice(None)) + box]
+
+
 def _box(mask: torch.Tensor) -> tuple[slice, ...]:
     """Bounding box of a non-empty (*S) mask."""
     nz = mask.nonzero()
@@ -126,7 +156,7 @@ def _box(mask: torch.Tensor) -> tuple[slice, ...]:
 
 
 def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weight: float,
-            levels: Sequence[tuple[int, int, int]] = LEVELS, lr: float = 0.2, steps: int = 7,
+            levels: Sequence[tuple[int, int, int]] = LEVELS, lr: float = 0.2, steps: int = 5,
             window: int = 5) -> tuple[torch.Tensor, int]:
     """Velocity field aligning ``moving`` to ``fixed`` ((*S) intensities in
     [0, 1] on one grid) inside ``mask`` ((*S), > 0 where the fit counts).
@@ -134,7 +164,11 @@ def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weigh
 
     ``weight`` (>= 0): smoothness weight (0: similarity alone; the map stays
     invertible). ``levels``: (velocity spacing, image pooling, Adam steps)
-    per level, coarsest first. ``lr``: Adam step (fine voxels). ``window``:
+    per level, coarsest first. ``lr``: Adam step (fine voxels). ``steps``:
+    squarings while fitting (5: v / 32 per step, ample for the velocities a
+    fit reaches; the returned field is integrated with 7 by
+    :func:`svf_displacement`; 7 while fitting cost 2.3 s a pair and gained
+    0.0002 GM/WM Dice on the benchmark pairs). ``window``:
     NCC cube edge (voxels of each level's grid)."""
     shape = fixed.shape
     if not bool((mask > 0).any()):
@@ -155,7 +189,7 @@ def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weigh
         vel = vel.clone().requires_grad_(True)
         step = _GlobalAdam(vel, lr)
         for _ in range(iters):
-            u = sample(_integrate(vel, spacing, steps)[None], (fine / spacing)[None], padding="border")[0]
+            u = _upsample(_integrate(vel, spacing, steps), spacing, pool, box, fine)
             moved = sample(m, ((fine + u.movedim(0, -1) - centre) / pool)[None])
             loss = -local_ncc2(f, moved, w, window) + weight * _gradient_penalty(vel, spacing)
             vel.grad = None
