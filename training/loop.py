@@ -219,6 +219,14 @@ def val_score(metrics: dict[str, float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def checkpoint_state(path: str | Path) -> dict:
+    """Weights and step of one checkpoint file (``best.pt``, ``checkpoint.pt``
+    or a copy of either): the weight average (EMA) where it holds one."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {"model": state.get("ema", state["model"]), "step": int(state["step"]),
+            "seconds": state.get("seconds", 0.0), "score": state.get("score"), "source": Path(path).name}
+
+
 def shipped_state(run: Path, which: str = "best") -> dict:
     """Weights and step a run would ship: ``best`` (``best.pt``, the best
     validation so far, falling back to the last checkpoint) or ``last``; the
@@ -227,12 +235,8 @@ def shipped_state(run: Path, which: str = "best") -> dict:
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     if which == "best" and best.exists():
-        state = torch.load(best, map_location="cpu", weights_only=True)
-        return {"model": state["model"], "step": int(state["step"]), "seconds": state.get("seconds", 0.0),
-                "score": state.get("score"), "source": "best.pt"}
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    return {"model": state.get("ema", state["model"]), "step": int(state["step"]),
-            "seconds": state.get("seconds", 0.0), "score": None, "source": "checkpoint.pt"}
+        return checkpoint_state(best)
+    return {**checkpoint_state(run / "checkpoint.pt"), "score": None}
 
 
 @dataclass
@@ -621,7 +625,7 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     vals = [r["val"] for r in rows if "val" in r and r["step"] == state["step"]]
     soup = None
     if average:
-        other = shipped_state(Path(average).parent, "best" if Path(average).name == "best.pt" else "last")
+        other = checkpoint_state(average)
         state["model"] = average_weights(state["model"], other["model"], average_weight)
         soup = {"checkpoint": str(average), "step": other["step"], "weight": average_weight}
         vals = []   # the logged validation was of the run's own weights, not of the average
