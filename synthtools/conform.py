@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
+from .nets.warp import grid_sample
 
 __all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis"]
 
@@ -166,9 +166,7 @@ def resample(
         g = grid[:, : x1 - x0]
         for c in range(3):
             torch.add(yz[c][None], ix[c][:, None, None], out=g[0, ..., c])
-        out[:, x0:x1] = F.grid_sample(
-            vol, g, mode=mode, padding_mode="zeros", align_corners=True
-        )[0]
+        out[:, x0:x1] = grid_sample(vol, g, mode=mode, padding="zeros")[0]
     del grid, vol
 
     if fill != 0.0:

@@ -55,7 +55,9 @@ def _log_posterior(x: torch.Tensor, log_prior: torch.Tensor, mean: torch.Tensor,
 
 def _normalised_exp_(logp: torch.Tensor) -> torch.Tensor:
     logp -= logp.max(1, keepdim=True).values
-    logp.exp_()
+    # Floor at e^-80 (1.8e-35): lower values become subnormal floats, and every later
+    # float32 product over the posteriors then runs many times slower.
+    logp.clamp_(min=-80.0).exp_()
     return logp.div_(logp.sum(1, keepdim=True))
 
 

@@ -419,3 +419,41 @@ def test_resample_identity_fill_and_orientation_affine():
     assert axcodes(a) == "LIA"
     np.testing.assert_allclose(np.abs(a[:3, :3]).sum(0), 2.0)
     np.testing.assert_allclose(centre(a, (10, 12, 14)), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("target", [(70, 9, 8), (1, 1, 40001), (33, 3, 400)])
+def test_threaded_grid_sample_equals_a_single_batch_item(target, monkeypatch):
+    """A 3D CPU sampling cut into one batch item per thread (ATen runs one
+    thread per item) returns F.grid_sample's values exactly, and the same
+    gradients (the field's up to summation order), for any target shape,
+    including lengths that do not divide evenly."""
+    import torch.nn.functional as F
+
+    from synthtools.nets import warp
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(warp, "_SPLIT_MIN_POINTS", 1000)
+        gen = torch.Generator().manual_seed(0)
+        field = torch.rand((1, 3, 9, 10, 11), generator=gen, requires_grad=True)
+        norm = (torch.rand((1, *target, 3), generator=gen) * 2.4 - 1.2).requires_grad_(True)
+        assert warp._batch_split(field, norm) == 2
+        for padding in ("zeros", "border"):
+            got = warp.grid_sample(field, norm, padding=padding)
+            want = F.grid_sample(field, norm, padding_mode=padding, align_corners=True)
+            assert got.shape == want.shape and torch.equal(got, want)
+            weights = torch.rand(want.shape, generator=gen)
+            g_got = torch.autograd.grad((got * weights).sum(), (field, norm))
+            g_want = torch.autograd.grad((want * weights).sum(), (field, norm))
+            torch.testing.assert_close(g_got[0], g_want[0])
+            assert torch.equal(g_got[1], g_want[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100_003])
+def test_upper_quantile_equals_torch_quantile(n):
+    from synthtools.infer import upper_quantile
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n)) ** 3 * 1000
+    for q in (0.9, 0.995, 1.0):
+        torch.testing.assert_close(upper_quantile(x, q), torch.quantile(x, q), rtol=1e-6, atol=0)

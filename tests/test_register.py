@@ -459,6 +459,18 @@ def test_mutual_information_is_contrast_agnostic_and_drops_when_misaligned():
     assert float(shifted) < 0.5 * float(same)
 
 
+def test_parzen_weights_hold_no_subnormal_floats():
+    """Far bins get a tiny normal weight, never a subnormal one (products
+    over subnormals ran ~30x slower), and each row still sums to 1."""
+    from synthtools.morph.refine import parzen_weights
+    x = torch.linspace(0, 1, 5000)
+    w = parzen_weights(x)
+    tiny = torch.finfo(torch.float32).tiny
+    assert bool(((w == 0) | (w >= tiny)).all())
+    torch.testing.assert_close(w.sum(1), torch.ones(5000))
+    assert int(w.argmax(1)[-1]) == 31 and float(w[0, 0]) > 0.3
+
+
 @pytest.mark.parametrize("mode", ["rigid", "affine"])
 def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     """The shipped model on the bundled clinical FLAIR (4 mm slices): the

@@ -12,7 +12,7 @@ import torch
 
 from synthtools.io import Volume, load_volume
 from synthtools.morph.register import register_deform
-from synthtools.morph.svf_fit import _box_mean, _gradient_penalty, fit_svf, local_ncc2, svf_displacement
+from synthtools.morph.svf_fit import _box_mean, _gradient_penalty, _upsample, fit_svf, local_ncc2, svf_displacement
 from synthtools.morph.transforms import Warp, as_geometry, to_dense
 from synthtools.nets.warp import identity_grid, integrate_svf, jacobian_determinant, warp_image
 
@@ -70,6 +70,24 @@ def test_box_mean_is_the_cube_mean_over_voxels_inside_the_grid():
     torch.testing.assert_close(got, want)
     # by hand at a corner: the mean of the 3 x 3 x 3 voxels that exist there
     torch.testing.assert_close(got[0, 1, 0, 0, 0], x[0, 1, :3, :3, :3].mean())
+
+
+@pytest.mark.parametrize("spacing", [2, 3])
+def test_upsample_on_the_box_equals_trilinear_interpolation_of_the_whole_grid(spacing):
+    """The box-only node interpolation gives F.interpolate's values (and
+    gradients) on the box, whatever the box's offset from the nodes."""
+    gen = torch.Generator().manual_seed(spacing)
+    disp = torch.randn((3, 7, 8, 6), generator=gen, dtype=torch.float64, requires_grad=True)
+    size = [(c - 1) * spacing + 1 for c in disp.shape[1:]]
+    box = (slice(1, size[0] - 2), slice(spacing, size[1]), slice(0, 1))
+    want = torch.nn.functional.interpolate(disp[None], size=size, mode="trilinear",
+                                           align_corners=True)[(0, slice(None)) + box]
+    got = _upsample(disp, spacing, 1, box, None)
+    torch.testing.assert_close(got, want)
+    weights = torch.rand(want.shape, generator=gen, dtype=torch.float64)
+    g_want, = torch.autograd.grad((want * weights).sum(), disp)
+    g_got, = torch.autograd.grad((got * weights).sum(), disp)
+    torch.testing.assert_close(g_got, g_want)
 
 
 def test_local_ncc2_ignores_offsets_and_scale_of_either_image():

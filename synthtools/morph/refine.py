@@ -21,6 +21,7 @@ from ..nets.warp import sample
 __all__ = ["refine_linear", "mutual_information", "parzen_weights", "brain_mask"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
+_MAX_HALF_Z2 = 50.0        # Parzen window exponent cap (see parzen_weights)
 
 
 def _correction(theta: torch.Tensor, rigid: bool) -> torch.Tensor:
@@ -75,7 +76,11 @@ def parzen_weights(x: torch.Tensor, bins: int = 32, sigma: float | None = None) 
     (``sigma``: one bin width by default); rows sum to 1."""
     centres = torch.linspace(0, 1, bins, dtype=x.dtype)
     sigma = sigma or 1.0 / (bins - 1)
-    w = torch.exp(-0.5 * ((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
+    # Exponent capped at 50 (weight 2e-22 beyond 10 sigma): far bins would otherwise hold
+    # subnormal floats, and float32 matrix products over them ran ~30x slower (20 ms instead
+    # of 0.6 ms for the 40k-point joint histogram).
+    z2 = (((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2).clamp_max(2 * _MAX_HALF_Z2)
+    w = torch.exp(-0.5 * z2)
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
@@ -96,7 +101,7 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fi
                   moving_vox2mm: torch.Tensor, rigid: bool, iterations: tuple[int, ...] = (40, 20),
                   lr: float = 0.01, images: tuple[torch.Tensor, torch.Tensor] | None = None,
                   native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  native_iterations: int = 30, seed: int = 0) -> torch.Tensor:
+                  native_iterations: int = 30, seed: int = 0, points: int = 40000) -> torch.Tensor:
     """The 4x4 correction E (fixed mm -> fixed mm) that best aligns the maps:
     the refined pull-back is ``M @ E`` when ``moving_vox2mm`` already holds
     the current estimate M (the moving image re-posed by it).
@@ -113,7 +118,8 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fi
     [0, 1] on their own, typically finer, grids) adds a last MI level of
     ``native_iterations`` steps on the scans as acquired: the same brain
     points, jittered within their voxel (``seed``), sampled on both native
-    grids, so the answer is not limited by the conformed grid's spacing."""
+    grids, so the answer is not limited by the conformed grid's spacing.
+    ``points``: at most this many fixed brain voxels per conformed level."""
     af, am = fixed_vox2mm.to(torch.float32), moving_vox2mm.to(torch.float32)
     if images is None:
         if feat_moving is None:
@@ -131,7 +137,7 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fi
         pyramid.append((psel, pf, pm, pa, pb))
     theta = torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True)
     for (sel, f, m, a, b), steps in zip(reversed(pyramid), iterations):
-        vox = _fixed_points(sel)
+        vox = _fixed_points(sel, max_points=points)
         if len(vox) == 0 or steps <= 0:
             continue
         mm = vox @ a[:3, :3].T + a[:3, 3]

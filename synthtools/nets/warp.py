@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["centered_grid", "mm_to_voxel", "sample", "integrate_svf", "identity_grid", "warp_image",
+__all__ = ["centered_grid", "mm_to_voxel", "sample", "grid_sample", "integrate_svf", "identity_grid", "warp_image",
            "jacobian_determinant", "centered_vox2mm"]
 
 
@@ -54,7 +54,53 @@ def sample(field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     shape = field.shape[2:]
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
     norm = (coords * scale - 1).flip(-1)  # grid_sample wants (x, y, z) = last axis first
-    return F.grid_sample(field, norm.to(field.dtype), mode=mode, padding_mode=padding, align_corners=True)
+    return grid_sample(field, norm.to(field.dtype), mode=mode, padding=padding)
+
+
+def grid_sample(field: torch.Tensor, norm: torch.Tensor, mode: str = "bilinear",
+                padding: str = "zeros") -> torch.Tensor:
+    """``F.grid_sample`` (align_corners=True) of a (B, C, *S) field at
+    normalised coordinates (B, *T, N), using every CPU thread for a 3D batch
+    of one (see :func:`_batch_split`); same values."""
+    parts = _batch_split(field, norm)
+    if parts > 1:
+        return _sample_split(field, norm, parts, mode, padding)
+    return F.grid_sample(field, norm, mode=mode, padding_mode=padding, align_corners=True)
+
+
+# Below this many target points a split costs more than the second thread gains.
+_SPLIT_MIN_POINTS = 1 << 15
+
+
+def _batch_split(field: torch.Tensor, norm: torch.Tensor) -> int:
+    """How many pieces to cut a 3D CPU sampling into. ATen's 3D CPU
+    grid sampler runs one thread per batch item (forward and backward), so a
+    batch of one uses one core whatever ``torch.get_num_threads()`` says;
+    the same points as a batch of ``threads`` run ~1.5x faster on 2 threads."""
+    if field.device.type != "cpu" or field.ndim != 5 or field.shape[0] != 1:
+        return 1
+    if norm[0, ..., 0].numel() < _SPLIT_MIN_POINTS:
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _sample_split(field: torch.Tensor, norm: torch.Tensor, parts: int, mode: str,
+                  padding: str) -> torch.Tensor:
+    """``grid_sample`` of a batch-of-one field at (1, *T, 3) normalised
+    coordinates, cut along the longest target axis into ``parts`` batch items
+    (the last piece padded by repeating its final slice); same values."""
+    axis = 1 + max(range(norm.ndim - 2), key=lambda a: norm.shape[1 + a])
+    n = norm.shape[axis]
+    size = -(-n // parts)
+    pad = size * parts - n
+    if pad:
+        norm = torch.cat([norm, norm.narrow(axis, n - 1, 1).expand(
+            *[pad if d == axis else -1 for d in range(norm.ndim)])], dim=axis)
+    pieces = torch.cat(norm.split(size, dim=axis), dim=0)
+    out = F.grid_sample(field.expand(parts, *field.shape[1:]), pieces, mode=mode, padding_mode=padding,
+                        align_corners=True)
+    out = torch.cat(out.split(1, dim=0), dim=axis + 1)       # output axes: (B, C, *T)
+    return out.narrow(axis + 1, 0, n) if pad else out
 
 
 def identity_grid(shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
