@@ -97,11 +97,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     dev = torch.device(device)
     if dev.type == "cpu" and net.config.get("ndim", 3) == 3:
         net = net.to(memory_format=torch.channels_last_3d)
-    bf16 = bool(meta.get("inference", {}).get("bf16", False)) and dev.type == "cpu" and _cpu_has_bf16()
+    bf16 = bool(meta.get("inference", {}).get("bf16", False)) and dev.type == "cpu" and cpu_has_bf16()
     return Model(net, meta, folder, bf16)
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
     except AttributeError:

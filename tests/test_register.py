@@ -525,10 +525,36 @@ def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
     monkeypatch.setattr(reg_module, "register_deform", lambda *a, **k: "deformed")
     assert reg_module.register(moving, fixed, "joint", {"linear": model, "deform": model}) == "deformed"
     assert seen.get("native_level") is False and seen.get("passes") == 1   # one network pass too
+    assert seen.get("refine_points") == reg_module.JOINT_REFINE_POINTS < 40000
+    assert seen["side"].bf16 == (reg_module.JOINT_BF16 and reg_module.cpu_has_bf16())
     seen.clear()
     reg_module.register(moving, fixed, "affine", {"linear": model})
     assert seen.get("native_level", True) is True   # a linear registration keeps the full refinement
     assert seen.get("passes") is None               # ... and the model's own number of passes
+    assert seen.get("refine_points", 40000) == 40000 and seen.get("side") is None   # float32 maps
+
+
+def test_bf16_feature_maps_keep_the_brain_and_its_barycentres():
+    """Joint mode's bf16 feature maps (where the CPU has bf16) give the
+    same brain mask as float32 to within 1 % of its voxels and channel
+    barycentres within 0.5 voxel on the bundled scan."""
+    from synthtools.data import example_scan
+    from synthtools.morph.refine import brain_mask
+    from synthtools.morph.register import _features, cpu_has_bf16, fixed_side
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 support")
+    model = load_model("synthmorph-affine")
+    x = fixed_side(model, load_volume(example_scan())).image
+    f32, f16 = _features(model, x), _features(model, x, bf16=True)
+    assert f16.dtype == torch.float32 and f16.shape == f32.shape
+    m32, m16 = brain_mask(f32, 0.5, 2), brain_mask(f16, 0.5, 2)
+    assert float((m32 != m16).sum()) < 0.01 * float(m32.sum())
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in x.shape], indexing="ij"))
+    mass32, mass16 = f32.sum((1, 2, 3)), f16.sum((1, 2, 3))
+    keep = mass32 > 100     # channels with real mass
+    c32 = torch.einsum("kxyz,axyz->ka", f32, grid)[keep] / mass32[keep, None]
+    c16 = torch.einsum("kxyz,axyz->ka", f16, grid)[keep] / mass16[keep, None]
+    assert float((c32 - c16).norm(dim=1).max()) < 0.5
 
 
 def test_refinement_adam_steps_as_torch_adam():

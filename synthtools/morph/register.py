@@ -30,7 +30,7 @@ import torch
 from ..conform import conform, resample
 from ..infer import normalize_intensities
 from ..io import Volume
-from ..weights import Model
+from ..weights import Model, cpu_has_bf16
 from .transforms import Affine, Geometry, Warp, as_geometry, invert
 
 __all__ = ["Registration", "FixedSide", "fixed_side", "register_linear", "register_deform", "register", "model_kind"]
@@ -71,16 +71,21 @@ class FixedSide:
     conformed: object
     image: torch.Tensor
     features: torch.Tensor | None = None
+    bf16: bool = False                  # feature maps (both images') under bf16 autocast
 
 
-def fixed_side(model: Model, fixed: Volume) -> FixedSide:
+def fixed_side(model: Model, fixed: Volume, bf16: bool = False) -> FixedSide:
+    """``bf16``: compute both images' feature maps under bf16 autocast
+    (where the CPU has it), twice as fast on CPU; for joint mode only (see
+    :data:`JOINT_BF16`)."""
     cf = _conform(model, _frame(fixed), fixed.affine)
-    return FixedSide(cf, normalize_intensities(cf.data))
+    use = bf16 and _device(model).type == "cpu" and cpu_has_bf16()
+    return FixedSide(cf, normalize_intensities(cf.data), bf16=use)
 
 
 def _with_features(model: Model, side: FixedSide) -> torch.Tensor:
     if side.features is None:
-        side.features = _features(model, side.image)
+        side.features = _features(model, side.image, side.bf16)
     return side.features
 
 
@@ -132,7 +137,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
         cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)
         xm = normalize_intensities(cm.data)
         am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
-        return am, xm, _features(model, xm) if features else None
+        return am, xm, _features(model, xm, side.bf16) if features else None
 
     m = np.eye(4) if init is None else np.asarray(init.matrix, dtype=np.float64)
     for _ in range(passes):
@@ -164,15 +169,17 @@ def _normalised(volume: Volume) -> torch.Tensor:
     return normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(volume), np.float32)))
 
 
-def _features(model: Model, x: torch.Tensor) -> torch.Tensor:
+def _features(model: Model, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """The network's feature maps (K, *S) of a normalised conformed image (a
     tensor usable outside inference mode). The network runs on the image's
     content box only (:func:`_content_box`) and the maps are zero outside
     it, as they are on empty background: a 256 mm field of view around a
-    head costs twice the voxels of the head."""
+    head costs twice the voxels of the head. ``bf16``: the network under
+    bf16 autocast (the maps are float32 either way)."""
     box = _content_box(x, int(model.meta["input"]["multiple"]))
-    with torch.inference_mode():
-        f = model.net.feature_maps(x[box][None, None].to(_device(model)))[0].float()
+    dev = _device(model)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        f = model.net.feature_maps(x[box][None, None].to(dev))[0].float()
     if f.shape[1:] == x.shape:
         return f.clone()
     out = torch.zeros((f.shape[0],) + tuple(x.shape), dtype=f.dtype, device=f.device)
@@ -204,6 +211,11 @@ def _centre_shift(conformed) -> np.ndarray:
 
 # Fixed brain voxels per conformed MI level in joint mode (40k for rigid/affine alone).
 JOINT_REFINE_POINTS = 20000
+# Joint mode computes the feature maps under bf16 autocast (where the CPU has it): 0.9 s less a
+# pair, GM/WM Dice 0.7912 -> 0.7905 on the four benchmark pairs; the MI refinement and the
+# deformable fit absorb the coarser maps. Rigid/affine alone keep float32 (their error targets
+# are sub-millimetre).
+JOINT_BF16 = True
 
 # -r 1 -> this smoothness weight of the test-time SVF fit (linear in -r; 0: similarity only).
 FIT_WEIGHT_MAX = 0.6
@@ -297,7 +309,7 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
     if mode == "deform":
         return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
     if mode == "joint":
-        side = fixed_side(models["linear"], fixed)
+        side = fixed_side(models["linear"], fixed, bf16=JOINT_BF16)
         # One network pass, no native MI level and half the MI points: the deformable fit
         # absorbs what each adds (four benchmark pairs, GM/WM Dice: second pass 0.7937 with,
         # 0.7932 without, 2.8 s; native level, see register_linear, 5 s; 40k -> 20k points
