@@ -459,6 +459,15 @@ def test_mutual_information_is_contrast_agnostic_and_drops_when_misaligned():
     assert float(shifted) < 0.5 * float(same)
 
 
+@pytest.mark.parametrize("radius", [0, 1, 2, 4])
+def test_dilate_cube_equals_max_pooling(radius):
+    from synthtools.morph.refine import dilate_cube
+    mask = torch.rand((9, 12, 3), generator=torch.Generator().manual_seed(radius)) > 0.9
+    want = torch.nn.functional.max_pool3d(mask.float()[None, None], 2 * radius + 1, stride=1,
+                                          padding=radius)[0, 0] > 0
+    assert torch.equal(dilate_cube(mask, radius), want)
+
+
 def test_parzen_weights_hold_no_subnormal_floats():
     """Far bins get a tiny normal weight, never a subnormal one (products
     over subnormals ran ~30x slower), and each row still sums to 1."""

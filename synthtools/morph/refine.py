@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..nets.warp import sample
 
-__all__ = ["refine_linear", "mutual_information", "parzen_weights", "brain_mask"]
+__all__ = ["refine_linear", "mutual_information", "parzen_weights", "brain_mask", "dilate_cube"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
 _MAX_HALF_Z2 = 50.0        # Parzen window exponent cap (see parzen_weights)
@@ -56,8 +56,21 @@ def _sample_points(feat: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
 def brain_mask(feat: torch.Tensor, threshold: float, dilate: int) -> torch.Tensor:
     """(*S) bool: where the (K, *S) feature maps' total mass exceeds
     ``threshold``, dilated by ``dilate`` voxels (the fixed brain)."""
-    mass = (feat.sum(0) > threshold).float()[None, None]
-    return F.max_pool3d(mass, 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0
+    return dilate_cube(feat.sum(0) > threshold, dilate)
+
+
+def dilate_cube(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of a bool (*S) mask by a (2 radius + 1)-voxel cube:
+    per axis, OR of shifted slices (as ``max_pool3d`` with stride 1, ~100x
+    faster on CPU)."""
+    for ax in range(mask.ndim):
+        n = mask.shape[ax]
+        out = mask.clone()
+        for s in range(1, min(radius, n - 1) + 1):
+            out.narrow(ax, s, n - s).logical_or_(mask.narrow(ax, 0, n - s))
+            out.narrow(ax, 0, n - s).logical_or_(mask.narrow(ax, s, n - s))
+        mask = out
+    return mask
 
 
 def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,

@@ -164,6 +164,14 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
 
 
+def _prepared(volume: Volume) -> Volume:
+    """The first frame as C-ordered float32, same grid. Images arrive in
+    nibabel's Fortran order, and every resampling made its own C-ordered
+    copy (7 copies, ~0.3 s of a 5 s joint registration)."""
+    data = np.ascontiguousarray(_frame(volume), dtype=np.float32)
+    return volume if data is volume.data else Volume(data, volume.affine, volume.header, volume.path)
+
+
 def _normalised(volume: Volume) -> torch.Tensor:
     """First frame of a native image, intensities mapped to [0, 1]."""
     return normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(volume), np.float32)))
@@ -303,6 +311,7 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
              regularization: float = 0.5, inverse: bool = True) -> Registration:
     """``synthmorph register``: ``mode`` rigid/affine (``models['linear']``),
     deform (``models['deform']``) or joint (both: affine then deformable)."""
+    moving, fixed = _prepared(moving), _prepared(fixed)
     if mode in ("rigid", "affine"):
         t = register_linear(models["linear"], moving, fixed, init)
         return Registration(t, invert(t) if inverse else None)

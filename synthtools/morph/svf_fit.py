@@ -41,8 +41,9 @@ __all__ = ["fit_svf", "svf_displacement", "local_ncc2", "LEVELS"]
 # (velocity spacing in fine voxels, image pooling in fine voxels, Adam steps), coarse first.
 # Steps, step size (fit_svf's lr), NCC window and squarings were chosen together on the four
 # benchmark pairs (runs/README.md, "Deformable fit speed", session 15): (50, 25) steps at lr 0.2,
-# window 5, 5 squarings gave GM/WM Dice 0.7932 in 8.3 s a pair; these defaults 0.7912 in 6.2 s.
-LEVELS: tuple[tuple[int, int, int], ...] = ((4, 2, 40), (2, 1, 18))
+# window 5, 5 squarings gave GM/WM Dice 0.7932 in 8.3 s a pair; (40, 18) at lr 0.25, window 3,
+# 4 squarings 0.7912 in 6.2 s; these (30, 14) at lr 0.3 0.7886 in 4.3 s (with bf16 features).
+LEVELS: tuple[tuple[int, int, int], ...] = ((4, 2, 30), (2, 1, 14))
 
 
 def _coarse_shape(shape: Sequence[int], spacing: int) -> tuple[int, ...]:
@@ -177,7 +178,7 @@ def _box(mask: torch.Tensor) -> tuple[slice, ...]:
 
 
 def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weight: float,
-            levels: Sequence[tuple[int, int, int]] = LEVELS, lr: float = 0.25, steps: int = 4,
+            levels: Sequence[tuple[int, int, int]] = LEVELS, lr: float = 0.3, steps: int = 4,
             window: int = 3) -> tuple[torch.Tensor, int]:
     """Velocity field aligning ``moving`` to ``fixed`` ((*S) intensities in
     [0, 1] on one grid) inside ``mask`` ((*S), > 0 where the fit counts).
