@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+
 from .nets.warp import grid_sample
 
 __all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis"]
