@@ -174,7 +174,7 @@ def _prepared(volume: Volume) -> Volume:
 
 def _normalised(volume: Volume) -> torch.Tensor:
     """First frame of a native image, intensities mapped to [0, 1]."""
-    return normalize_intensities(torch.from_numpy(np.ascontiguousarray(_frame(volume), np.float32)))
+    return normalize_intensities(torch.from_numpy(_prepared(volume).data))
 
 
 def _features(model: Model, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -246,7 +246,7 @@ def register_deform(model: Model, moving: Volume, fixed: Volume, affine: Affine 
     m = np.eye(4) if affine is None else np.asarray(affine.matrix, dtype=np.float64)
     side = fixed_side(model, fixed) if side is None else side
     cf, xf = side.conformed, side.image
-    mov = resample(np.ascontiguousarray(_frame(moving), dtype=np.float32), np.linalg.inv(m) @ moving.affine,
+    mov = resample(_prepared(moving).data, np.linalg.inv(m) @ moving.affine,
                    cf.affine, cf.shape, order=1)
     xm = normalize_intensities(torch.from_numpy(mov))
     if model_kind(model) == "svf":
