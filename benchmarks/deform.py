@@ -28,6 +28,8 @@ reg_deform.md/.json/.png and the peer's reg_deform_ants.json::
 
     python benchmarks/deform.py                       # ours + ANTs
     python benchmarks/deform.py --peers reuse         # ANTs from reg_deform_ants.json
+    python benchmarks/deform.py --peers reuse --no-speed --network RUN_EXPORT --out /tmp/x
+                                                      # + a trained SVF network as the deformable step
 """
 from __future__ import annotations
 
@@ -98,24 +100,27 @@ def folding(warp) -> float:
     return float((det <= 0).double().mean())
 
 
-def run_ours(pairs: list[dict], regularization: float) -> dict:
+def run_ours(pairs: list[dict], regularization: float, network: str | None = None) -> dict:
+    """Joint registration: the shipped affine model, then the test-time fit
+    or, with ``network`` (an SVF model folder), that network."""
     from synthtools.morph.register import register
     from synthtools.morph.transforms import apply_transform, as_geometry
     from synthtools.weights import load_model
     from synthtools.io import Volume
     model = load_model("synthmorph-affine")
+    deform = load_model(network) if network else model
     res = {}
     for p in pairs:
         (mov, mlab), (fix, flab) = p["moving"], p["fixed"]
         t0 = time.perf_counter()
-        reg = register(mov, fix, "joint", {"linear": model, "deform": model}, regularization=regularization,
+        reg = register(mov, fix, "joint", {"linear": model, "deform": deform}, regularization=regularization,
                        inverse=False)
         wall = time.perf_counter() - t0
         labels = Volume(mlab, mov.affine, None)
         moved = np.rint(apply_transform(reg.transform, labels, as_geometry(fix), order=0)).astype(np.uint8)
         res[p["name"]] = {"run_s": round(wall, 2), **score(moved, flab), "neg_jacobian": folding(reg.transform)}
         print(p["name"], res[p["name"]], flush=True)
-    return {"cases": res, "model": "models/synthmorph-affine + synthtools.morph.svf_fit",
+    return {"cases": res, "model": "models/synthmorph-affine + " + (str(network) if network else "synthtools.morph.svf_fit"),
             "regularization": regularization}
 
 
@@ -211,6 +216,11 @@ def markdown(data: dict) -> str:
                      + ("" if data.get("same_run_peer", True) else
                         "; ANTs was timed in an earlier run (reg_deform_ants.json), not necessarily under the same load")
                      + ".")
+    if "network_gm_wm" in s:
+        net = data["network"]
+        lines.append(f"Joint with a trained SVF network as the deformable step ({net['model']}): mean GM/WM "
+                     f"{s['network_gm_wm']:.3f} in {s['network_s']:.1f} s a pair, folding at most "
+                     f"{max(r['neg_jacobian'] for r in net['cases'].values()):.1e}.")
     sp = data.get("speed", {})
     if sp.get("status") == "ok":
         lines.append(f"Joint registration of two 1 mm 256^3 heads (whole command): {sp['wall_s']:.1f} s, "
@@ -250,6 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--network", help="also score joint registration with this SVF model folder as the deformable step")
     a = ap.parse_args(argv)
     limit_threads(a.threads)
     import torch
@@ -268,12 +279,17 @@ def main(argv=None) -> int:
             "same_run_peer": a.peers == "ants"}
     if ants is not None:
         data["ants"] = ants
+    if a.network:
+        data["network"] = run_ours(pairs, a.regularization, a.network)
     if not a.no_speed:
         data["speed"] = run_speed(a.threads, a.speed_repeats)
     cases = data["ours"]["cases"]
     s = {"affine_gm_wm": statistics.fmean(r["gm_wm"] for r in data["affine_only"]["cases"].values()),
          "ours_gm_wm": statistics.fmean(r["gm_wm"] for r in cases.values()),
          "ours_s": statistics.fmean(r["run_s"] for r in cases.values())}
+    if a.network:
+        s["network_gm_wm"] = statistics.fmean(r["gm_wm"] for r in data["network"]["cases"].values())
+        s["network_s"] = statistics.fmean(r["run_s"] for r in data["network"]["cases"].values())
     if ants is not None and ants.get("status") == "ok":
         s["ants_gm_wm"] = statistics.fmean(r["gm_wm"] for r in ants["cases"].values())
         s["ants_s"] = statistics.fmean(r["run_s"] for r in ants["cases"].values())

@@ -57,9 +57,9 @@ def build_net(arch: dict[str, Any]) -> torch.nn.Module:
     kind = arch.pop("type", "unet")
     if kind == "unet":
         return UNet(**arch)
-    if kind in ("barycenter_affine", "svf_unet"):
-        from .nets.registration import BarycenterAffine, SVFNet
-        return (BarycenterAffine if kind == "barycenter_affine" else SVFNet)(**arch)
+    if kind in ("barycenter_affine", "svf_unet", "feature_svf"):
+        from .nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
+        return {"barycenter_affine": BarycenterAffine, "svf_unet": SVFNet, "feature_svf": FeatureSVFNet}[kind](**arch)
     raise ModelError(f"unknown architecture type {kind!r}")
 
 

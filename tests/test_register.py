@@ -125,7 +125,7 @@ def test_svf_network_integrates_to_a_diffeomorphism():
     torch.manual_seed(3)
     net = SVFNet(features=(4, 8), convs=1, steps=7).eval()
     with torch.no_grad():
-        net.head.weight.normal_(0, 0.5)                           # strong random fields, not the near-zero init
+        net.head.weight.normal_(0, 0.2)                           # strong random fields, not the near-zero init
         x = torch.rand(2, 1, 16, 16, 16)
         vel = net(x[:1], x[1:], torch.tensor([0.3]))
         disp = net.displacement(vel)
@@ -283,6 +283,119 @@ def test_deform_result_is_the_composition_of_affine_and_network_warp():
     assert np.abs(reg.transform.disp).max() > 5
     assert np.allclose(reg.transform.disp, ref.disp, atol=1e-3)
     assert np.allclose(reg.inverse.disp, ref_inv.disp, atol=1e-3)
+
+
+def test_svf_network_keeps_its_activation_scale():
+    # With PyTorch's default init the decoder output was ~10x smaller than the
+    # input (no normalisation layers), which stalled the head's learning.
+    from synthtools.nets.unet import run_levels
+    torch.manual_seed(0)
+    net = SVFNet(features=(16, 32, 32, 32), convs=2)
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        out = run_levels(x, net.down, net.up)[-1]
+    assert 0.5 < float(out.std() / x.std()) < 10
+
+
+def test_displacement_error_is_the_mm_distance_to_the_true_position():
+    from training.recipes.register import displacement_error
+    target = identity_grid((6, 7, 8))[0].movedim(-1, 0)[None] + torch.tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+    mask = torch.zeros(1, 1, 6, 7, 8, dtype=torch.bool)
+    mask[..., 1:4, :, :] = True
+    exact = torch.zeros(1, 3, 6, 7, 8)
+    exact[:, 0] = 0.5
+    assert float(displacement_error(exact, target, mask, voxsize=4.0)) < 1e-6
+    # Off by 0.5 voxel = 2 mm everywhere: Charbonnier sqrt(2^2 + 1) - 1 (eps = 1 mm).
+    err = displacement_error(torch.zeros(1, 3, 6, 7, 8), target, mask, voxsize=4.0)
+    assert abs(float(err) - (5 ** 0.5 - 1)) < 1e-5
+    # Only the mask counts.
+    exact[..., 5, :, :] = 10.0
+    assert float(displacement_error(exact, target, mask, voxsize=4.0)) < 1e-6
+
+
+def test_supervised_deform_pairs_carry_the_true_correspondence(tmp_path):
+    from training.recipes import get_recipe
+    from training.recipes.register import soft_dice
+    write_label_map(tmp_path / "a.nii.gz")
+    cfg = tiny_reg_cfg("deform_warmup", tmp_path)
+    cfg["recipe"]["shape"] = [48, 48, 48]      # the whole head: nothing moves in from outside the grid
+    cfg["recipe"]["voxsize"] = 4.0
+    recipe = get_recipe(cfg)
+    index_map, voxsize = recipe.dataset().label_map(str(tmp_path / "a.nii.gz"))
+    gains = []
+    for seed in range(3):
+        s = recipe.make_sample(index_map, voxsize, torch.Generator().manual_seed(seed))
+        assert s["target"].shape == (3, 48, 48, 48) and not recipe.sample_problems(s)
+        disp = (s["target"] - identity_grid((48, 48, 48))[0].movedim(-1, 0))[None]
+        onehot = [torch.nn.functional.one_hot(s[k].long(), recipe.num_classes).movedim(-1, 0)[None, 1:].float()
+                  for k in ("moving_labels", "fixed_labels")]
+        before = soft_dice(onehot[0], onehot[1])
+        after = soft_dice(warp_image(onehot[0], disp, mode="nearest"), onehot[1])
+        gains.append(float(after - before))
+    # Following the true correspondence aligns the two label maps (0.65-0.71
+    # -> 0.91: nearest-neighbour resampling at 4 mm limits it).
+    assert min(gains) > 0.15
+    with pytest.raises(ValueError, match="one label map"):
+        recipe.make_sample(index_map, voxsize, torch.Generator().manual_seed(0), (index_map, voxsize))
+
+
+def test_supervised_deform_warmup_trains_and_its_loss_falls_on_one_pair(tmp_path):
+    from training.loop import train
+    from training.recipes import get_recipe
+    write_label_map(tmp_path / "a.nii.gz")
+    cfg = tiny_reg_cfg("deform_warmup", tmp_path)
+    cfg["train"]["lr"] = 1e-3
+    recipe = get_recipe(cfg)
+    train(recipe, tmp_path / "run", steps=40, sanity=True, log=lambda *a: None)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_feature_svf_network_keeps_its_encoder_frozen_and_matches_svf_interface():
+    from synthtools.nets.registration import FeatureSVFNet
+    torch.manual_seed(0)
+    enc = BarycenterAffine(3, 1, 6, features=(4, 8), convs=1, symmetric=True)
+    net = FeatureSVFNet(dict(type="barycenter_affine", **enc.config), features=(4, 8), convs=1, steps=5)
+    net.encoder.load_state_dict(enc.state_dict())
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    assert net.multiple == 2
+    moving, fixed = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        net.svf.head.weight.normal_(0, 0.1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    vel = net(moving, fixed, torch.tensor([0.5]))
+    assert vel.shape == (1, 3, 8, 8, 8)
+    vel.square().mean().backward()
+    opt.step()
+    assert all(p.grad is None for p in net.encoder.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.encoder.state_dict().items())
+    # The U-Net sees the encoder's maps at the model's grid: the encoder's
+    # maps of the image upsampled x2, averaged back over 2^3 blocks.
+    up = torch.nn.functional.interpolate(moving, scale_factor=2, mode="trilinear", align_corners=False)
+    with torch.no_grad():
+        ref = torch.nn.functional.avg_pool3d(enc.feature_maps(up), 2)
+        assert torch.allclose(net.encode(moving), ref, atol=1e-6)
+    assert net.displacement(vel.detach()).shape == vel.shape
+
+
+def test_feature_deform_recipe_trains_from_the_affine_model_and_exports(pair, tmp_path):
+    from training.loop import export, train
+    from training.recipes import get_recipe
+    write_label_map(tmp_path / "a.nii.gz")
+    cfg = tiny_reg_cfg("deform_features", tmp_path)
+    cfg["train"]["init"] = "synthmorph-affine"
+    recipe = get_recipe(cfg)
+    train(recipe, tmp_path / "run", steps=2, log=lambda *a: None, check=False)
+    folder = export(recipe, tmp_path / "run", tmp_path / "model", "synthmorph-deform-test", which="last")
+    model = load_model(folder)
+    affine = load_model("synthmorph-affine")
+    # The shipped encoder is the affine model's feature network, untouched by training.
+    enc = model.net.encoder.state_dict()
+    assert all(torch.allclose(enc[k], v, atol=1e-3 * (1 + v.abs().max())) for k, v in affine.net.state_dict().items())
+    moving, fixed = (load_volume(p) for p in pair)
+    reg = register_deform(model, moving, fixed)
+    assert reg.transform.disp.shape[:3] == fixed.shape[:3] and np.isfinite(reg.transform.disp).all()
 
 
 # ---------------------------------------------------------------- tiny training + CLI

@@ -233,6 +233,14 @@ class SVFNet(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
                                  nn.LeakyReLU(0.2))
         self.film = nn.ModuleList([FiLM(hidden, f[-1])] + [FiLM(hidden, f[k]) for k in range(len(f) - 2, -1, -1)])
+        # PyTorch's default conv init shrinks activations ~0.4x per layer
+        # without normalisation: the decoder output of this U-Net was 10x
+        # smaller than its input, which slowed the head's learning. He
+        # initialisation for LeakyReLU(0.2) keeps them at the input's scale.
+        for m in list(self.down.modules()) + list(self.up.modules()):
+            if isinstance(m, _conv(ndim)):
+                nn.init.kaiming_normal_(m.weight, a=0.2)
+                nn.init.zeros_(m.bias)
         self.head = _conv(ndim)(f[0], ndim, 3, padding=1)
         nn.init.normal_(self.head.weight, std=1e-5)   # start near the identity
         nn.init.zeros_(self.head.bias)
@@ -252,3 +260,62 @@ class SVFNet(nn.Module):
     def displacement(self, velocity: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """exp(v) (or exp(-v), its exact inverse) as a displacement in voxels."""
         return integrate_svf(-velocity if inverse else velocity, self.steps)
+
+
+class FeatureSVFNet(nn.Module):
+    """:class:`SVFNet` on the feature maps of a frozen registration feature
+    network (``encoder``: a :class:`BarycenterAffine` config, e.g. the
+    shipped synthmorph-affine's) instead of on the raw images. Same interface
+    as SVFNet: ``forward(moving, fixed, lam)`` takes images on the model's grid
+    and returns the velocity (voxels) on it. Each image is upsampled ``scale``
+    times (trilinear) to the encoder's grid, and its maps are average-pooled
+    back: the encoder's features are tied to its training voxel size (at the
+    coarser grid directly they carried nothing the U-Net could learn from).
+
+    Why: from raw synthetic images of random contrasts the SVF U-Net did not
+    start learning in CPU-sized runs; it must first learn contrast-invariant
+    features. The encoder's anatomical maps are such features already (on
+    them the same U-Net learns at the pace it does from the label maps
+    themselves; runs/README.md)."""
+    arch_type = "feature_svf"
+
+    def __init__(self, encoder: dict, ndim: int = 3, features: Sequence[int] = (16, 32, 32, 32),
+                 convs: int = 2, steps: int = 7, hidden: int = 32, scale: int = 2):
+        super().__init__()
+        enc = {k: v for k, v in dict(encoder).items() if k != "type"}
+        self.encoder = BarycenterAffine(**enc)
+        self.encoder.requires_grad_(False)
+        self.scale = int(scale)
+        self.svf = SVFNet(ndim, int(enc.get("keypoints", 32)), features, convs, steps, hidden)
+        self.steps = self.svf.steps
+        self.config = dict(encoder=dict(type=BarycenterAffine.arch_type, **self.encoder.config), ndim=ndim,
+                           features=list(features), convs=convs, steps=self.steps, hidden=hidden, scale=self.scale)
+
+    @property
+    def multiple(self) -> int:
+        return max(self.encoder.multiple // self.scale, self.svf.multiple, 1)
+
+    def train(self, mode: bool = True) -> "FeatureSVFNet":
+        super().train(mode)
+        self.encoder.eval()   # frozen
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, K, *S) of images (B, 1, *S) on the model's grid."""
+        mode = {3: "trilinear", 2: "bilinear"}[x.ndim - 2]
+        pool = {3: F.avg_pool3d, 2: F.avg_pool2d}[x.ndim - 2]
+        with torch.no_grad():
+            up = F.interpolate(x, scale_factor=self.scale, mode=mode, align_corners=False) if self.scale > 1 else x
+            f = self.encoder.feature_maps(up)
+            return pool(f, self.scale) if self.scale > 1 else f
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, lam: torch.Tensor | float = 0.5) -> torch.Tensor:
+        if moving.shape == fixed.shape:   # one encoder pass for both
+            f = self.encode(torch.cat([moving, fixed]))
+            fm, ff = f[:moving.shape[0]], f[moving.shape[0]:]
+        else:
+            fm, ff = self.encode(moving), self.encode(fixed)
+        return self.svf(fm, ff, lam)
+
+    def displacement(self, velocity: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return self.svf.displacement(velocity, inverse)

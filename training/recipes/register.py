@@ -24,22 +24,31 @@ soft Dice of the moving one-hot labels, moved by the predicted warp, against
 the fixed ones (SynthSeg 2.0 labels merged into 8 large brain classes; the
 background does not count) + lambda * reg_weight * mean squared gradient of
 the velocity field, with lambda ~ U(0, 1) per sample and given to the network,
-which is conditioned on it (``synthmorph register -r``).
+which is conditioned on it (``synthmorph register -r``). With
+``recipe.supervised`` every pair is one label map under two poses and warps,
+and the Dice term is replaced by the mean Charbonnier distance (mm) between
+the predicted and the true moving position of the fixed brain voxels, as in
+the linear recipes: a dense target at every voxel (``deform_warmup.toml``).
+Neither loss started learning from raw images in CPU-sized runs; with
+``model.encoder`` the U-Net sees a frozen registration network's feature
+maps of both images instead (:class:`FeatureSVFNet`, ``deform_features.toml``)
+and does learn (runs/README.md).
 """
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import torch
 
-from synthtools.nets.registration import BarycenterAffine, SVFNet
-from synthtools.nets.warp import centered_vox2mm, integrate_svf, warp_image
-from synthtools.weights import Model
+from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
+from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
+from synthtools.weights import Model, resolve
 
 from ..generator.dataset import LabelMapDataset
 from ..generator.noise import randint, uniform
-from ..generator.pairs import same_anatomy_pair
+from ..generator.pairs import correspondence, same_anatomy_pair
 from ..generator.spatial import nearest, sample_transform
 from ..generator.synth import Sample, SynthConfig, Synthesizer
 from ..validation import REG_CASES, score_reg
@@ -197,10 +206,16 @@ def correspondence_loss(mat: torch.Tensor, target_vox: torch.Tensor, mask: torch
         true_mm = target_vox.movedim(1, -1) @ v2m[:3, :3].T + v2m[:3, 3]  # (B, *S, 3)
         lin = mat[:, :3, :3].reshape(-1, 1, 1, 1, 3, 3)
         pred_mm = (lin @ fixed_mm[None, ..., None])[..., 0] + mat[:, :3, 3].reshape(-1, 1, 1, 1, 3)
-        dist = torch.sqrt(((pred_mm - true_mm) ** 2).sum(-1) + eps ** 2) - eps
-        m = mask[:, 0].float()
-        per = (dist * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-        return per.mean()
+        return charbonnier_mean(((pred_mm - true_mm) ** 2).sum(-1), mask, eps).mean()
+
+
+def charbonnier_mean(d2: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per batch element, the mean over ``mask`` (B, 1, *S) of the
+    Charbonnier distance sqrt(d2 + eps^2) - eps of squared distances ``d2``
+    (B, *S, mm^2): ~linear in the distance, smooth at 0."""
+    dist = torch.sqrt(d2 + eps ** 2) - eps
+    m = mask[:, 0].float()
+    return (dist * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
 
 
 class _PairMaker:
@@ -224,7 +239,10 @@ class DeformRecipe(_RegistrationRecipe):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         r = cfg["recipe"]
-        self.same_map_prob = float(r.get("same_map_prob", 0.2))
+        self.supervised = bool(r.get("supervised", False))
+        self.loss_eps = float(r.get("charbonnier_mm", 1.0))
+        # The true correspondence is known only within one label map.
+        self.same_map_prob = 1.0 if self.supervised else float(r.get("same_map_prob", 0.2))
         self.reg_weight = float(r.get("reg_weight", 1.0))
         self.lam_range = tuple(float(x) for x in r.get("lambda", (0.0, 1.0)))
         lut = torch.zeros(len(self.labels), dtype=torch.int64)
@@ -236,10 +254,17 @@ class DeformRecipe(_RegistrationRecipe):
         self.num_classes = len(REG_CLASSES) + 1
         self._centres: dict[tuple, torch.Tensor] = {}
 
-    def build_model(self) -> SVFNet:
+    def build_model(self) -> SVFNet | FeatureSVFNet:
+        """SVFNet on the images, or with ``model.encoder`` (a registration
+        model: shipped name or folder) FeatureSVFNet on that model's feature
+        maps (load its weights with ``train.init`` and ``init_into = "encoder"``)."""
         m = self.cfg["model"]
-        return SVFNet(3, 1, features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", 2)),
-                      steps=int(m.get("steps", 7)), hidden=int(m.get("hidden", 32)))
+        opts = dict(features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", 2)),
+                    steps=int(m.get("steps", 7)), hidden=int(m.get("hidden", 32)))
+        if m.get("encoder"):
+            meta = json.loads((resolve(str(m["encoder"])) / "metadata.json").read_text())
+            return FeatureSVFNet(meta["architecture"], 3, scale=int(m.get("encoder_scale", 2)), **opts)
+        return SVFNet(3, 1, **opts)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         ds = super().dataset(start, rank, world)
@@ -271,14 +296,24 @@ class DeformRecipe(_RegistrationRecipe):
                                 centre_mm=self.brain_centre(m_map, m_vox), **out)
         lut = self.class_lut.to(fixed.labels.device)
         lam = torch.tensor([uniform(gen, *self.lam_range)], dtype=torch.float32)
-        return {"image": moving.image, "fixed": fixed.image, "fixed_labels": lut[fixed.labels.long()],
-                "moving_labels": lut[moving.labels.long()], "lambda": lam}
+        sample = {"image": moving.image, "fixed": fixed.image, "fixed_labels": lut[fixed.labels.long()],
+                  "moving_labels": lut[moving.labels.long()], "lambda": lam}
+        if self.supervised:
+            if moving_map is not None:
+                raise ValueError("supervised deform pairs need one label map (the correspondence is unknown)")
+            target = correspondence(fixed.transform, moving.transform, index_map.device)
+            if target is None:
+                raise ValueError("supervised deform pairs need invertible (SVF) generator warps")
+            sample["target"] = target.float()
+        return sample
 
     def sample_problems(self, sample: dict[str, torch.Tensor]) -> list[str]:
         problems = []
         for key in ("fixed_labels", "moving_labels"):
             if int(sample[key].unique().numel()) < 3:
                 problems.append(f"{key}: fewer than 2 brain classes left (anatomy out of the FOV?)")
+        if "target" in sample and not torch.isfinite(sample["target"]).all():
+            problems.append("ground-truth correspondence is not finite")
         return problems
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -288,12 +323,16 @@ class DeformRecipe(_RegistrationRecipe):
             vel = vel.float()
             steps = (model.module if hasattr(model, "module") else model).steps   # DDP wraps
             disp = integrate_svf(vel, steps)
+            reg = velocity_smoothness(vel)                               # (B,)
+            if self.supervised:
+                brain = (batch["fixed_labels"] > 0)[:, None]
+                err = displacement_error(disp, batch["target"].float(), brain, self.voxsize, self.loss_eps)
+                return (err + lam * self.reg_weight * reg).mean()
             k = self.num_classes
             moving = torch.nn.functional.one_hot(batch["moving_labels"].long(), k).movedim(-1, 1).float()
             fixed = torch.nn.functional.one_hot(batch["fixed_labels"].long(), k).movedim(-1, 1).float()
             moved = warp_image(moving, disp)
             dice = soft_dice(moved[:, 1:], fixed[:, 1:])                 # (B,), background excluded
-            reg = velocity_smoothness(vel)                               # (B,)
             return ((1 - dice) + lam * self.reg_weight * reg).mean()
 
     def output_metadata(self) -> dict[str, Any]:
@@ -307,6 +346,16 @@ class DeformRecipe(_RegistrationRecipe):
         # Deformable alone, from the scanner alignment (no affine step).
         return score_reg(lambda moving, fixed: register_deform(model, moving, fixed).transform,
                          self.validation_cases(REG_CASES))
+
+
+def displacement_error(disp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, voxsize: float,
+                       eps: float = 1.0) -> torch.Tensor:
+    """Mean Charbonnier distance sqrt(d^2 + eps^2) - eps (mm) per batch
+    element between the predicted moving position of each fixed voxel,
+    x + ``disp`` (B, N, *S, voxels), and its true one ``target`` (B, N, *S,
+    moving voxels of the same grid), over ``mask`` (B, 1, *S)."""
+    ident = identity_grid(disp.shape[2:], disp.device, disp.dtype)[0].movedim(-1, 0)
+    return charbonnier_mean(((ident + disp - target) ** 2).sum(1) * voxsize ** 2, mask, eps)
 
 
 def soft_dice(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
