@@ -32,6 +32,7 @@ on the fixed grid moves the moving image by ``moved(x) = moving(x + u(x))``.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -293,7 +294,10 @@ class FeatureSVFNet(nn.Module):
 
     @property
     def multiple(self) -> int:
-        return max(self.encoder.multiple // self.scale, self.svf.multiple, 1)
+        # The input size n must make both n (the SVF U-Net) and n * scale
+        # (the encoder, after upsampling) divisible by their multiples.
+        enc = self.encoder.multiple // math.gcd(self.encoder.multiple, self.scale)
+        return math.lcm(enc, self.svf.multiple)
 
     def train(self, mode: bool = True) -> "FeatureSVFNet":
         super().train(mode)
