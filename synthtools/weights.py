@@ -76,14 +76,19 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     raise ModelError(f"{name_or_path}: no such model (looked in {models_dir()})")
 
 
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """A model folder's ``metadata.json``; ModelError (one line) if unreadable."""
+    meta_path = Path(folder) / "metadata.json"
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{meta_path}: unreadable model metadata ({e.__class__.__name__})") from None
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
     """Load and verify a model; raises ModelError with a one-line message."""
     folder = resolve(name_or_path)
-    meta_path = folder / "metadata.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{meta_path}: unreadable model metadata ({e.__class__.__name__})") from None
+    meta = read_metadata(folder)
     weights = folder / meta.get("weights", "weights.pt")
     if not weights.is_file():
         raise ModelError(f"{weights}: model weights missing (model not yet available)")

@@ -304,13 +304,12 @@ def init_file(name: str) -> Path:
     p = Path(name)
     if p.is_file():
         return p
-    from synthtools.weights import ModelError, resolve
+    from synthtools.weights import ModelError, read_metadata, resolve
     try:
         folder = resolve(name)
     except ModelError:
         raise FileNotFoundError(f"train.init = {name!r}: no such file or model") from None
-    meta = json.loads((folder / "metadata.json").read_text())
-    return folder / meta.get("weights", "weights.pt")
+    return folder / read_metadata(folder).get("weights", "weights.pt")
 
 
 def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False,

@@ -280,16 +280,17 @@ class FeatureSVFNet(nn.Module):
     themselves; runs/README.md)."""
     arch_type = "feature_svf"
 
-    def __init__(self, encoder: dict, ndim: int = 3, features: Sequence[int] = (16, 32, 32, 32),
-                 convs: int = 2, steps: int = 7, hidden: int = 32, scale: int = 2):
+    def __init__(self, encoder: dict, features: Sequence[int] = (16, 32, 32, 32), convs: int = 2,
+                 steps: int = 7, hidden: int = 32, scale: int = 2):
         super().__init__()
         enc = {k: v for k, v in dict(encoder).items() if k != "type"}
         self.encoder = BarycenterAffine(**enc)
+        ndim = self.encoder.config["ndim"]   # the encoder's, so the two cannot disagree
         self.encoder.requires_grad_(False)
         self.scale = int(scale)
         self.svf = SVFNet(ndim, int(enc.get("keypoints", 32)), features, convs, steps, hidden)
         self.steps = self.svf.steps
-        self.config = dict(encoder=dict(type=BarycenterAffine.arch_type, **self.encoder.config), ndim=ndim,
+        self.config = dict(encoder=dict(type=BarycenterAffine.arch_type, **self.encoder.config),
                            features=list(features), convs=convs, steps=self.steps, hidden=hidden, scale=self.scale)
 
     @property

@@ -37,14 +37,13 @@ and does learn (runs/README.md).
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import torch
 
 from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
 from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
-from synthtools.weights import Model, resolve
+from synthtools.weights import Model, read_metadata, resolve
 
 from ..generator.dataset import LabelMapDataset
 from ..generator.noise import randint, uniform
@@ -262,8 +261,8 @@ class DeformRecipe(_RegistrationRecipe):
         opts = dict(features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", 2)),
                     steps=int(m.get("steps", 7)), hidden=int(m.get("hidden", 32)))
         if m.get("encoder"):
-            meta = json.loads((resolve(str(m["encoder"])) / "metadata.json").read_text())
-            return FeatureSVFNet(meta["architecture"], 3, scale=int(m.get("encoder_scale", 2)), **opts)
+            encoder = read_metadata(resolve(str(m["encoder"])))["architecture"]
+            return FeatureSVFNet(encoder, scale=int(m.get("encoder_scale", 2)), **opts)
         return SVFNet(3, 1, **opts)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
