@@ -12,18 +12,21 @@ Accuracy (default) on the real labelled validation cases
 
 Methods, both scored on the target's own grid:
 
-  ours   synthtools.seg.segment(model, volume, flip=True, refine=True).labels
-         (``--model``, default the shipped 'synthseg'), the whole image as
-         given, with the CLI's defaults: the left/right test-time flip and the
-         intensity refinement (synthtools/refine.py). The network's own labels
-         (same run, no refinement) are reported beside them;
+  ours   synthtools.seg.segment(model, volume, flip=True, refine=True,
+         atlases=N).labels (``--model``, default the shipped 'synthseg'), the
+         whole image as given, with the CLI's defaults: the left/right
+         test-time flip, the model's default number N of atlases
+         (synthtools/atlas.py) and the intensity refinement
+         (synthtools/refine.py). Reported beside them: the same without
+         atlases (a second run), and the network's own labels (the first
+         run's network posteriors, no atlas, no refinement);
   ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
          mutual information, so it works across contrasts) of ONE labelled
          atlas to the target, then the atlas labels moved with
          ``genericLabel`` interpolation. We have no second real scan with an
          aseg, so the atlas is ``label_maps/training_seg_01`` (an aseg-style
          whole-head map, 1 mm) rendered as a T1-like image with the fixed
-         intensities of ``T1_PRIOR`` (blurred by 1 voxel for partial volume)
+         intensities of ``synthtools.atlas.T1_INTENSITY`` (blurred by 1 voxel)
          and reduced to the brain. The atlas is skull-stripped, so for the
          whole-head BrainWeb targets the peer gets the target multiplied by
          the dataset's intracranial mask: generous to the peer, which never
@@ -60,10 +63,6 @@ from benchmarks.machine import (child_env, cpu_name, import_ants, limit_threads,
                                 set_model_metrics)
 
 ATLAS_MAP = "label_maps/training_seg_01.nii.gz"
-# T1-weighted intensities of the atlas (arbitrary units, WM 110), per SynthSeg label.
-T1_PRIOR = {2: 110, 41: 110, 3: 70, 42: 70, 4: 25, 43: 25, 5: 25, 44: 25, 14: 25, 15: 25, 24: 35,
-            7: 100, 46: 100, 8: 75, 47: 75, 10: 92, 49: 92, 11: 78, 50: 78, 12: 85, 51: 85,
-            13: 100, 52: 100, 16: 100, 17: 72, 53: 72, 18: 72, 54: 72, 26: 78, 58: 78, 28: 95, 60: 95}
 
 
 def score(pred, ref, kind: str) -> dict:
@@ -104,37 +103,38 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_name)
     setup = time.perf_counter() - t0
+    from synthtools.atlas import atlas_files
     from synthtools.seg import _map_to_native
-    res, network = {}, {}
+    atlases = min(int((model.meta.get("atlas") or {}).get("default", 0)), len(atlas_files(model)))
+    res, network, plain = {}, {}, {}
     for c in cases:
         vol = load_volume(c["image"])
         t0 = time.perf_counter()
-        result = segment(model, vol, flip=True, refine=True)   # the CLI's defaults
+        result = segment(model, vol, flip=True, refine=True, atlases=atlases)   # the CLI's defaults
         res[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(result.labels, c["ref"], c["kind"])}
-        # The network's own answer: the same posteriors, mapped without the refinement.
+        # The network's own answer: the same posteriors, mapped without atlases or refinement.
         arg = _map_to_native(result.conformed, result.network_posteriors, result.label_values, keep=False)[0]
         network[c["name"]] = score(result.label_values[arg], c["ref"], c["kind"])
+        if atlases:
+            t0 = time.perf_counter()
+            labels = segment(model, vol, flip=True, refine=True).labels
+            plain[c["name"]] = {"run_s": round(time.perf_counter() - t0, 2), **score(labels, c["ref"], c["kind"])}
     path = Path(model.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path   # no machine paths in results
-    return {"setup_s": round(setup, 2), "cases": res, "network_only": network, "model": str(shown)}
+    return {"setup_s": round(setup, 2), "cases": res, "network_only": network, "no_atlases": plain,
+            "atlases": atlases, "model": str(shown)}
 
 
 def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
     """The single atlas: T1-like image and SynthSeg labels, brain only (NIfTI in ``tmp``)."""
     import nibabel as nib
     import numpy as np
-    from scipy.ndimage import gaussian_filter
 
-    from training.generator.labels import SYNTHSEG_FOLD, SYNTHSEG_LABELS
+    from synthtools.atlas import atlas_image
+    from training.atlases import synthseg_labels
     img = nib.load(str(root / ATLAS_MAP))
-    lab = np.rint(np.asanyarray(img.dataobj)).astype(np.int32)
-    seg = np.where(np.isin(lab, SYNTHSEG_LABELS), lab, 0)
-    for src, dst in SYNTHSEG_FOLD.items():
-        seg[lab == src] = dst
-    t1 = np.zeros(seg.shape, np.float32)
-    for k, v in T1_PRIOR.items():
-        t1[seg == k] = v
-    t1 = gaussian_filter(t1, 1.0) * (seg > 0)
+    seg = synthseg_labels(np.rint(np.asanyarray(img.dataobj)).astype(np.int32))
+    t1 = atlas_image(seg.astype(np.int32))
     paths = tmp / "atlas_t1.nii.gz", tmp / "atlas_seg.nii.gz"
     nib.save(nib.Nifti1Image(t1, img.affine), str(paths[0]))
     nib.save(nib.Nifti1Image(seg.astype(np.int16), img.affine), str(paths[1]))
@@ -191,28 +191,33 @@ def markdown(data: dict) -> str:
              f"Machine: {data['cpu']}, {data['threads']} threads; torch {data['torch']}; model `{ours['model']}`"
              + (f"; ANTsPy {ants['version']} SyN, single atlas `{ants['atlas']}` (see benchmarks/seg.py)"
                 if has_ants else f"; ANTs: {ants.get('error', 'not run')}"), "",
-             "'ours' is the `synthseg` default (network + intensity refinement); 'network only' is the same "
-             "run's network posteriors without the refinement.", "",
-             "| case | metric | ours | network only | ANTs SyN atlas |", "|---|---|---|---|---|"]
-    net = ours.get("network_only", {})
+             f"'ours' is the `synthseg` default (network, {ours.get('atlases', 0)} atlases registered to the scan, "
+             "intensity refinement); 'no atlases' the same without the atlases (`--atlases 0`); 'network only' "
+             "the network's posteriors alone.", "",
+             "| case | metric | ours | no atlases | network only | ANTs SyN atlas |", "|---|---|---|---|---|---|"]
+    net, plain = ours.get("network_only", {}), ours.get("no_atlases", {})
+
+    def cell(d: dict, k: str, spec: str = ".3f") -> str:
+        return format(d[k], spec) if k in d else "n/a"
+
     for name, r in ours["cases"].items():
         a = ants["cases"].get(name, {}) if has_ants else {}
-        n = net.get(name, {})
+        n, p = net.get(name, {}), plain.get(name, {})
         keys = (["mean", "large"] if "mean" in r else []) + ["CSF", "GM", "WM", "tissue_mean"]
         for k in keys:
-            av = f"{a[k]:.3f}" if k in a else "n/a"
-            nv = f"{n[k]:.3f}" if k in n else "n/a"
-            lines.append(f"| {name} | {k} | {r[k]:.3f} | {nv} | {av} |")
-        lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | - | {a['run_s']:.1f} |" if a
-                     else f"| {name} | time (s) | {r['run_s']:.1f} | - | n/a |")
+            lines.append(f"| {name} | {k} | {r[k]:.3f} | {cell(p, k)} | {cell(n, k)} | {cell(a, k)} |")
+        lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | {cell(p, 'run_s', '.1f')} | - | "
+                     f"{cell(a, 'run_s', '.1f')} |")
     if "mean" in ours["cases"].get("vxm_T1", {}):
         r, a = ours["cases"]["vxm_T1"], (ants["cases"].get("vxm_T1", {}) if has_ants else {})
         n = net.get("vxm_T1", {}).get("label_dice", {})
-        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | network only | ANTs |", "|---|---|---|---|"]
+        p = plain.get("vxm_T1", {}).get("label_dice", {})
+        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | no atlases | network only | ANTs |",
+                  "|---|---|---|---|---|"]
         from synthtools.lut import names_for
         for k, v in r["label_dice"].items():
-            lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {n.get(k, float('nan')):.3f} | "
-                         f"{a.get('label_dice', {}).get(k, float('nan')):.3f} |")
+            lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {p.get(k, float('nan')):.3f} | "
+                         f"{n.get(k, float('nan')):.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} |")
     tw = ours["cases"]
     groups = {c: tw[f"brainweb_{c}"]["tissue_mean"] for c in ("T1", "T2", "PD") if f"brainweb_{c}" in tw}
     if groups:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -105,12 +105,26 @@ class SegResult:
     labels: np.ndarray
     native: GridSummary
     conformed: Conformed
-    conformed_posteriors: torch.Tensor
+    _conformed_posteriors: torch.Tensor | None = field(default=None, repr=False)
     _posteriors: np.ndarray | None = field(default=None, repr=False)
     _conformed_summary: GridSummary | None = field(default=None, repr=False)
     network_posteriors: torch.Tensor | None = field(default=None, repr=False)
     _native_image: np.ndarray | None = field(default=None, repr=False)
     _bias_field: bool = field(default=True, repr=False)
+    _prior: torch.Tensor | None = field(default=None, repr=False)   # conformed prior to refine lazily
+    _atlas: Any = field(default=None, repr=False)                   # synthtools.atlas.AtlasPrior
+
+    @property
+    def conformed_posteriors(self) -> torch.Tensor:
+        """(C, X', Y', Z') float32 posteriors on the network's grid (after
+        ``refine``: refined with the conformed image on first use, which
+        only --keep-conformed needs)."""
+        if self._conformed_posteriors is None:
+            with torch.inference_mode():   # as in segment(): its tensors are inference tensors
+                self._conformed_posteriors = _refine_conformed(self.conformed, self._prior, self.label_values,
+                                                               self._bias_field)
+            self._prior = None
+        return self._conformed_posteriors
 
     @property
     def volumes(self) -> np.ndarray:
@@ -123,7 +137,7 @@ class SegResult:
         if self._posteriors is None and self._native_image is not None:
             self._posteriors = _refine_native(self.conformed, self.network_posteriors, self.label_values,
                                               keep=True, image=self._native_image,
-                                              bias_field=self._bias_field)[2]
+                                              bias_field=self._bias_field, atlas=self._atlas)[2]
         elif self._posteriors is None:
             self._posteriors = _map_to_native(self.conformed, self.conformed_posteriors,
                                               self.label_values, keep=True)[2]
@@ -277,11 +291,15 @@ def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
 
 
 def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool, image: np.ndarray,
-                   bias_field: bool = True, chunk: int = CHUNK) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
+                   bias_field: bool = True, chunk: int = CHUNK,
+                   atlas=None) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
     """:func:`_map_to_native`, then :func:`refine_posteriors` with the native
     ``image`` on the voxels whose background posterior is below
     ``REFINE_BELOW`` (outside them the background wins anyway), with a bias
-    field unless ``bias_field`` is False."""
+    field unless ``bias_field`` is False. ``atlas``: a
+    :class:`synthtools.atlas.AtlasPrior` whose atlases' labels at the native
+    voxels multiply the prior there first (``prob`` is then the network's
+    alone)."""
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
     bg = _background_channel(values)
@@ -297,6 +315,9 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
         sums[c] = p[outside].sum(dtype=np.float64)
         if post is not None:
             post[..., c] = p
+    if atlas is not None:
+        prior *= atlas.native_fractions(region, conf.native_affine) + atlas.alpha
+        prior /= np.maximum(prior.sum(1, keepdims=True), 1e-12)
     coords = _world_coords(region, conf.native_affine) if bias_field else None
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
                                 background=bg, inplace=True, groups=twin_groups(values), coords=coords).numpy()
@@ -338,7 +359,8 @@ def _world_coords(region: np.ndarray, affine: np.ndarray) -> torch.Tensor:
 @torch.inference_mode()  # predict() returns inference tensors; the softmax updates them in place
 def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: bool = False,
             crop: int | Sequence[int] | None = None, posteriors: bool = False,
-            refine: bool = False, bias_field: bool = True) -> SegResult:
+            refine: bool = False, bias_field: bool = True, atlases: int = 0,
+            atlas_alpha: float | None = None) -> SegResult:
     """Segment a 3D image (or one ``frame`` of a 4D image).
 
     Steps: conform (trilinear) to the model's space, optional centre ``crop``
@@ -353,7 +375,10 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     them with an intensity model fitted to this image (:mod:`.refine`), on
     the native grid with the native image and on the network's grid with
     the image it saw; ``bias_field`` (with ``refine``): fit a smooth
-    multiplicative intensity field along with it.
+    multiplicative intensity field along with it. ``atlases``: multiply
+    the posteriors by the label fractions of the model's first ``atlases``
+    atlases registered to the image (:mod:`.atlas`; weight ``atlas_alpha``,
+    default the model's) before the refinement.
     """
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
@@ -380,17 +405,37 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
             prob[j] += mirrored[int(k)].flip(axis)
         prob *= 0.5
         del mirrored
+    network, atlas = prob, None
+    if atlases:
+        from .atlas import apply_prior
+        atlas = _atlas_prior(model, conf, values, atlases, atlas_alpha)
+        prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
 
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
     if not refine:
         arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
         return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
-                         conformed=conf, conformed_posteriors=prob, _posteriors=post, network_posteriors=prob)
+                         conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network)
     image = np.asarray(data, dtype=np.float32)
-    arg, summary, post = _refine_native(conf, prob, values, keep=posteriors, image=image, bias_field=bias_field)
+    arg, summary, post = _refine_native(conf, network, values, keep=posteriors, image=image, bias_field=bias_field,
+                                        atlas=atlas)
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
-                     conformed_posteriors=_refine_conformed(conf, prob, values, bias_field), _posteriors=post,
-                     network_posteriors=prob, _native_image=image, _bias_field=bias_field)
+                     _posteriors=post, network_posteriors=network, _native_image=image, _bias_field=bias_field,
+                     _prior=prob, _atlas=atlas)
+
+
+def _atlas_prior(model: Model, conf: Conformed, values: np.ndarray, n: int, alpha: float | None):
+    """The model's first ``n`` atlases moved onto ``conf``'s image
+    (:func:`synthtools.atlas.move_atlases`)."""
+    from .atlas import DEFAULT_ALPHA, atlas_files, move_atlases
+    files = atlas_files(model)
+    if n < 0 or n > len(files):
+        raise ValueError(f"atlases must be 0..{len(files)} for this model, got {n}")
+    spec = model.meta.get("atlas") or {}
+    alpha = float(spec.get("alpha", DEFAULT_ALPHA) if alpha is None else alpha)
+    with torch.inference_mode(False):   # segment() runs in inference mode; the fit needs gradients
+        return move_atlases(Volume(conf.data.numpy().copy(), conf.affine), values, files[:n],
+                            registration=spec.get("registration", "synthmorph-affine"), alpha=alpha)
 
 
 # ------------------------------------------------------------- volumes --

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-field", action=argparse.BooleanOptionalAction, default=True,
                    help="with the refinement (on unless --no-bias-field): also fit a smooth multiplicative "
                    "intensity field (coil inhomogeneity), as SPM and SAMSEG do")
+    p.add_argument("--atlases", type=int, metavar="N",
+                   help="register the model's first N bundled atlases to the scan and multiply their labels "
+                   "into the network's prior before the refinement (default: the model's, 3 for the shipped "
+                   "one: vxm T1 mean Dice 0.735 -> 0.765, ~7 s an atlas; 0: off)")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
@@ -199,7 +203,19 @@ def _read_header(path: str) -> list[str] | None:
 
 
 def check_tables(args: argparse.Namespace, model) -> None:
-    """An existing --vol/--qc table must have our columns: rows are appended."""
+    """An existing --vol/--qc table must have our columns: rows are appended;
+    ``--atlases`` must be within what the model ships (resolved here)."""
+    from ..atlas import atlas_files
+    from ..weights import ModelError
+    spec = model.meta.get("atlas") or {}
+    try:
+        available = len(atlas_files(model))
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    if args.atlases is None:
+        args.atlases = min(int(spec.get("default", 0)), available)
+    elif not 0 <= args.atlases <= available:
+        raise UsageError(f"--atlases {args.atlases}: this model has {available} atlases (0..{available})")
     for option, path, header in (("--vol", args.vol, volume_header), ("--qc", args.qc, qc_header)):
         if path is None:
             continue
@@ -236,7 +252,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     vol = load_volume(job.input)
     keep = args.keep_conformed
     result = segment(model, vol, flip=args.flip, crop=args.crop, refine=args.refine, bias_field=args.bias_field,
-                     posteriors="post" in job.outputs and not keep)
+                     posteriors="post" in job.outputs and not keep, atlases=args.atlases)
     values, names = result.label_values, result.names
     if keep:  # the network's grid: fresh header with its affine
         labels, like, affine, summary = result.conformed_labels, None, result.affine, result.conformed_summary
