@@ -38,8 +38,8 @@ from .io import Volume, load_volume
 from .morph.transforms import Warp
 from .weights import Model, ModelError, load_model
 
-__all__ = ["T1_INTENSITY", "atlas_files", "atlas_image", "soft_labels", "AtlasPrior", "MovedAtlas", "move_atlases", "apply_prior",
-           "DEFAULT_ALPHA"]
+__all__ = ["T1_INTENSITY", "DEFAULT_ALPHA", "atlas_files", "atlas_image", "soft_labels", "AtlasPrior",
+           "MovedAtlas", "move_atlases", "apply_prior"]
 
 # T1-weighted intensities (arbitrary units, WM 110) per FreeSurfer label: the
 # atlases' synthetic image. Any plausible contrast works (the fit is

@@ -13,7 +13,9 @@ Model metadata (written by the training recipe)::
     {"task": "segment",
      "input": {"voxsize": 1.0, "orientation": "LIA", "multiple": 16},
      "output": {"type": "softmax", "labels": [0, 2, 3, ...], "names": [...]},
-     "inference": {"bf16": false}}
+     "inference": {"bf16": false},
+     "atlas": {"files": ["atlas_01.nii.gz", ...], "default": 3, "alpha": 0.05,
+               "registration": "synthmorph-affine"}}       # optional (synthtools.atlas)
 
 ``output.labels`` gives the FreeSurfer value of each output channel.
 """

@@ -81,8 +81,10 @@ def test_native_fractions_count_atlases_at_world_points():
     np.testing.assert_allclose(prior.native_fractions(region, grid), [[0, 0.5, 0.5], [0, 0, 1], [0, 0.5, 0.5]])
     shifted = grid.copy()
     shifted[2, 3] = 1.0                   # target voxel (0, j, k) sits at atlas voxel (0, j, k + 1)
-    np.testing.assert_allclose(prior.native_fractions(np.ones((1, 2, 1), bool), shifted), [[0, 0.5, 0.5], [0, 0.5, 0.5]])
-    np.testing.assert_allclose(prior.native_fractions(np.array([[[False, True], [False, False]]]), shifted), [[1, 0, 0]])
+    np.testing.assert_allclose(prior.native_fractions(np.ones((1, 2, 1), bool), shifted),
+                               [[0, 0.5, 0.5], [0, 0.5, 0.5]])
+    edge = np.array([[[False, True], [False, False]]])    # reads atlas voxel (0, 0, 2): outside
+    np.testing.assert_allclose(prior.native_fractions(edge, shifted), [[1, 0, 0]])
 
 
 def test_atlas_image_is_t1_like_and_brain_only():

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlases", type=int, metavar="N",
                    help="register the model's first N bundled atlases to the scan and multiply their labels "
                    "into the network's prior before the refinement (default: the model's, 3 for the shipped "
-                   "one: vxm T1 mean Dice 0.735 -> 0.765, ~7 s an atlas; 0: off)")
+                   "one: vxm T1 mean Dice 0.734 -> 0.765, ~7 s an atlas; 0: off)")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
