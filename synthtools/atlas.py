@@ -148,10 +148,11 @@ def move_atlases(target: Volume, values: Sequence[int], files: Sequence[Path],
                  alpha: float = DEFAULT_ALPHA) -> AtlasPrior:
     """Register each atlas of ``files`` to ``target`` (the network's
     conformed image) and move its soft labels onto that grid."""
-    from .morph.register import register
+    from .morph.register import joint_fixed_side, register
     from .morph.transforms import apply_transform, as_geometry
     model = load_model(registration) if isinstance(registration, str) else registration
     models = {"linear": model, "deform": model}
+    side = joint_fixed_side(model, target)     # the target's features: once for all atlases
     grid = as_geometry(target)
     values = np.asarray(values)
     background = int(np.flatnonzero(values == 0)[0])
@@ -162,7 +163,7 @@ def move_atlases(target: Volume, values: Sequence[int], files: Sequence[Path],
         vol = load_volume(f, dtype=None)
         labels = np.rint(np.asarray(vol.data)).astype(np.int32)
         reg = register(Volume(atlas_image(labels), vol.affine), target, "joint", models,
-                       regularization=regularization, inverse=False)
+                       regularization=regularization, inverse=False, side=side)
         frac, frac_affine = soft_labels(labels, vol.affine, values)
         moved = apply_transform(reg.transform, Volume(frac, frac_affine), grid, order=1)
         moved = torch.as_tensor(np.asarray(moved, np.float32)).movedim(-1, 0)

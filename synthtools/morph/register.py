@@ -83,6 +83,12 @@ def fixed_side(model: Model, fixed: Volume, bf16: bool = False) -> FixedSide:
     return FixedSide(cf, normalize_intensities(cf.data), bf16=use)
 
 
+def joint_fixed_side(model: Model, fixed: Volume) -> FixedSide:
+    """The fixed side of a joint registration (bf16 features, see
+    :data:`JOINT_BF16`), to share between several moving images."""
+    return fixed_side(model, _prepared(fixed), bf16=JOINT_BF16)
+
+
 def _with_features(model: Model, side: FixedSide) -> torch.Tensor:
     if side.features is None:
         side.features = _features(model, side.image, side.bf16)
@@ -308,9 +314,11 @@ def _native_field(u: torch.Tensor, conf_affine: np.ndarray, m: np.ndarray, grid:
 
 
 def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Model], init: Affine | None = None,
-             regularization: float = 0.5, inverse: bool = True) -> Registration:
+             regularization: float = 0.5, inverse: bool = True, side: FixedSide | None = None) -> Registration:
     """``synthmorph register``: ``mode`` rigid/affine (``models['linear']``),
-    deform (``models['deform']``) or joint (both: affine then deformable)."""
+    deform (``models['deform']``) or joint (both: affine then deformable).
+    ``side``: joint only, the fixed image as ``models['linear']`` sees it
+    (:func:`joint_fixed_side`), when several images go to one fixed image."""
     moving, fixed = _prepared(moving), _prepared(fixed)
     if mode in ("rigid", "affine"):
         t = register_linear(models["linear"], moving, fixed, init)
@@ -318,7 +326,7 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
     if mode == "deform":
         return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
     if mode == "joint":
-        side = fixed_side(models["linear"], fixed, bf16=JOINT_BF16)
+        side = joint_fixed_side(models["linear"], fixed) if side is None else side
         # One network pass, no native MI level and half the MI points: the deformable fit
         # absorbs what each adds (four benchmark pairs, GM/WM Dice: second pass 0.7937 with,
         # 0.7932 without, 2.8 s; native level, see register_linear, 5 s; 40k -> 20k points
