@@ -70,17 +70,24 @@ def atlas_image(labels: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(lut[labels], 1.0) * (labels > 0)
 
 
+def _channel_lut(values: Sequence[int], size: int = 256) -> np.ndarray:
+    """FreeSurfer value -> channel index of ``values`` (uint8, ``size``
+    entries); values not listed go to the background channel (value 0)."""
+    values = np.asarray(values)
+    lut = np.full(max(size, int(values.max()) + 1), int(np.flatnonzero(values == 0)[0]), np.uint8)
+    lut[values] = np.arange(len(values))
+    return lut
+
+
 def soft_labels(labels: np.ndarray, affine: np.ndarray, values: Sequence[int],
                 factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Label fractions (X', Y', Z', C) float32 of ``labels`` averaged over
     ``factor``^3 voxel blocks, one channel per entry of ``values`` (other
     labels count as background, channel of value 0), and their affine."""
-    values = np.asarray(values)
-    lut = np.full(max(256, int(labels.max()) + 1), int(np.flatnonzero(values == 0)[0]), np.int64)
-    lut[values] = np.arange(len(values))
-    idx = torch.from_numpy(lut[labels])
+    lut = _channel_lut(values, int(labels.max()) + 1)
+    idx = torch.from_numpy(lut[labels].astype(np.int64))
     pad = [(-n) % factor for n in idx.shape]
-    idx = F.pad(idx, (0, pad[2], 0, pad[1], 0, pad[0]), value=int(np.flatnonzero(values == 0)[0]))
+    idx = F.pad(idx, (0, pad[2], 0, pad[1], 0, pad[0]), value=int(lut[0]))
     frac = torch.zeros((len(values),) + tuple(n // factor for n in idx.shape))
     weight = torch.full((1,) + tuple(frac.shape[1:]), 1.0 / factor ** 3)
     for i, j, k in itertools.product(range(factor), repeat=3):   # each voxel of a block adds to its channel
@@ -154,10 +161,8 @@ def move_atlases(target: Volume, values: Sequence[int], files: Sequence[Path],
     models = {"linear": model, "deform": model}
     side = joint_fixed_side(model, target)     # the target's features: once for all atlases
     grid = as_geometry(target)
-    values = np.asarray(values)
-    background = int(np.flatnonzero(values == 0)[0])
-    lut = np.full(256, background, np.uint8)        # FreeSurfer value -> channel; unknown -> background
-    lut[values] = np.arange(len(values))
+    lut = _channel_lut(values)
+    background = int(lut[0])
     total, moved_atlases = None, []
     for f in files:
         vol = load_volume(f, dtype=None)
@@ -168,7 +173,8 @@ def move_atlases(target: Volume, values: Sequence[int], files: Sequence[Path],
         moved = apply_transform(reg.transform, Volume(frac, frac_affine), grid, order=1)
         moved = torch.as_tensor(np.asarray(moved, np.float32)).movedim(-1, 0)
         total = moved if total is None else total.add_(moved)
-        moved_atlases.append(MovedAtlas(reg.transform, lut[np.clip(labels, 0, 255)], np.asarray(vol.affine)))
+        moved_atlases.append(MovedAtlas(reg.transform, lut[np.clip(labels, 0, len(lut) - 1)],
+                                        np.asarray(vol.affine)))
     return AtlasPrior((total / len(files)).numpy(), moved_atlases, background, alpha)
 
 

@@ -16,15 +16,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .generator.labels import SYNTHSEG_FOLD, SYNTHSEG_LABELS
+from .generator.labels import LabelSet
 
 
 def synthseg_labels(labels: np.ndarray) -> np.ndarray:
-    """Generation labels -> SynthSeg 2.0 segmentation labels (uint8)."""
-    out = np.where(np.isin(labels, SYNTHSEG_LABELS), labels, 0)
-    for src, dst in SYNTHSEG_FOLD.items():
-        out[labels == src] = dst
-    return out.astype(np.uint8)
+    """Generation labels -> SynthSeg 2.0 segmentation labels (uint8), by the
+    training targets' own mapping (:meth:`LabelSet.synthseg_lut`)."""
+    labelset = LabelSet()
+    return labelset.synthseg_lut().numpy().astype(np.uint8)[labelset.to_index(labels)]
 
 
 def crop_to_brain(labels: np.ndarray, affine: np.ndarray, margin: int = 4) -> tuple[np.ndarray, np.ndarray]:
