@@ -6,7 +6,12 @@ Accuracy (default) on the real labelled validation cases
   vxm_T1            voxelmorph test scan (skull-stripped T1, FreeSurfer aseg):
                     Dice per SynthSeg label present in the aseg, their mean,
                     the mean over the large structures, and WM/GM/CSF tissue
-                    Dice (both label maps merged into tissue classes);
+                    Dice (both label maps merged into tissue classes). Also
+                    "*_protocol": the same against the aseg relabelled into
+                    the training protocol (training.validation.aseg_in_protocol:
+                    choroid plexus in the lateral ventricles, corpus callosum
+                    and WM hypointensities in the white matter), which no
+                    SynthSeg-protocol segmenter can otherwise match;
   brainweb_T1/T2/PD BrainWeb subject04 simulations (whole head): WM/GM/CSF
                     tissue Dice against the phantom's crisp classes.
 
@@ -69,11 +74,13 @@ def score(pred, ref, kind: str) -> dict:
     """Dice of one prediction on the target grid (see the module docstring)."""
     import numpy as np
 
-    from training.validation import aseg_scores, tissue_classes, tissue_dice
+    from training.validation import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
     out = {}
     if kind == "aseg":
         d, out["mean"], out["large"] = aseg_scores(pred, ref)
         out["label_dice"] = {str(k): round(v, 4) for k, v in d.items()}
+        dp, out["mean_protocol"], out["large_protocol"] = aseg_scores(pred, aseg_in_protocol(ref))
+        out["label_dice_protocol"] = {str(k): round(v, 4) for k, v in dp.items()}
         ref = tissue_classes(ref)
     out.update(tissue_dice(pred, ref))
     out["tissue_mean"] = float(np.mean([out["CSF"], out["GM"], out["WM"]]))
@@ -193,7 +200,10 @@ def markdown(data: dict) -> str:
                 if has_ants else f"; ANTs: {ants.get('error', 'not run')}"), "",
              f"'ours' is the `synthseg` default (network, {ours.get('atlases', 0)} atlases registered to the scan, "
              "intensity refinement); 'no atlases' the same without the atlases (`--atlases 0`); 'network only' "
-             "the network's posteriors alone.", "",
+             "the network's posteriors alone. '*_protocol': against the aseg relabelled into the training "
+             "label protocol (choroid plexus in the lateral ventricles, corpus callosum and WM "
+             "hypointensities in the white matter; `training.validation.aseg_in_protocol`); the plain "
+             "'mean'/'large' are the issue's metric.", "",
              "| case | metric | ours | no atlases | network only | ANTs SyN atlas |", "|---|---|---|---|---|---|"]
     net, plain = ours.get("network_only", {}), ours.get("no_atlases", {})
 
@@ -203,21 +213,25 @@ def markdown(data: dict) -> str:
     for name, r in ours["cases"].items():
         a = ants["cases"].get(name, {}) if has_ants else {}
         n, p = net.get(name, {}), plain.get(name, {})
-        keys = (["mean", "large"] if "mean" in r else []) + ["CSF", "GM", "WM", "tissue_mean"]
+        keys = (["mean", "large", "mean_protocol", "large_protocol"] if "mean" in r else []) + \
+            ["CSF", "GM", "WM", "tissue_mean"]
         for k in keys:
-            lines.append(f"| {name} | {k} | {r[k]:.3f} | {cell(p, k)} | {cell(n, k)} | {cell(a, k)} |")
+            lines.append(f"| {name} | {k} | {cell(r, k)} | {cell(p, k)} | {cell(n, k)} | {cell(a, k)} |")
         lines.append(f"| {name} | time (s) | {r['run_s']:.1f} | {cell(p, 'run_s', '.1f')} | - | "
                      f"{cell(a, 'run_s', '.1f')} |")
     if "mean" in ours["cases"].get("vxm_T1", {}):
         r, a = ours["cases"]["vxm_T1"], (ants["cases"].get("vxm_T1", {}) if has_ants else {})
         n = net.get("vxm_T1", {}).get("label_dice", {})
         p = plain.get("vxm_T1", {}).get("label_dice", {})
-        lines += ["", "Dice per label, vxm_T1:", "", "| label | ours | no atlases | network only | ANTs |",
-                  "|---|---|---|---|---|"]
+        rp = r.get("label_dice_protocol", {})
+        lines += ["", "Dice per label, vxm_T1 (last column: ours against the aseg in the training protocol):",
+                  "", "| label | ours | no atlases | network only | ANTs | ours, protocol |",
+                  "|---|---|---|---|---|---|"]
         from synthtools.lut import names_for
         for k, v in r["label_dice"].items():
             lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {p.get(k, float('nan')):.3f} | "
-                         f"{n.get(k, float('nan')):.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} |")
+                         f"{n.get(k, float('nan')):.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} | "
+                         f"{rp.get(k, float('nan')):.3f} |")
     tw = ours["cases"]
     groups = {c: tw[f"brainweb_{c}"]["tissue_mean"] for c in ("T1", "T2", "PD") if f"brainweb_{c}" in tw}
     if groups:

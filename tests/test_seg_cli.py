@@ -379,3 +379,26 @@ def test_help_exits_zero(capsys):
         cli.main(["-h"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--keep-conformed" in out and "--vol" in out
+
+
+def test_aseg_in_protocol_relabels_by_hemisphere():
+    """Choroid plexus joins its ventricle; corpus callosum / WM hypointensities
+    join the white matter of their own side; nothing else changes."""
+    from training.validation import aseg_in_protocol, aseg_scores
+    ref = np.zeros((20, 8, 8), np.int32)
+    ref[2:8] = 2            # left WM at low i
+    ref[12:18] = 41         # right WM at high i
+    ref[8:12, 2:6, 2:6] = 251   # corpus callosum across the midline (i = 10)
+    ref[3:5, 3:5, 3:5] = 4
+    ref[3, 3, 3] = 31       # choroid plexus inside the left ventricle
+    ref[16, 0, 0] = 77      # a hypointensity in the right WM
+    ref[0, 0, 0] = 17       # an unrelated label
+    out = aseg_in_protocol(ref)
+    assert out[3, 3, 3] == 4 and out[16, 0, 0] == 41 and out[0, 0, 0] == 17
+    assert (out[8:10, 2:6, 2:6] == 2).all() and (out[10:12, 2:6, 2:6] == 41).all()
+    assert set(np.unique(out)) == {0, 2, 4, 17, 41}
+    assert (out[ref == 0] == 0).all() and ref[8, 2, 2] == 251      # the input is not modified
+    # A protocol-perfect prediction is perfect only against the relabelled aseg.
+    d_raw, _, _ = aseg_scores(out, ref)
+    d_pro, mean_pro, _ = aseg_scores(out, out)
+    assert mean_pro == 1.0 and d_raw[2] < 1.0 and d_raw[41] < 1.0
