@@ -169,7 +169,7 @@ def aseg_in_protocol(ref: np.ndarray) -> np.ndarray:
     for k, v in ASEG_IN_VENTRICLE.items():
         out[out == k] = v
     moved = np.isin(out, ASEG_IN_WHITE_MATTER)
-    if moved.any():
+    if moved.any() and (out == 2).any() and (out == 41).any():   # no hemispheres: left as they are
         left, right = (np.argwhere(out == k).mean(0) for k in (2, 41))
         normal = right - left
         side = (np.argwhere(moved) - (left + right) / 2) @ normal
