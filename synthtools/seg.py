@@ -115,6 +115,7 @@ class SegResult:
     _bias_field: bool = field(default=True, repr=False)
     _prior: torch.Tensor | None = field(default=None, repr=False)   # conformed prior to refine lazily
     _atlas: Any = field(default=None, repr=False)                   # synthtools.atlas.AtlasPrior
+    atlases_used: int = 0   # 0 when none were asked for, or the registration found no brain
 
     @property
     def conformed_posteriors(self) -> torch.Tensor:
@@ -410,20 +411,27 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     network, atlas = prob, None
     if atlases:
         from .atlas import apply_prior
-        atlas = _atlas_prior(model, conf, values, atlases, atlas_alpha)
-        prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
+        from .morph.svf_fit import EmptyMaskError
+        try:
+            atlas = _atlas_prior(model, conf, values, atlases, atlas_alpha)
+        except EmptyMaskError:   # nothing brain-like to register to: the network's prior alone
+            atlas = None
+        if atlas is not None:
+            prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
+    used = 0 if atlas is None else len(atlas.atlases)
 
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
     if not refine:
         arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
         return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
-                         conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network)
+                         conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network,
+                         atlases_used=used)
     image = np.asarray(data, dtype=np.float32)
     arg, summary, post = _refine_native(conf, network, values, keep=posteriors, image=image, bias_field=bias_field,
                                         atlas=atlas)
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
                      _posteriors=post, network_posteriors=network, _native_image=image, _bias_field=bias_field,
-                     _prior=prob, _atlas=atlas)
+                     _prior=prob, _atlas=atlas, atlases_used=used)
 
 
 def _atlas_prior(model: Model, conf: Conformed, values: np.ndarray, n: int, alpha: float | None):

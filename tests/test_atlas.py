@@ -175,3 +175,21 @@ def test_atlases_option_out_of_range_is_one_line_error(tiny_seg_model, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "--atlases 2" in err[0] and "0 atlases" in err[0]
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+@pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
+def test_no_brain_for_the_atlases_falls_back_with_a_warning(tmp_path, capsys):
+    """An image the registration finds no brain in (uniform noise) is still
+    segmented, without the atlases, and the CLI says so on one line."""
+    noise = np.random.default_rng(0).random((64, 64, 64)).astype(np.float32)
+    img = tmp_path / "noise.nii.gz"
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), str(img))
+    result = segment(load_model("synthseg"), load_volume(img), refine=True, atlases=1)
+    assert result.atlases_used == 0 and result.labels.shape == noise.shape
+    out = tmp_path / "seg.nii.gz"
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(img), str(out), "--atlases", "1", "-t", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code in (0, None), err
+    assert "found no brain; segmented without atlases" in err and out.is_file()
+    assert_same_geometry(out, img)

@@ -536,6 +536,18 @@ def test_cli_rejects_a_model_of_the_wrong_kind(trained, pair, tmp_path, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_cli_joint_on_an_image_without_brain_is_a_one_line_error(tmp_path, capsys):
+    """Uniform noise as the fixed image: the shipped affine model finds no
+    brain for the deformable fit; one error line, exit 1, no output."""
+    noise = tmp_path / "noise.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 64)).astype(np.float32), np.eye(4)),
+             str(noise))
+    code, err = synthmorph("register", "-m", "joint", noise, noise, "-o", tmp_path / "o.nii.gz", "-t",
+                           tmp_path / "w.nii.gz", capsys=capsys)
+    assert code == 1 and "no brain found in the fixed image" in one_error_line(err)
+    assert not (tmp_path / "o.nii.gz").exists() and not (tmp_path / "w.nii.gz").exists()
+
+
 # ---------------------------------------------------------------- validation data
 
 def test_lesjak_reference_convention():

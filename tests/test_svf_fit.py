@@ -111,7 +111,8 @@ def test_identity_pair_and_weight_monotonic():
 
 
 def test_empty_mask_is_an_error():
-    with pytest.raises(ValueError, match="mask is empty"):
+    from synthtools.morph.svf_fit import EmptyMaskError
+    with pytest.raises(EmptyMaskError, match="mask is empty"):
         fit_svf(textured_image(), textured_image(), torch.zeros(SHAPE), weight=0.1)
 
 

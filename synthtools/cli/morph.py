@@ -317,6 +317,7 @@ def _register_and_write(args, mode: str, models: dict, init) -> int:
     """Load both images, register, write every requested output."""
     from ..io import load_volume, save_volume
     from ..morph.register import register
+    from ..morph.svf_fit import EmptyMaskError
     from ..morph.transforms import apply_transform, as_geometry, update_header, write_transform
 
     try:
@@ -353,6 +354,9 @@ def _register_and_write(args, mode: str, models: dict, init) -> int:
             print(f"{PROG}: inverse transform -> {args.inverse}", flush=True)
     except InputError as exc:
         say_error(PROG, str(exc))
+        return 1
+    except EmptyMaskError as exc:   # raised before any output is written
+        say_error(PROG, f"{args.fixed}: {exc}")
         return 1
     return 0
 

@@ -258,6 +258,8 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
         labels, like, affine, summary = result.conformed_labels, None, result.affine, result.conformed_summary
     else:     # the input's grid and header
         labels, like, affine, summary = result.labels, vol, None, result.native
+    if args.atlases and not result.atlases_used:
+        say_warning(PROG, f"{job.input}: the atlas registration found no brain; segmented without atlases")
     if not labels.any():
         say_warning(PROG, f"{job.input}: the segmentation is empty (is this a brain image?)")
 

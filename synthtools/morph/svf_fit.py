@@ -36,7 +36,11 @@ import torch.nn.functional as F
 
 from ..nets.warp import identity_grid, integrate_svf, sample
 
-__all__ = ["fit_svf", "svf_displacement", "local_ncc2", "LEVELS"]
+__all__ = ["fit_svf", "svf_displacement", "local_ncc2", "LEVELS", "EmptyMaskError"]
+
+
+class EmptyMaskError(ValueError):
+    """The fixed image has no brain voxel for the fit to count."""
 
 # (velocity spacing in fine voxels, image pooling in fine voxels, Adam steps), coarse first.
 # Steps, step size (fit_svf's lr), NCC window and squarings were chosen together on the four
@@ -195,7 +199,7 @@ def fit_svf(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, weigh
     -0.0006 Dice, -0.3 s, half the folding)."""
     shape = fixed.shape
     if not bool((mask > 0).any()):
-        raise ValueError("fit_svf: the mask is empty (no fixed brain found)")
+        raise EmptyMaskError("no brain found in the fixed image (the deformable fit's mask is empty)")
     vel, spacing = None, None
     for space, pool, iters in levels:
         vel = (torch.zeros((3,) + _coarse_shape(shape, space)) if vel is None
