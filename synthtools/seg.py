@@ -381,7 +381,8 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     multiplicative intensity field along with it. ``atlases``: multiply
     the posteriors by the label fractions of the model's first ``atlases``
     atlases registered to the image (:mod:`.atlas`; weight ``atlas_alpha``,
-    default the model's) before the refinement.
+    default the model's) before the refinement; where the registration
+    finds no brain they are skipped (``SegResult.atlases_used`` is 0).
     """
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
@@ -414,10 +415,9 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
         from .morph.svf_fit import EmptyMaskError
         try:
             atlas = _atlas_prior(model, conf, values, atlases, atlas_alpha)
+            prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
         except EmptyMaskError:   # nothing brain-like to register to: the network's prior alone
             atlas = None
-        if atlas is not None:
-            prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
     used = 0 if atlas is None else len(atlas.atlases)
 
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
