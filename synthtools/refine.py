@@ -126,7 +126,8 @@ def _fit_log_field(log_y: torch.Tensor, post: torch.Tensor, mean: torch.Tensor, 
 
 
 def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: int = 0, iters: int = 20,
-                      inplace: bool = False, groups=None, coords: torch.Tensor | None = None) -> torch.Tensor:
+                      inplace: bool = False, groups=None, coords: torch.Tensor | None = None,
+                      prior_power: float = 1.0) -> torch.Tensor:
     """Posteriors (N, C) float32 of N voxels given the network's ``prior``
     (N, C), summing to 1 per voxel, and the voxels' ``intensity`` (N,) in any
     unit. ``background``: the channel modelled by a histogram instead of a
@@ -140,6 +141,8 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
     ``coords`` (N, 3), mm: the voxels' positions; given, a smooth
     multiplicative bias field is fitted too (not for images with many
     non-positive values, e.g. CT in Hounsfield units: no coil, no field).
+    ``prior_power`` (> 0): the prior enters as prior^power (renormalised);
+    below 1 the image counts for more against a prior that is too sure.
 
     The intensity model is fitted on at most ``FIT_VOXELS`` voxels (a regular
     subsample: ~20 parameters need no more); the posteriors of all voxels are
@@ -151,6 +154,11 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
         raise ValueError(f"coords (N, 3) expected, got {tuple(coords.shape)}")
     if inplace and prior.dtype != torch.float32:
         raise ValueError("inplace refinement needs a float32 prior")
+    if prior_power <= 0:
+        raise ValueError(f"prior_power must be > 0, got {prior_power}")
+    if prior_power != 1.0:
+        prior = prior.clamp_(min=1e-12) if inplace else prior.float().clamp_min(1e-12)
+        prior.pow_(prior_power).div_(prior.sum(1, keepdim=True))
     y = intensity.float()
     n = y.numel()
     step = -(-n // FIT_VOXELS)

@@ -46,6 +46,29 @@ def test_shapes_are_checked():
         refine_posteriors(torch.ones(5, 3) / 3, torch.ones(4))
 
 
+def test_prior_power_weighs_the_prior_against_the_image():
+    """power 1 is the plain refinement; a smaller power lets the image move
+    a wrong boundary further; the prior is not modified unless in place;
+    a power <= 0 is refused."""
+    prior, image, truth = _line(boundary_prior=175.0)
+    noisy = image + 0.12 * torch.randn(300, generator=torch.Generator().manual_seed(1))
+    kept = prior.clone()
+    plain = refine_posteriors(prior, noisy)
+    assert torch.allclose(refine_posteriors(prior, noisy, prior_power=1.0), plain)
+    flat = refine_posteriors(prior, noisy, prior_power=0.3)
+    assert torch.equal(prior, kept)
+    assert torch.allclose(flat.sum(1), torch.ones(300), atol=1e-5)
+    # Where the prior is wrong (A/B boundary at 175 instead of 150), the flatter prior follows the image more.
+    wrong = slice(150, 175)
+    assert (flat[wrong].argmax(1) == truth[wrong]).sum() >= (plain[wrong].argmax(1) == truth[wrong]).sum()
+    assert float(flat[wrong, 2].mean()) > float(plain[wrong, 2].mean())
+    buffer = prior.clone()
+    inplace = refine_posteriors(buffer, noisy, prior_power=0.3, inplace=True)
+    assert inplace.data_ptr() == buffer.data_ptr() and torch.allclose(inplace, flat, atol=1e-6)
+    with pytest.raises(ValueError, match="prior_power"):
+        refine_posteriors(prior, noisy, prior_power=0.0)
+
+
 def test_fit_on_a_subsample_and_in_place(monkeypatch):
     """A large image's model is fitted on a regular subsample and written into
     the prior's memory: the answer stays that of the full fit."""
