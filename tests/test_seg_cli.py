@@ -241,8 +241,11 @@ def test_flip_averaging_is_left_right_equivariant(random_seg_model, tmp_path, ca
         assert code == 0, err
         posts[name], labels[name] = data(post), data(out)
     back = posts["mirror"][::-1][..., perm]
-    # The intensity refinement (a CLI default) sums in mirrored order: float32 rounding, ~1e-4.
-    assert np.allclose(back, posts["orig"], atol=5e-4)
+    # The intensity refinement (a CLI default) sums in mirrored order: float32 rounding, ~1e-5 at
+    # 99.99 % of voxels, up to ~1.3e-3 at a few (the tempered prior lets the fitted Gaussians weigh
+    # more); a broken flip differs by > 0.05 (below).
+    assert np.allclose(back, posts["orig"], atol=3e-3)
+    assert np.quantile(np.abs(back - posts["orig"]), 0.999) < 1e-4
     swapped = LABELS[perm][np.searchsorted(LABELS, labels["mirror"][::-1])]
     top2 = np.sort(posts["orig"], -1)[..., -2:]
     # Ties may break either way: averaging makes twins tie where the image is
