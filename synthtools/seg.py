@@ -383,8 +383,9 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     the mirrored one mirrored back with its left/right channels swapped.
     ``posteriors``: build the native (X, Y, Z, C) posteriors in the same pass
     (otherwise :attr:`SegResult.posteriors` computes them on first use).
-    ``refine``: take the network's posteriors as a spatial prior and refine
-    them with an intensity model fitted to this image (:mod:`.refine`), on
+    ``refine``: take the network's posteriors as a spatial prior (raised to
+    ``PRIOR_POWER``) and refine them with an intensity model fitted to this
+    image (:mod:`.refine`), on
     the native grid with the native image and on the network's grid with
     the image it saw; ``bias_field`` (with ``refine``): fit a smooth
     multiplicative intensity field along with it. ``atlases``: multiply
