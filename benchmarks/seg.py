@@ -110,9 +110,9 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_name)
     setup = time.perf_counter() - t0
-    from synthtools.atlas import atlas_files
+    from synthtools.atlas import default_atlases
     from synthtools.seg import _map_to_native
-    atlases = min(int((model.meta.get("atlas") or {}).get("default", 0)), len(atlas_files(model)))
+    atlases = default_atlases(model)
     res, network, plain = {}, {}, {}
     for c in cases:
         vol = load_volume(c["image"])

@@ -38,8 +38,8 @@ from .io import Volume, load_volume
 from .morph.transforms import Warp
 from .weights import Model, ModelError, load_model
 
-__all__ = ["T1_INTENSITY", "DEFAULT_ALPHA", "atlas_files", "atlas_image", "soft_labels", "AtlasPrior",
-           "MovedAtlas", "move_atlases", "apply_prior"]
+__all__ = ["T1_INTENSITY", "DEFAULT_ALPHA", "atlas_files", "default_atlases", "atlas_image", "soft_labels",
+           "AtlasPrior", "MovedAtlas", "move_atlases", "apply_prior"]
 
 # T1-weighted intensities (arbitrary units, WM 110) per FreeSurfer label: the
 # atlases' synthetic image. Any plausible contrast works (the fit is
@@ -59,6 +59,12 @@ def atlas_files(model: Model) -> list[Path]:
     if missing:
         raise ModelError(f"{missing[0]}: atlas file missing from the model folder")
     return files
+
+
+def default_atlases(model: Model) -> int:
+    """How many atlases ``model`` uses by default (metadata ``atlas.default``),
+    at most the number it ships."""
+    return min(int((model.meta.get("atlas") or {}).get("default", 0)), len(atlas_files(model)))
 
 
 def atlas_image(labels: np.ndarray) -> np.ndarray:

@@ -123,7 +123,11 @@ class SegResult:
     _bias_field: bool = field(default=True, repr=False)
     _prior: torch.Tensor | None = field(default=None, repr=False)   # conformed prior to refine lazily
     _atlas: Any = field(default=None, repr=False)                   # synthtools.atlas.AtlasPrior
-    atlases_used: int = 0   # 0 when none were asked for, or the registration found no brain
+
+    @property
+    def atlases_used(self) -> int:
+        """Atlases in the prior: 0 when none were asked for, or the registration found no brain."""
+        return 0 if self._atlas is None else len(self._atlas.atlases)
 
     @property
     def conformed_posteriors(self) -> torch.Tensor:
@@ -326,9 +330,9 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
         sums[c] = p[outside].sum(dtype=np.float64)
         if post is not None:
             post[..., c] = p
-    if atlas is not None:
-        prior *= atlas.native_fractions(region, conf.native_affine) + atlas.alpha
-        prior /= np.maximum(prior.sum(1, keepdims=True), 1e-12)
+    if atlas is not None:   # (N, C) rows: apply_prior works on (C, ...), so on the transposed views
+        from .atlas import apply_prior
+        apply_prior(torch.from_numpy(prior).T, atlas.native_fractions(region, conf.native_affine).T, atlas.alpha)
     coords = _world_coords(region, conf.native_affine) if bias_field else None
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
                                 background=bg, inplace=True, groups=twin_groups(values), coords=coords,
@@ -428,20 +432,19 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
             prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
         except EmptyMaskError:   # nothing brain-like to register to: the network's prior alone
             atlas = None
-    used = 0 if atlas is None else len(atlas.atlases)
 
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
     if not refine:
         arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
         return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
                          conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network,
-                         atlases_used=used)
+                         _atlas=atlas)
     image = np.asarray(data, dtype=np.float32)
     arg, summary, post = _refine_native(conf, network, values, keep=posteriors, image=image, bias_field=bias_field,
                                         atlas=atlas)
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
                      _posteriors=post, network_posteriors=network, _native_image=image, _bias_field=bias_field,
-                     _prior=prob, _atlas=atlas, atlases_used=used)
+                     _prior=prob, _atlas=atlas)
 
 
 def _atlas_prior(model: Model, conf: Conformed, values: np.ndarray, n: int, alpha: float | None):

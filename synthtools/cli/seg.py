@@ -205,15 +205,14 @@ def _read_header(path: str) -> list[str] | None:
 def check_tables(args: argparse.Namespace, model) -> None:
     """An existing --vol/--qc table must have our columns: rows are appended;
     ``--atlases`` must be within what the model ships (resolved here)."""
-    from ..atlas import atlas_files
+    from ..atlas import atlas_files, default_atlases
     from ..weights import ModelError
-    spec = model.meta.get("atlas") or {}
     try:
         available = len(atlas_files(model))
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     if args.atlases is None:
-        args.atlases = min(int(spec.get("default", 0)), available)
+        args.atlases = default_atlases(model)
     elif not 0 <= args.atlases <= available:
         raise UsageError(f"--atlases {args.atlases}: this model has {available} atlases (0..{available})")
     for option, path, header in (("--vol", args.vol, volume_header), ("--qc", args.qc, qc_header)):
