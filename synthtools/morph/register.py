@@ -31,6 +31,7 @@ from ..conform import conform, resample
 from ..infer import normalize_intensities
 from ..io import Volume
 from ..weights import Model, cpu_has_bf16
+from .refine import PATCHES, refine_linear
 from .transforms import Affine, Geometry, Warp, as_geometry, invert
 
 __all__ = ["Registration", "FixedSide", "fixed_side", "register_linear", "register_deform", "register", "model_kind"]
@@ -98,7 +99,7 @@ def _with_features(model: Model, side: FixedSide) -> torch.Tensor:
 def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
                     passes: int | None = None, refine: tuple[int, ...] | None = None,
                     refine_metric: str | None = None, side: FixedSide | None = None,
-                    native_level: bool = True, refine_points: int = 40000) -> Affine:
+                    native_level: bool = True, refine_patches: int = PATCHES) -> Affine:
     """Rigid or affine registration (model type 'rigid'/'affine'): the
     pull-back fixed RAS -> moving RAS, with both grids recorded.
 
@@ -112,23 +113,22 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     (:mod:`synthtools.morph.refine`) with ``refine_metric`` (default the
     model's ``inference.refine_metric``, else "features"): "features", the
     squared difference of the network's feature maps on the conformed grid
-    and its 2x coarser versions; or "mi", the mutual information of the
-    images inside the fixed brain (where the feature maps have mass), the
-    last entry of ``refine`` being a level on the native grids.
+    and its 2x coarser versions; or "lncc", the local NCC^2 of the images
+    in small cubes inside the fixed brain (where the feature maps have mass),
+    the last entry of ``refine`` being a level on the native grids.
     ``native_level=False`` skips that native level (joint mode: the
-    deformable step absorbs the sub-voxel residual; measured on the four
-    benchmark pairs, GM/WM Dice 0.7934 with it, 0.7936 without, 5 s less).
-    ``refine_points``: fixed brain voxels (at most) per conformed refinement level."""
+    deformable step absorbs the sub-voxel residual). ``refine_patches``:
+    cubes per local-NCC^2 level."""
     opts = model.meta.get("inference", {})
     passes = int(opts.get("passes", 1)) if passes is None else int(passes)
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     refine = tuple(int(n) for n in (opts.get("refine", ()) if refine is None else refine))
     refine_metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
-    if not native_level and refine_metric == "mi" and refine:
+    if not native_level and refine_metric == "lncc" and refine:
         refine = refine[:-1] + (0,)
-    if refine_metric not in ("features", "mi"):
-        raise ValueError(f"refine_metric must be 'features' or 'mi', got {refine_metric!r}")
+    if refine_metric not in ("features", "lncc"):
+        raise ValueError(f"refine_metric must be 'features' or 'lncc', got {refine_metric!r}")
     # The fixed side is the same in every pass: conform it and map its features once.
     side = fixed_side(model, fixed) if side is None else side
     cf, xf, ff = side.conformed, side.image, _with_features(model, side)
@@ -139,7 +139,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     def moving_side(m: np.ndarray, features: bool = True):
         """The moving image re-posed by ``m`` (header move), conformed: its
         frame matrix, normalised image and feature maps (None without
-        ``features``: the mutual-information refinement never reads them)."""
+        ``features``: the local-NCC^2 refinement never reads them)."""
         cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)
         xm = normalize_intensities(cm.data)
         am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
@@ -153,10 +153,9 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
                                  am[None].to(ff.device))[0].double().cpu().numpy()
         m = m @ np.linalg.inv(shift) @ step @ shift
     if any(refine):
-        from .refine import refine_linear
         am, xm, fm = moving_side(m, features=refine_metric == "features")
         images, native, levels = None, None, refine
-        if refine_metric == "mi":
+        if refine_metric == "lncc":
             images = (xf.float().cpu(), xm.float().cpu())
             # The last level on the scans as acquired (moving re-posed by m, like xm).
             native = (_normalised(fixed), s.float() @ torch.as_tensor(fixed.affine, dtype=torch.float32),
@@ -165,7 +164,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
             levels = refine[:-1]
         step = refine_linear(ff.float().cpu(), None if fm is None else fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
                              iterations=levels, images=images, native=native,
-                             native_iterations=refine[-1] if native else 0, points=refine_points).numpy()
+                             native_iterations=refine[-1] if native else 0, patches=refine_patches).numpy()
         m = m @ np.linalg.inv(shift) @ step @ shift
     return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
 
@@ -223,10 +222,10 @@ def _centre_shift(conformed) -> np.ndarray:
     return shift
 
 
-# Fixed brain voxels per conformed MI level in joint mode (40k for rigid/affine alone).
-JOINT_REFINE_POINTS = 20000
+# Local-NCC^2 cubes per conformed refinement level in joint mode (refine.PATCHES alone).
+JOINT_REFINE_PATCHES = 500
 # Joint mode computes the feature maps under bf16 autocast (where the CPU has it): 0.9 s less a
-# pair, GM/WM Dice 0.7912 -> 0.7905 on the four benchmark pairs; the MI refinement and the
+# pair, GM/WM Dice 0.7912 -> 0.7905 on the four benchmark pairs; the refinement and the
 # deformable fit absorb the coarser maps. Rigid/affine alone keep float32 (their error targets
 # are sub-millimetre).
 JOINT_BF16 = True
@@ -327,12 +326,12 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
         return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
     if mode == "joint":
         side = joint_fixed_side(models["linear"], fixed) if side is None else side
-        # One network pass, no native MI level and half the MI points: the deformable fit
-        # absorbs what each adds (four benchmark pairs, GM/WM Dice: second pass 0.7937 with,
-        # 0.7932 without, 2.8 s; native level, see register_linear, 5 s; 40k -> 20k points
-        # 0.7912 both, 0.3 s).
+        # One network pass, no native refinement level, fewer cubes: the deformable fit absorbs
+        # what each adds (four benchmark pairs, GM/WM Dice: second pass 0.7937 with, 0.7932
+        # without, 2.8 s; native level 0.788 with, 0.789 without, 0.6 s; 2000 -> 500 cubes
+        # 0.789 -> 0.788, 0.7 s).
         a = register_linear(models["linear"], moving, fixed, init, side=side, native_level=False, passes=1,
-                            refine_points=JOINT_REFINE_POINTS)
+                            refine_patches=JOINT_REFINE_PATCHES)
         same = models["deform"] is models["linear"]     # the default: one model, one fixed side
         return register_deform(models["deform"], moving, fixed, a, regularization, inverse,
                                side=side if same else None)
