@@ -578,7 +578,10 @@ def test_patch_ncc2_is_contrast_agnostic_and_drops_when_misaligned():
     from synthtools.morph.refine import patch_ncc2
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.avg_pool1d(torch.rand(1, 1, 20000, generator=gen), 25, 1, 12)[0, 0]
-    p = lambda v: v[:19875].reshape(-1, 125)   # noqa: E731 - 159 cubes of 125 points
+
+    def p(v):   # 159 cubes of 125 points
+        return v[:19875].reshape(-1, 125)
+
     for other in (x, 1 - x, 3 * x + 7):
         assert abs(float(patch_ncc2(p(x), p(other))) - 1) < 1e-3   # eps 1e-9 of near-flat cubes
     assert float(patch_ncc2(p(x), p(torch.roll(x, 40)))) < 0.5

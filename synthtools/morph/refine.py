@@ -86,12 +86,17 @@ def dilate_cube(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return mask
 
 
-def _fixed_points(feat: torch.Tensor, threshold: float = 0.05, dilate: int = 2,
-                  max_points: int = 40000) -> torch.Tensor:
-    """Voxel indices (N, 3) where the fixed maps have mass, dilated by
-    ``dilate`` voxels; at most ``max_points``, evenly spread over the list
-    (a 2 mm brain has ~250k: the fit needs far fewer, each step costs N)."""
-    vox = brain_mask(feat, threshold, dilate).nonzero().to(torch.float32)
+def _brain_voxels(feat: torch.Tensor) -> torch.Tensor:
+    """Voxel indices (N, 3), float, where the fixed (K, *S) maps have mass,
+    dilated by 2 voxels: the fixed brain, where every criterion is sampled."""
+    return brain_mask(feat, 0.05, 2).nonzero().to(torch.float32)
+
+
+def _fixed_points(feat: torch.Tensor, max_points: int = 40000) -> torch.Tensor:
+    """At most ``max_points`` of the fixed brain's voxels (N, 3), evenly
+    spread over the list (a 2 mm brain has ~250k: the fit needs far fewer,
+    each step costs N)."""
+    vox = _brain_voxels(feat)
     if len(vox) > max_points:
         vox = vox[torch.linspace(0, len(vox) - 1, max_points).round().long()]
     return vox
@@ -105,9 +110,9 @@ def _patch_offsets(window: int) -> torch.Tensor:
 
 def patch_centres(feat: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
     """``count`` random points (voxels, (count, 3)) of the fixed brain of the
-    (K, *S) feature maps (see :func:`brain_mask`), each jittered uniformly
-    within its voxel so that no grid is favoured."""
-    vox = brain_mask(feat, 0.05, 2).nonzero().to(torch.float32)
+    (K, *S) feature maps, each jittered uniformly within its voxel so that
+    no grid is favoured."""
+    vox = _brain_voxels(feat)
     pick = torch.randperm(len(vox), generator=gen)[:count]
     return vox[pick] + torch.rand(len(pick), 3, generator=gen) - 0.5
 
