@@ -602,9 +602,10 @@ def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     """The shipped model on the bundled clinical FLAIR (4 mm slices): the
     moving image is the scan with inverted contrast, resampled on its own
     grid through a known rigid transform (10-12 degrees, ~10 mm). The
-    recovered transform moves points of a 100 mm cube around the head's
-    centre by less than 1.5 mm from the truth; no registration is off by
-    ~20 mm there."""
+    recovered transform moves the corners of a 100 mm cube around the head's
+    centre by less than 0.75 mm from the truth (measured: rigid 0.06,
+    affine 0.44; 1.5 mm was the bar with the mutual-information refinement);
+    no registration is off by ~20 mm there."""
     from synthtools.conform import resample
     from synthtools.data import example_scan
     fixed = load_volume(example_scan())
@@ -619,7 +620,7 @@ def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     t = register_linear(model, moving, fixed)
     corners = np.array(np.meshgrid(*[[-50.0, 50.0]] * 3)).reshape(3, -1) + centre[:, None]
     err = np.linalg.norm((t.matrix - truth)[:3, :3] @ corners + (t.matrix - truth)[:3, 3:], axis=0)
-    assert err.max() < 1.5, err
+    assert err.max() < 0.75, err
 
 
 def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
