@@ -14,7 +14,7 @@ grid whose Jacobian determinant of the map is <= 0.
 Methods, each given the images exactly as stored:
 
   ours    ``synthmorph register -m joint``: the shipped synthmorph-affine
-          (network + MI refinement), then the test-time SVF fit
+          (network + local-NCC^2 refinement), then the test-time SVF fit
           (``synthtools.morph.svf_fit``) at ``-r`` 0.5; the affine result
           alone is scored too;
   ants    ANTsPy ``registration(type_of_transform="SyN")`` (affine + SyN with
