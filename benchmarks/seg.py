@@ -77,10 +77,9 @@ def score(pred, ref, kind: str) -> dict:
     from training.validation import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
     out = {}
     if kind == "aseg":
-        d, out["mean"], out["large"] = aseg_scores(pred, ref)
-        out["label_dice"] = {str(k): round(v, 4) for k, v in d.items()}
-        dp, out["mean_protocol"], out["large_protocol"] = aseg_scores(pred, aseg_in_protocol(ref))
-        out["label_dice_protocol"] = {str(k): round(v, 4) for k, v in dp.items()}
+        for suffix, labels in (("", ref), ("_protocol", aseg_in_protocol(ref))):
+            d, out["mean" + suffix], out["large" + suffix] = aseg_scores(pred, labels)
+            out["label_dice" + suffix] = {str(k): round(v, 4) for k, v in d.items()}
         ref = tissue_classes(ref)
     out.update(tissue_dice(pred, ref))
     out["tissue_mean"] = float(np.mean([out["CSF"], out["GM"], out["WM"]]))

@@ -102,10 +102,12 @@ def _fixed_points(feat: torch.Tensor, max_points: int = 40000) -> torch.Tensor:
     return vox
 
 
-def _patch_offsets(window: int) -> torch.Tensor:
-    """Voxel offsets (window^3, 3) of a cube centred on 0 (odd ``window``)."""
+def _cube_points(centres: torch.Tensor, window: int) -> torch.Tensor:
+    """Voxel coordinates (P * window^3, 3) of the cubes of ``window`` voxels
+    (odd) centred on ``centres`` (P, 3), one cube after the other."""
     r = torch.arange(window, dtype=torch.float32) - window // 2
-    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    offsets = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    return (centres[:, None] + offsets).reshape(-1, 3)
 
 
 def patch_centres(feat: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -176,7 +178,7 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fi
         if images is None:
             vox = _fixed_points(sel, max_points=points)
         else:
-            vox = (patch_centres(sel, patches, gen)[:, None] + _patch_offsets(window)).reshape(-1, 3)
+            vox = _cube_points(patch_centres(sel, patches, gen), window)
         if len(vox) == 0:
             continue
         mm = vox @ a[:3, :3].T + a[:3, 3]
@@ -196,7 +198,7 @@ def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tenso
     to_fixed = torch.linalg.inv(fixed_v2m)
     centres = patch_centres(feat_fixed, patches, gen) @ af[:3, :3].T + af[:3, 3]     # mm
     centres = centres @ to_fixed[:3, :3].T + to_fixed[:3, 3]                         # fixed scan voxels
-    vox = (centres[:, None] + _patch_offsets(window)).reshape(-1, 3)
+    vox = _cube_points(centres, window)
     if len(vox) == 0:
         return
     mm = vox @ fixed_v2m[:3, :3].T + fixed_v2m[:3, 3]
