@@ -214,3 +214,33 @@ def test_ct_like_gmm_makes_bone_brightest_and_brain_narrow():
     assert torch.equal(plain, off)
     with pytest.raises(ValueError, match="label values"):
         RandomGMM(ct_prob=1.0).lookup(len(values), generator(0))
+
+
+def test_mr_physics_gmm_gives_the_contrasts_of_real_sequences():
+    from training.generator.intensity import RandomGMM
+    from training.generator.labels import GENERATION_LABELS
+    from training.generator.mr_contrast import TISSUE, random_settings, signal
+    values = torch.as_tensor(GENERATION_LABELS)
+    idx = {v: int((values == v).nonzero()) for v in (2, 3, 24, 515)}   # WM, cortex, CSF, skull
+    gmm = RandomGMM(mr_prob=1.0, values=GENERATION_LABELS)
+    for seed in range(30):
+        mu, _ = gmm.lookup(len(values), generator(seed))
+        assert float(mu.min()) >= 0.0 and float(mu.max()) == pytest.approx(1.0)
+        assert mu[idx[515]] < 0.1                      # bone has almost no signal in any sequence
+        assert mu[0] == 0.0                            # air
+    assert torch.equal(gmm.lookup(len(values), generator(5))[0], gmm.lookup(len(values), generator(5))[0])
+    # The signal equations order the tissues as the scanners do.
+    t1, t2, pd = (torch.tensor([TISSUE[t][k] for t in ("wm", "gm", "csf")], dtype=torch.float64) for k in range(3))
+    for seed in range(10):
+        wm, gm, csf = signal(t1, t2, pd, "spgr", random_settings("spgr", generator(seed)))
+        assert wm > gm > csf                           # T1-weighted
+        wm, gm, csf = signal(t1, t2, pd, "t2_se", random_settings("t2_se", generator(seed)))
+        assert csf > gm > wm                           # T2-weighted
+        wm, gm, csf = signal(t1, t2, pd, "flair", random_settings("flair", generator(seed)))
+        assert gm > wm > csf and csf < 0.3 * wm        # FLAIR: CSF (almost) nulled
+    # mr_prob = 0 leaves the plain draws untouched.
+    plain, _ = RandomGMM().lookup(len(values), generator(3))
+    off, _ = RandomGMM(mr_prob=0.0, values=GENERATION_LABELS).lookup(len(values), generator(3))
+    assert torch.equal(plain, off)
+    with pytest.raises(ValueError, match="label values"):
+        RandomGMM(mr_prob=1.0).lookup(len(values), generator(0))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .mr_contrast import mr_means
 from .noise import uniform
 
 
@@ -29,6 +30,11 @@ class RandomGMM:
     ct_prob: float = 0.0
     ct_contrast: tuple[float, float] = (0.02, 0.15)
     ct_bright: tuple[int, ...] = (515,)
+    # MR-physics draws: a fraction ``mr_prob`` of samples gets its means from
+    # tissue parameters and a random sequence's signal equation
+    # (``mr_contrast.mr_means``: T1w, MPRAGE, T2w, PD, FLAIR) instead of
+    # uniform draws. Needs ``values``.
+    mr_prob: float = 0.0
     values: tuple[int, ...] | None = None
 
     def lookup(self, num_labels: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +47,10 @@ class RandomGMM:
             mu[0] = 0.0
         if self.ct_prob > 0 and uniform(gen, 0, 1) < self.ct_prob:
             mu = self._ct_like(mu, gen)
+        elif self.mr_prob > 0 and uniform(gen, 0, 1) < self.mr_prob:
+            if self.values is None:
+                raise ValueError("RandomGMM.mr_prob needs the label values (RandomGMM.values)")
+            mu = mr_means(self.values[:len(mu)], gen)
         return mu, sd
 
     def _ct_like(self, mu: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
