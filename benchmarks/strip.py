@@ -23,8 +23,9 @@ template), the brain mask of
 against the reference mask, as ``training.validation.score_strip`` does
 (Dice on the scoring region: BrainWeb excludes the spinal cord below the
 foramen magnum), and by the 95th-percentile surface distance (mm, same
-region), which the thick-slice scans need beside Dice. Every method gets the same float32 image (frame 0 of a 4D
-file) with the file's affine, and must return a mask on the native grid.
+region), which the thick-slice scans need beside Dice. Every method gets the
+same float32 image (frame 0 of a 4D file) with the file's affine, and must
+return a mask on the native grid.
 
 Each (method, case) runs in its own subprocess (``--worker``) with a timeout
 (``--timeout``, default 600 s; the whole process group is killed on expiry),
@@ -540,6 +541,14 @@ def _cell(r: dict | None, key: str, spec: str) -> str:
     return format(r[key], spec) if key in r else "n/a"  # e.g. reused from a run before the metric
 
 
+def _case_rows(data: dict, cases: list[dict], groups: list[str], methods: list[str], key: str,
+               spec: str) -> list[str]:
+    """Table rows 'contrast | case | ref | one value per method', by contrast group."""
+    return [f"| {g} | {c['name']} | {c.get('brain', 'csf')} | "
+            + " | ".join(_cell(data["results"].get(m, {}).get(c["name"]), key, spec) for m in methods) + " |"
+            for g in groups for c in cases if c["group"] == g]
+
+
 def markdown(data: dict, summary: dict, methods: list[str], args, torch_version: str | None) -> str:
     cases = [c for c in data["cases"] if c["available"]]
     groups = summary["groups"]
@@ -566,11 +575,7 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
         "where the model has both; the peers have one convention each.", "",
         "## Dice per case", "", head.replace("| case |", "| case | ref |"), sep.replace("|---|---|", "|---|---|---|"),
     ]
-    for g in groups:
-        for c in (c for c in cases if c["group"] == g):
-            lines.append(f"| {g} | {c['name']} | {c.get('brain', 'csf')} | "
-                         + " | ".join(_cell(data["results"].get(m, {}).get(c["name"]), "dice", ".3f")
-                                      for m in methods) + " |")
+    lines += _case_rows(data, cases, groups, methods, "dice", ".3f")
     lines += ["", "## Mean Dice per contrast", "",
               "| contrast | cases | " + " | ".join(label[m] for m in methods) + " |",
               "|---|---:|" + "---:|" * len(methods)]
@@ -589,11 +594,7 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
               "every method's smooth mask bridges: large distances there measure that convention. Means "
               "over the cases a method ran.", "",
               head.replace("| case |", "| case | ref |"), sep.replace("|---|---|", "|---|---|---|")]
-    for g in groups:
-        for c in (c for c in cases if c["group"] == g):
-            lines.append(f"| {g} | {c['name']} | {c.get('brain', 'csf')} | "
-                         + " | ".join(_cell(data["results"].get(m, {}).get(c["name"]), "sd95_mm", ".2f")
-                                      for m in methods) + " |")
+    lines += _case_rows(data, cases, groups, methods, "sd95_mm", ".2f")
     lines += ["", "| contrast (mean) | " + " | ".join(label[m] for m in methods) + " |",
               "|---|" + "---:|" * len(methods)]
     for g in groups:

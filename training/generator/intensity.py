@@ -33,7 +33,7 @@ class RandomGMM:
     # MR-physics draws: a fraction ``mr_prob`` of samples gets its means from
     # tissue parameters and a random sequence's signal equation
     # (``mr_contrast.mr_means``: T1w, MPRAGE, T2w, PD, FLAIR) instead of
-    # uniform draws. Needs ``values``.
+    # uniform draws (of the samples not drawn CT-like). Needs ``values``.
     mr_prob: float = 0.0
     values: tuple[int, ...] | None = None
 
