@@ -320,9 +320,10 @@ def worker(args) -> int:
             raise RuntimeError(f"mask shape {mask.shape} != image shape {volume.shape}")
         del volume
         img, ref, region = load_case(case)
-        result.update(status="ok", version=version, dice=dice(mask & region, ref & region),
-                      sd95_mm=surface_distance_95(mask & region, ref & region, img.voxsize),
-                      mask_voxels=int((mask & region).sum()), reference_voxels=int((ref & region).sum()),
+        mask, ref = mask & region, ref & region
+        result.update(status="ok", version=version, dice=dice(mask, ref),
+                      sd95_mm=surface_distance_95(mask, ref, img.voxsize),
+                      mask_voxels=int(mask.sum()), reference_voxels=int(ref.sum()),
                       setup_s=setup, run_s=run, peak_rss_self_gb=rss_self, peak_rss_children_gb=rss_children,
                       peak_rss_gb=max(rss_self, rss_children))
         if "torch" in sys.modules:
@@ -505,8 +506,9 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
     Dice per case and contrast for ours and every peer of this run. The
     weights' hash covers the weights only, so the model stays loadable."""
 
-    def dice_of(m):
-        return {n: round(r["dice"], 4) for n, r in data["results"].get(m, {}).items() if r.get("status") == "ok"}
+    def per_case(m, key="dice", digits=4):
+        return {n: round(r[key], digits) for n, r in data["results"].get(m, {}).items()
+                if r.get("status") == "ok" and key in r}
     ms = summary["methods"]
     metrics = {
         "description": "Dice (and the 95th-percentile surface distance, mm) vs reference brain masks on the "
@@ -515,16 +517,15 @@ def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[s
                        "reference's convention: csf or nocsf)",
         "date": _dt.date.today().isoformat(),
         "reference_convention": {c["name"]: c.get("brain", "csf") for c in data["cases"] if c["available"]},
-        "dice": dice_of("ours"),
-        "surface_distance_95_mm": {n: round(r["sd95_mm"], 2) for n, r in data["results"].get("ours", {}).items()
-                                   if r.get("status") == "ok" and "sd95_mm" in r},
+        "dice": per_case("ours"),
+        "surface_distance_95_mm": per_case("ours", "sd95_mm", 2),
         "mean_dice_per_contrast": {g: round(v, 4) for g, v in ms["ours"]["mean_dice_per_group"].items()
                                    if v is not None},
         "mean_dice_all_cases": round(ms["ours"]["mean_dice_all_cases"], 4),
     }
     for m in methods:
         if m != "ours" and ms[m].get("status") == "ok":
-            metrics[f"peer_{m}_dice"] = dice_of(m)
+            metrics[f"peer_{m}_dice"] = per_case(m)
             metrics[f"peer_{m}_mean_dice_all_cases"] = round(ms[m]["mean_dice_all_cases"], 4)
     set_model_metrics(folder, metrics)
 

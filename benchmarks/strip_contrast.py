@@ -68,9 +68,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
     limit_threads(args.threads)
-    torch.set_num_threads(args.threads)
+    from benchmarks.strip import build_deepbet, build_ours
     from synthtools.io import load_volume
-    from synthtools.strip import brain_sdt, channel_of, mask_from_sdt
+    from synthtools.strip import channel_of
     from synthtools.weights import load_model
     from training.validation import data_root, dice, neck_crop
     root = data_root() / CASE
@@ -82,15 +82,13 @@ def main() -> int:
             "nocsf": load_volume(root / "mask_brain_gm_wm_filled_1mm.nii.gz").data > 0.5}
     region = neck_crop(refs["csf"], lab.affine)
     ml = float(np.prod(lab.voxsize)) / 1000.0
+    # The skull-stripping benchmark's own method builders (flip on, border 1 mm).
+    run = argparse.Namespace(model=args.model, threads=args.threads, border=1.0, flip=True)
     model = load_model(args.model, "cpu")
-    methods = {f"ours {b}": (lambda v, b=b: mask_from_sdt(brain_sdt(model, v, channel=channel_of(model, b),
-                                                                       flip=True), 1.0), b)
+    methods = {f"ours {b}": (build_ours(argparse.Namespace(**vars(run), brain=b))[0], b)
                for b in ("csf", "nocsf") if channel_of(model, b) is not None}
     if not args.no_peer and importlib.util.find_spec("deepbet"):
-        import nibabel as nib
-        from deepbet import BrainExtraction
-        bet = BrainExtraction(no_gpu=True)
-        methods["deepbet"] = (lambda v: np.asarray(bet.run(nib.Nifti1Image(v.data, v.affine))[1].dataobj), "nocsf")
+        methods["deepbet"] = (build_deepbet(run)[0], "nocsf")
     rng = np.random.default_rng(0)
     rows = {}
     for name, (sequence, settings) in PROTOCOLS.items():
