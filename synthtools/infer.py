@@ -40,6 +40,9 @@ def predict(model: Model, x: torch.Tensor) -> torch.Tensor:
     device = next(net.parameters()).device
     if getattr(net, "ndim", 3) == 2 and x.ndim == 4:
         return _predict_slices(model, x, device)
+    patch = (model.meta.get("inference") or {}).get("patch")
+    if patch and any(s > p for s, p in zip(x.shape[1:], patch)):
+        return _predict_patches(model, x, device, tuple(int(p) for p in patch))
     xb = x[None].to(device)
     if device.type == "cpu":
         xb = xb.contiguous(memory_format=torch.channels_last_3d) if xb.ndim == 5 else xb
@@ -49,13 +52,70 @@ def predict(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 
 def _predict_slices(model: Model, x: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
-    """A 2D network (a pilot model trained on single slices) on a 3D
-    (C, X, Y, Z) input: slice by slice along the last axis, ``chunk``
-    slices per batch; returns (C_out, X, Y, Z)."""
-    out = []
-    for z0 in range(0, x.shape[-1], chunk):
-        xb = x[..., z0:z0 + chunk].permute(3, 0, 1, 2).to(device)   # (slices, C, X, Y)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
-            y = model.net(xb)
-        out.append(y.float().cpu().permute(1, 2, 3, 0))
-    return torch.cat(out, dim=-1)
+    """A 2D network on a 3D (C, X, Y, Z) input: slice by slice along each
+    axis of ``metadata.inference.slice_axes`` (default: the last axis only,
+    as the first 2D pilots ran), ``chunk`` slices per batch; the outputs of
+    the axes are averaged (2.5D fusion). Returns (C_out, X, Y, Z)."""
+    axes = (model.meta.get("inference") or {}).get("slice_axes", [2])
+    total = None
+    for axis in axes:
+        moved = x.movedim(1 + int(axis), -1)   # the slicing axis last
+        out = []
+        for z0 in range(0, moved.shape[-1], chunk):
+            xb = moved[..., z0:z0 + chunk].permute(3, 0, 1, 2).to(device)   # (slices, C, a, b)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
+                y = model.net(xb)
+            out.append(y.float().cpu().permute(1, 2, 3, 0))
+        y = torch.cat(out, dim=-1).movedim(-1, 1 + int(axis))
+        total = y if total is None else total + y
+    return total / len(axes)
+
+
+def patch_starts(size: int, patch: int, overlap: float = 0.5) -> list[int]:
+    """Start offsets (voxels) of windows of ``patch`` voxels covering an
+    axis of ``size`` voxels, ``overlap`` (fraction) between neighbours, the
+    last one flush with the end."""
+    if size <= patch:
+        return [0]
+    stride = max(1, int(patch * (1 - overlap)))
+    starts = list(range(0, size - patch, stride))
+    return starts + [size - patch]
+
+
+def _window_weight(patch: tuple[int, ...]) -> torch.Tensor:
+    """Separable weights favouring a window's centre (a Gaussian of sigma
+    1/4 of the window, floored at 1e-3) so seams between windows blend."""
+    w = torch.ones(())
+    for n in patch:
+        t = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        g = torch.exp(-0.5 * (t / (n / 4)) ** 2).clamp_min(1e-3)
+        w = w[..., None] * g
+    return w
+
+
+def _predict_patches(model: Model, x: torch.Tensor, device: torch.device,
+                     patch: tuple[int, ...]) -> torch.Tensor:
+    """A network trained on crops with per-input statistics (instance
+    normalisation) sees crops at inference too: overlapping windows of its
+    training crop (``metadata.inference.patch``, voxels), blended by
+    :func:`_window_weight`. Axes shorter than the window are taken whole."""
+    spatial = x.shape[1:]
+    win = tuple(min(p, s) for p, s in zip(patch, spatial))
+    weight = _window_weight(win)
+    out = None
+    norm = torch.zeros(spatial)
+    starts = [patch_starts(s, w) for s, w in zip(spatial, win)]
+    for i in starts[0]:
+        for j in starts[1]:
+            for k in starts[2]:
+                sl = (slice(i, i + win[0]), slice(j, j + win[1]), slice(k, k + win[2]))
+                xb = x[(slice(None), *sl)][None].to(device)
+                if device.type == "cpu":
+                    xb = xb.contiguous(memory_format=torch.channels_last_3d)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
+                    y = model.net(xb)[0].float().cpu()
+                if out is None:
+                    out = torch.zeros((y.shape[0], *spatial))
+                out[(slice(None), *sl)] += y * weight
+                norm[sl] += weight
+    return out / norm

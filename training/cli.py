@@ -3,6 +3,7 @@
   synthgen sample LABELMAP -o IMAGE [--labels-out SEG] [--seed S] [-n N] [--config TOML]
   synthgen preview LABELMAP -o GRID.png [-n 24] [--seed S] [--max] [--config TOML]
   synthgen train CONFIG -o RUNDIR [--steps N] [--minutes M] [--set section.key=value ...]
+  synthgen burst RUNDIR --minutes M [--device cuda] [--set section.key=value ...]
   synthgen export RUNDIR --config CONFIG --dest models/NAME [--name NAME]
   synthgen eval RUNDIR --config CONFIG
   synthgen invariance MODEL_OR_RUN IMAGE_A IMAGE_B -o PREFIX [--config CONFIG] [--mask MASK]
@@ -126,6 +127,25 @@ def cmd_train(a) -> None:
     print(result)
 
 
+def cmd_burst(a) -> None:
+    """Continue a run for a fixed time on an accelerator: the run's own
+    config (``RUNDIR/config.toml``, written by ``synthgen train``) and
+    checkpoint, ``train.device`` set to ``--device`` (generation on the
+    device too, bf16 autocast as configured), the checkpoint written back
+    into RUNDIR. Runs on the CPU as well (``--device cpu``), for a dry run."""
+    from .loop import RUN_CONFIG, train
+    from .recipes import get_recipe, load_config
+    run = Path(a.rundir)
+    if not (run / RUN_CONFIG).is_file() or not (run / "checkpoint.pt").is_file():
+        _fail(f"{run}: not a run folder (needs {RUN_CONFIG} and checkpoint.pt from synthgen train)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device {a.device}: torch sees no CUDA GPU")
+    overrides = {"train.device": a.device, **_overrides(a.set)}
+    recipe = get_recipe(load_config(run / RUN_CONFIG, overrides))
+    result = train(recipe, run, minutes=a.minutes, steps=a.steps)
+    print(result)
+
+
 def cmd_export(a) -> None:
     from .loop import export
     from .recipes import get_recipe, load_config
@@ -150,8 +170,9 @@ def cmd_eval(a) -> None:
     with torch.no_grad():
         metrics = recipe.validate(net)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
-    cases = [v for k, v in metrics.items() if not k.startswith("mean_")]   # group means are extra keys
-    metrics["mean"] = round(float(np.mean(cases)), 4) if cases else float("nan")
+    from .loop import val_score
+    score = val_score(metrics)   # over cases: group means and consistency are extra keys
+    metrics["mean"] = round(score, 4) if score is not None else float("nan")
     print(json.dumps({"step": int(state["step"]), "weights": state["source"], **metrics}))
 
 
@@ -260,6 +281,13 @@ def main(argv=None) -> None:
     t.add_argument("--sanity", action="store_true",
                    help="train on ONE synthetic sample (written to the run folder): the loss must reach ~0")
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("burst", help="continue a run for M minutes on a GPU (or --device cpu), in place")
+    b.add_argument("rundir", help="run folder written by synthgen train")
+    b.add_argument("--minutes", type=float, required=True, help="wall time of training (minutes)")
+    b.add_argument("--steps", type=int, help="stop at this total step count (default: the config's)")
+    b.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    b.add_argument("--set", nargs="*", help="override config values: section.key=value")
+    b.set_defaults(func=cmd_burst)
     e = sub.add_parser("export", help="write shipped weights + metadata from a run")
     e.add_argument("rundir")
     e.add_argument("--config", required=True)

@@ -194,6 +194,50 @@ class EMA:
                 self.state[k].copy_(v)
 
 
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "poly")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``adam`` (default; no weight decay) or ``adamw``
+    (decoupled ``train.weight_decay``, default 1e-4, on convolution weights
+    only: normalisation scales and biases stay free)."""
+    kind = str(cfg.get("optimizer", "adam"))
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    lr = float(cfg.get("lr", 1e-4))
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    free = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": float(cfg.get("weight_decay", 1e-4))},
+              {"params": free, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_at(step: int, cfg: dict[str, Any]) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): a linear warm-up
+    over ``train.warmup`` steps from lr/100, then ``train.schedule``:
+    ``constant`` (default), ``cosine`` or ``poly`` (power 0.9, nnU-Net's) from
+    ``train.lr`` down to ``train.lr_min`` (default lr/100) at
+    ``train.steps``. A function of the step alone, so a resumed run
+    continues the same curve."""
+    lr = float(cfg.get("lr", 1e-4))
+    kind = str(cfg.get("schedule", "constant"))
+    if kind not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
+    warmup = int(cfg.get("warmup", 0))
+    if step < warmup:
+        return lr * (0.01 + 0.99 * step / warmup)
+    if kind == "constant":
+        return lr
+    low = float(cfg.get("lr_min", lr / 100))
+    total = int(cfg.get("steps", 10_000))
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
+    return low + (lr - low) * shape
+
+
 def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -212,10 +256,11 @@ def _save_checkpoint(path: Path, model, opt, step: int, seconds: float, ema: EMA
 
 def val_score(metrics: dict[str, float]) -> float | None:
     """One number to rank validations by: the mean over cases (group means
-    ``mean_*`` are summaries of the same cases, so they are left out)."""
+    ``mean_*`` are summaries of the same cases, so they are left out, and so
+    is ``consistency_*``, agreement between our own outputs, not accuracy)."""
     if "mean" in metrics:
         return float(metrics["mean"])
-    xs = [v for k, v in metrics.items() if not k.startswith("mean_")]
+    xs = [v for k, v in metrics.items() if not k.startswith(("mean_", "consistency_"))]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -370,10 +415,28 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
             dist.destroy_process_group()
 
 
+RUN_CONFIG = "config.toml"
+
+
+def save_run_config(recipe, out: Path) -> None:
+    """The run's effective config (file plus ``--set`` overrides) as
+    ``RUN_CONFIG`` in the run folder, so ``synthgen burst`` and ``export``
+    can take the run alone. ``train.device`` is the machine's, not the
+    run's: it is left out, so a run resumed elsewhere starts on the CPU."""
+    from .presets import dump_toml
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.cfg.items()}
+    cfg.get("train", {}).pop("device", None)
+    tmp = out / (RUN_CONFIG + ".tmp")
+    tmp.write_text(dump_toml(cfg, "Written by synthgen train: this run's effective config."))
+    os.replace(tmp, out / RUN_CONFIG)
+
+
 def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist) -> dict[str, Any]:
     if not ddp.main:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 speaks for the run)
     out.mkdir(parents=True, exist_ok=True)
+    if ddp.main and not sanity:
+        save_run_config(recipe, out)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(int(cfg.get("seed", 0)))
     device = torch.device(cfg.get("device", "cpu"))
@@ -385,16 +448,13 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     channels_last = bool(cfg.get("channels_last", True)) and getattr(model, "ndim", 3) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    lr = float(cfg.get("lr", 1e-4))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model, cfg)
     ckpt = out / "checkpoint.pt"
     step, seconds, state = 0, 0.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:   # the config's lr, not the one saved with the state
-            group["lr"] = lr
+        opt.load_state_dict(state["opt"])   # its lr is reset by the schedule every step
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed from {ckpt} at step {step}")
     elif cfg.get("init"):
@@ -423,6 +483,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     accum = int(cfg.get("grad_accum", 1))
     if accum < 1:
         raise ValueError(f"train.grad_accum must be >= 1, got {accum}")
+    clip = float(cfg.get("clip_grad", 0) or 0)   # max gradient norm; 0: no clipping
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -471,6 +532,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                 if step >= total or ddp.any(time.time() > deadline or stop["flag"], device):
                     break
                 t0 = time.time()
+                for group in opt.param_groups:   # the config's schedule, never the saved lr
+                    group["lr"] = lr_at(step, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss_sum, bad = 0.0, False
                 for micro in range(accum):
@@ -495,6 +558,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                 if ddp.on and ddp.any(bad, device):
                     raise FloatingPointError(f"non-finite loss at step {step} (on some rank): "
                                              "check the generator settings")
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
                 if ema is not None:
                     ema.update(model)
@@ -507,7 +572,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                         t = torch.tensor([mean], device=device, dtype=torch.float64)
                         dist.all_reduce(t)
                         mean = float(t) / ddp.world
-                    history.add(step=step, time=round(time.time() - t_start, 1), loss=mean)
+                    history.add(step=step, time=round(time.time() - t_start, 1), loss=mean, lr=float(f"{opt.param_groups[0]['lr']:.3g}"))
                     running = []
                 if ddp.main and val_every and step % val_every == 0:
                     _validate_and_keep_best(recipe, model, ema, history, step, seconds, best, out, log)

@@ -230,6 +230,76 @@ def score_seg(predict_labels: Callable[[Volume], np.ndarray], cases=None, root: 
     return out
 
 
+# ---------------------------------------------------------------- contrast consistency
+
+@dataclass(frozen=True)
+class ConsistencySet:
+    """Real scans of ONE anatomy in several contrasts, the first the
+    reference (T1). ``grid``: how the others line up with it: ``"same"``
+    (one voxel grid, as SPM's avg152 templates) or ``"lesjak"`` (the
+    dataset's own intra-study transforms, so registration error does not
+    count against the segmenter)."""
+    name: str
+    scans: tuple[tuple[str, str], ...]   # (contrast, path under the data root)
+    grid: str = "same"
+
+    def available(self, root: Path | None = None) -> bool:
+        root = root or data_root()
+        return all((root / path).is_file() for _, path in self.scans)
+
+
+CONSISTENCY_SETS = [
+    ConsistencySet("spm_avg152", tuple((c, f"{V}spm12_mni_templates/avg152{c}.nii.gz") for c in ("T1", "T2", "PD"))),
+    *(ConsistencySet(f"lesjak_{s}", tuple((c, f"{LJ}raw/{s}_{c}.nii.gz") for c in ("T1W", "T2W", "FLAIR")),
+                     grid="lesjak") for s in ("study1", "study2")),
+]
+
+
+def tissue_consistency(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over CSF, GM and WM of the Dice between two SynthSeg label maps
+    of one anatomy on one grid, merged into tissue classes (1 when they
+    agree, lower the more they differ; a class neither map has counts 1)."""
+    ca, cb = tissue_classes(a), tissue_classes(b)
+    return float(np.mean([dice(ca == k, cb == k) for k in BRAINWEB_CLASS.values()]))
+
+
+def _onto_reference(labels: np.ndarray, vol: Volume, ref: Volume, cset: ConsistencySet, scans) -> np.ndarray:
+    """A label map of ``vol`` resampled (nearest) onto the reference's grid."""
+    from synthtools.conform import resample
+    affine = vol.affine
+    if cset.grid == "lesjak":
+        # common -> scan maps of both scans: scan RAS -> reference RAS is ref_c @ inv(scan_c).
+        scan_name, ref_name = (Path(p).name.removesuffix(".nii.gz") for p in scans)
+        to_ref = lesjak_common_to_scan(ref_name) @ np.linalg.inv(lesjak_common_to_scan(scan_name))
+        affine = to_ref @ affine
+    elif cset.grid != "same":
+        raise ValueError(f"unknown grid kind {cset.grid!r}")
+    return resample(labels.astype(np.int32), affine, ref.affine, ref.shape, order=0)
+
+
+def score_consistency(predict_labels: Callable[[Volume], np.ndarray], sets=None,
+                      root: Path | None = None) -> dict[str, float]:
+    """``consistency_<set>_<contrast>``: tissue-class Dice between our labels
+    on the reference T1 and on another contrast of the same anatomy
+    (:func:`tissue_consistency`), on the reference's grid; plus
+    ``consistency_mean`` over them all. No manual labels needed."""
+    root = root or data_root()
+    out: dict[str, float] = {}
+    for cset in CONSISTENCY_SETS if sets is None else sets:
+        if not cset.available(root):
+            continue
+        (_, ref_path), *others = cset.scans
+        ref = load_volume(root / ref_path)
+        ref_labels = predict_labels(ref)
+        for contrast, path in others:
+            vol = load_volume(root / path)
+            moved = _onto_reference(predict_labels(vol), vol, ref, cset, (path, ref_path))
+            out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
+    if out:
+        out["consistency_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
 # ---------------------------------------------------------------- registration
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """A U-Net configured by a few numbers, for 2D or 3D inputs (voxelmorph /
 neurite style): features per level, convolutions per level and, optionally,
-batch normalisation after each convolution (SynthSeg's choice; in eval mode
-it uses the running statistics, so inference never depends on the batch)."""
+a normalisation after each convolution: ``batch`` (SynthSeg's choice; in
+eval mode it uses the running statistics) or ``instance`` (nnU-Net's: the
+statistics of the input itself, in training and inference alike, so a
+batch of one trains as it predicts), and deep supervision heads on the
+coarser decoder levels (training only: ``forward`` returns the full-resolution
+output)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -11,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-NORMS = (None, "batch")
+NORMS = (None, "batch", "instance")
 
 
 def _conv(ndim: int):
@@ -20,7 +24,8 @@ def _conv(ndim: int):
 
 class ConvBlock(nn.Sequential):
     """``n`` convolutions (3^N kernels), each followed by LeakyReLU(0.2), or
-    by batch normalisation then LeakyReLU with ``norm = "batch"``."""
+    by a normalisation (``norm``: ``"batch"`` or ``"instance"``, with a
+    learnt scale and shift per channel) then LeakyReLU."""
 
     def __init__(self, ndim: int, cin: int, cout: int, n: int = 2, norm: str | None = None):
         if norm not in NORMS:
@@ -30,6 +35,8 @@ class ConvBlock(nn.Sequential):
             layers.append(_conv(ndim)(cin if i == 0 else cout, cout, 3, padding=1))
             if norm == "batch":
                 layers.append({2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim](cout))
+            elif norm == "instance":
+                layers.append({2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[ndim](cout, affine=True))
             layers.append(nn.LeakyReLU(0.2))
         super().__init__(*layers)
 
@@ -76,18 +83,28 @@ def run_levels(x: torch.Tensor, down: nn.ModuleList, up: nn.ModuleList,
 class UNet(nn.Module):
     """Encoder-decoder with skip connections. ``features[k]`` channels at level
     k (level 0 = full resolution); inputs need sizes divisible by
-    2 ** (len(features) - 1). ``norm``: None or ``"batch"``."""
+    2 ** (len(features) - 1). ``norm``: None, ``"batch"`` or ``"instance"``.
+    ``deep_supervision``: number of extra 1x1 heads on the decoder levels
+    just above full resolution (level 1, 2, ...), for :meth:`forward_all`."""
 
     def __init__(self, ndim: int = 3, in_channels: int = 1, out_channels: int = 1,
-                 features: Sequence[int] = (16, 32, 64, 64), convs: int = 2, norm: str | None = None):
+                 features: Sequence[int] = (16, 32, 64, 64), convs: int = 2, norm: str | None = None,
+                 deep_supervision: int = 0):
         super().__init__()
         self.ndim = ndim
         self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels,
                            features=list(features), convs=convs)
-        if norm is not None:   # older metadata has no key: they stay loadable and unchanged
+        # Older metadata has neither key: such models stay loadable and unchanged.
+        if norm is not None:
             self.config["norm"] = norm
+        if deep_supervision:
+            if not 0 < deep_supervision < len(features) - 1:
+                raise ValueError(f"deep_supervision must be in 1..{len(features) - 2}, got {deep_supervision}")
+            self.config["deep_supervision"] = int(deep_supervision)
         self.down, self.up = levels(ndim, in_channels, features, convs, norm)
         self.head = _conv(ndim)(features[0], out_channels, 1)
+        self.aux = nn.ModuleList(_conv(ndim)(features[k], out_channels, 1)
+                                 for k in range(1, deep_supervision + 1))
 
     @property
     def multiple(self) -> int:
@@ -97,5 +114,19 @@ class UNet(nn.Module):
         """Activations after every block (for the invariance diagnostic)."""
         return run_levels(x, self.down, self.up)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The full-resolution output; in training mode with deep supervision
+        heads, :meth:`forward_all`'s list (so the loss sees every level even
+        through a DistributedDataParallel wrapper, which calls forward)."""
+        if self.training and len(self.aux):
+            return self.forward_all(x)
         return self.head(self.features(x)[-1])
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Full-resolution output first, then one output per deep
+        supervision head (level 1 = half resolution, level 2 = quarter...)."""
+        out = self.features(x)
+        outputs = [self.head(out[-1])]
+        for k, head in enumerate(self.aux, start=1):
+            outputs.append(head(out[-1 - k]))
+        return outputs

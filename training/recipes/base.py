@@ -182,9 +182,23 @@ class Recipe:
             "input": {"voxsize": self.voxsize, "orientation": "LIA", "multiple": 16,
                       "normalization": "min to 0, 99.5th percentile to 1, clipped"},
             "output": self.output_metadata(),
-            "inference": {"bf16": False},
+            "inference": self.inference_metadata(),
             "data": TRAINING_DATA,
         }
+
+    def inference_metadata(self) -> dict[str, Any]:
+        """How inference runs the network: a 2D network slice by slice along
+        all three axes, fused (``slice_axes``); a 3D network with instance
+        normalisation on windows of its training crop (``patch``, voxels),
+        so its statistics match training; ``[inference]`` in the config
+        overrides either."""
+        out: dict[str, Any] = {"bf16": False}
+        if self.ndim == 2:
+            out["slice_axes"] = [0, 1, 2]
+        elif (self.cfg.get("model") or {}).get("norm") == "instance":
+            out["patch"] = list(self.grid_shape(self.cfg["recipe"].get("shape", (64, 64, 64))))
+        out.update(self.cfg.get("inference") or {})
+        return out
 
     def as_model(self, net: torch.nn.Module) -> Model:
         meta = self.metadata()

@@ -13,7 +13,7 @@ from synthtools.nets.unet import UNet
 from ..generator.labels import SYNTHSEG_LABELS
 from ..generator.noise import uniform
 from ..generator.synth import SynthConfig, Synthesizer
-from ..validation import SEG_CASES, score_seg
+from ..validation import SEG_CASES, score_consistency, score_seg
 from .base import Recipe
 
 
@@ -45,6 +45,26 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "d
     return loss
 
 
+def deep_supervision_loss(outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                          kind: str = "dice") -> torch.Tensor:
+    """``segmentation_loss`` of the full-resolution output, plus (for a list
+    from a network with deep supervision heads) that of each coarser output
+    against the target subsampled to its grid (every 2^k-th voxel), with
+    weights 1, 1/2, 1/4, ... normalised to sum to 1 (nnU-Net's)."""
+    if isinstance(outputs, torch.Tensor):
+        return segmentation_loss(outputs, target, kind)
+    weights = [0.5 ** k for k in range(len(outputs))]
+    total = 0.0
+    for k, (logits, w) in enumerate(zip(outputs, weights)):
+        t = target
+        if k:
+            step = 2 ** k
+            t = target[(..., *(slice(0, None, step),) * (target.ndim - 1))]
+            t = t[(..., *(slice(0, n) for n in logits.shape[2:]))]
+        total = total + w * segmentation_loss(logits, t, kind)
+    return total / sum(weights)
+
+
 class SegmentRecipe(Recipe):
     name = task = "segment"
 
@@ -70,7 +90,8 @@ class SegmentRecipe(Recipe):
     def build_model(self) -> UNet:
         m = self.cfg["model"]
         return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", 2)), norm=m.get("norm"))
+                    convs=int(m.get("convs", 2)), norm=m.get("norm"),
+                    deep_supervision=int(m.get("deep_supervision", 0)))
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
@@ -92,7 +113,7 @@ class SegmentRecipe(Recipe):
         return [] if present > 2 else [f"only {present} label(s) left in the target (anatomy out of the FOV?)"]
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return segmentation_loss(model(batch["image"]), batch["target"], self.loss_kind)
+        return deep_supervision_loss(model(batch["image"]), batch["target"], self.loss_kind)
 
     def output_metadata(self) -> dict[str, Any]:
         from synthtools.lut import names_for
@@ -100,7 +121,10 @@ class SegmentRecipe(Recipe):
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         """Dice per built-in case and per ``[validation] real_pairs`` pair,
-        plus ``mean_<group>`` per contrast/site/domain."""
+        plus ``mean_<group>`` per contrast/site/domain, plus the contrast
+        consistency of our own labels (``consistency_*``; ``[validation]
+        consistency = false`` skips it). Consistency does not rank
+        checkpoints: an empty segmentation would be perfectly consistent."""
         from synthtools.seg import segment
 
         from ..realdata import score_seg_pairs, with_group_means
@@ -111,4 +135,7 @@ class SegmentRecipe(Recipe):
         if pairs:
             lut = self.labels.synthseg_lut().numpy()
             metrics.update(score_seg_pairs(predict, pairs, lambda lab: lut[self.labels.to_index(lab)]))
-        return with_group_means(metrics, self.validation_groups(cases, pairs))
+        metrics = with_group_means(metrics, self.validation_groups(cases, pairs))
+        if (self.cfg.get("validation") or {}).get("consistency", True) and cases:
+            metrics.update(score_consistency(predict))
+        return metrics

@@ -1,0 +1,189 @@
+"""The segmentation network's conditioning: normalisation, deep supervision,
+the learning-rate schedule, the single-sample sanity gate, inference on
+windows or slices, the contrast-consistency metric and the GPU burst command
+(run here on the CPU)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from synthtools.nets.unet import UNet
+from synthtools.weights import Model, load_model, save_model
+from training.loop import lr_at, make_optimizer, train
+from training.recipes import get_recipe, load_config
+from training.recipes.segment import deep_supervision_loss, segmentation_loss
+
+
+def tiny_seg_cfg(label_dir, **extra):
+    base = {"recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [8, 16, 32],
+            "model.convs": 1, "model.norm": "instance", "train.workers": 0, "train.label_maps": str(label_dir),
+            "train.val_every": 0, "train.log_every": 1, "train.threads": 1, "train.init": "",
+            "validation.cases": []}
+    return load_config("segment", {**base, **extra})
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = {"lr": 1e-3, "warmup": 100, "schedule": "cosine", "steps": 1100, "lr_min": 1e-5}
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert lr_at(50, cfg) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(600, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)   # half-way down the cosine
+    assert lr_at(1100, cfg) == pytest.approx(1e-5) and lr_at(5000, cfg) == pytest.approx(1e-5)
+    lrs = [lr_at(s, cfg) for s in range(100, 1101, 50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    poly = dict(cfg, schedule="poly")
+    assert lr_at(600, poly) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 ** 0.9)
+    assert lr_at(10, {"lr": 2e-4}) == 2e-4   # the default: constant, no warm-up
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, {"schedule": "step"})
+
+
+def test_adamw_decays_convolution_weights_only():
+    net = UNet(3, 1, 2, features=(4, 8), convs=1, norm="instance")
+    opt = make_optimizer(net, {"optimizer": "adamw", "weight_decay": 0.05, "lr": 1e-3})
+    decayed, free = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in free["params"])
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer(net, {"optimizer": "lbfgs"})
+
+
+def test_instance_norm_unet_output_depends_on_the_image_alone(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, features=(4, 8, 16), convs=2, norm="instance", deep_supervision=1).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        alone = net(x)
+        together = net(torch.cat([x, 10 * torch.rand(1, 1, 16, 16, 16)]))[:1]
+        # Instance statistics: scaling the intensities changes nothing.
+        rescaled = net(3 * x)
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, rescaled, rtol=1e-3, atol=1e-3)
+    assert alone.shape == (1, 3, 16, 16, 16)
+    net.train()
+    outs = net(x)   # training mode: every supervised level
+    assert [tuple(o.shape) for o in outs] == [(1, 3, 16, 16, 16), (1, 3, 8, 8, 8)]
+    meta = {"task": "segment", "input": {"voxsize": 8.0, "orientation": "LIA", "multiple": 4},
+            "output": {"type": "softmax", "labels": [0, 2, 3]}}
+    model = load_model(save_model(net.eval(), meta, tmp_path / "in"))
+    assert model.net.config["norm"] == "instance" and model.net.config["deep_supervision"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x).float(), alone, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="deep_supervision"):
+        UNet(3, 1, 3, features=(4, 8), deep_supervision=1)
+
+
+def test_deep_supervision_loss_weights_every_level():
+    target = torch.randint(0, 3, (1, 8, 8, 8))
+    perfect = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 40
+    coarse_target = target[:, ::2, ::2, ::2]
+    coarse_perfect = torch.nn.functional.one_hot(coarse_target, 3).movedim(-1, 1).float() * 40
+    assert float(deep_supervision_loss([perfect, coarse_perfect], target, "dice+ce")) < 1e-3
+    wrong = torch.zeros_like(coarse_perfect)
+    full = float(segmentation_loss(perfect, target, "dice"))
+    mixed = float(deep_supervision_loss([perfect, wrong], target, "dice"))
+    # Weights 1 and 1/2, normalised: the coarse level's loss counts a third.
+    assert mixed == pytest.approx((full + 0.5 * float(segmentation_loss(wrong, coarse_target, "dice"))) / 1.5)
+    assert float(deep_supervision_loss(perfect, target)) == pytest.approx(full)
+
+
+def test_sanity_gate_tiny_instance_norm_segmenter_fits_one_sample(label_dir, tmp_path):
+    """The gate of issue 29 at CI size: one fixed sample, the recipe's loss
+    (soft Dice + cross-entropy) below 0.1 within 300 steps."""
+    cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.lr": 3e-3, "train.warmup": 20,
+                                     "model.deep_supervision": 1, "train.bf16": False})
+    train(get_recipe(cfg), tmp_path / "s", steps=300, sanity=True, log=lambda *a: None)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert losses[0] > 1.0 and min(losses) < 0.1
+
+
+class _Pointwise(torch.nn.Module):
+    """A per-voxel network (1x1 convolution): its output at a voxel depends
+    on that voxel alone, so windowed and slice-wise inference must equal a
+    whole-volume pass exactly."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.ndim = ndim
+        self.conv = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[ndim](1, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_windowed_inference_blends_windows_into_the_whole_volume():
+    from synthtools.infer import patch_starts, predict
+    torch.manual_seed(0)
+    net = _Pointwise(3)
+    x = torch.rand(1, 40, 24, 16)
+    whole = predict(Model(net, {"inference": {}}, None), x)
+    windowed = predict(Model(net, {"inference": {"patch": [16, 16, 16]}}, None), x)
+    torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
+    assert patch_starts(40, 16) == [0, 8, 16, 24] and patch_starts(16, 16) == [0] and patch_starts(8, 16) == [0]
+
+
+def test_slice_inference_fuses_three_orientations():
+    from synthtools.infer import predict
+    torch.manual_seed(0)
+    net2d, net3d = _Pointwise(2), _Pointwise(3)
+    net3d.conv.weight.data = net2d.conv.weight.data[..., None]
+    net3d.conv.bias.data = net2d.conv.bias.data
+    x = torch.rand(1, 16, 12, 8)
+    want = predict(Model(net3d, {}, None), x)
+    for axes in ([2], [0, 1, 2]):
+        got = predict(Model(net2d, {"inference": {"slice_axes": axes}}, None), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_instance_norm_recipe_records_its_inference_window(label_dir):
+    recipe = get_recipe(tiny_seg_cfg(label_dir))
+    assert recipe.metadata()["inference"]["patch"] == [16, 16, 16]
+    plain = get_recipe(tiny_seg_cfg(label_dir, **{"model.norm": None}))
+    assert "patch" not in plain.metadata()["inference"]
+
+
+def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift(tmp_path):
+    import nibabel as nib
+    from training.validation import ConsistencySet, score_consistency, tissue_consistency
+    lab = np.zeros((24, 24, 24), np.int32)
+    lab[4:20, 4:20, 4:20] = 24    # CSF
+    lab[6:18, 6:18, 6:18] = 3     # cortex
+    lab[8:16, 8:16, 8:16] = 2     # white matter
+    assert tissue_consistency(lab, lab) == 1.0
+    shifted = np.roll(lab, 1, axis=0)
+    assert 0.5 < tissue_consistency(lab, shifted) < 0.95
+    # Through the scoring path: three "contrasts" on one grid, labels from a fake segmenter.
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for name, value in (("t1", 1.0), ("t2", 2.0), ("pd", 3.0)):
+        img = (lab > 0) * value + 0.5   # a constant image is refused as empty
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), str(tmp_path / f"{name}.nii.gz"))
+    cset = ConsistencySet("toy", (("T1", "t1.nii.gz"), ("T2", "t2.nii.gz"), ("PD", "pd.nii.gz")))
+
+    def predict(vol):   # T1 exact, T2 shifted by one voxel, PD exact
+        return shifted if float(vol.data.max()) == 2.5 else lab
+    scores = score_consistency(predict, [cset], root=tmp_path)
+    assert scores["consistency_toy_PD"] == 1.0
+    assert scores["consistency_toy_T2"] == pytest.approx(tissue_consistency(lab, shifted))
+    assert scores["consistency_mean"] == pytest.approx((1.0 + scores["consistency_toy_T2"]) / 2)
+
+
+def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
+    """The GPU burst command, dry-run on the CPU at a tiny size: it reads
+    the run's own config, resumes its checkpoint and writes it back."""
+    from training.cli import main
+    run = tmp_path / "run"
+    cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.warmup": 2, "train.schedule": "cosine",
+                                     "train.steps": 20, "train.device": "cpu"})
+    train(get_recipe(cfg), run, steps=3, log=lambda *a: None)
+    saved = (run / "config.toml").read_text()
+    assert "device" not in saved and 'norm = "instance"' in saved
+    main(["burst", str(run), "--minutes", "5", "--steps", "5", "--device", "cpu"])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 5
+    assert math.isclose(state["opt"]["param_groups"][0]["lr"], lr_at(4, cfg["train"]), rel_tol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["burst", str(tmp_path), "--minutes", "1", "--device", "cpu"])   # not a run folder
