@@ -187,3 +187,27 @@ def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
     assert math.isclose(state["opt"]["param_groups"][0]["lr"], lr_at(4, cfg["train"]), rel_tol=1e-6)
     with pytest.raises(SystemExit):
         main(["burst", str(tmp_path), "--minutes", "1", "--device", "cpu"])   # not a run folder
+
+
+def test_compact_checkpoint_resumes_with_a_rewarm(label_dir, tmp_path):
+    """The committed form of a run: fp16 weights and EMA, no optimizer;
+    training resumes from it, rebuilding Adam and easing the rate back in."""
+    from training.loop import REWARM_STEPS, compact_checkpoint, rewarm
+    cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.ema": 0.9})
+    run = tmp_path / "run"
+    train(get_recipe(cfg), run, steps=3, log=lambda *a: None)
+    full = torch.load(run / "checkpoint.pt", weights_only=True)
+    sizes = compact_checkpoint(run / "checkpoint.pt")
+    assert sizes["after"] < 0.5 * sizes["before"]
+    small = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert "opt" not in small and small["step"] == 3
+    assert all(v.dtype == torch.float16 for v in small["ema"].values() if v.is_floating_point())
+    for k, v in full["model"].items():
+        torch.testing.assert_close(small["model"][k].float(), v.float(), rtol=1e-3, atol=1e-3)
+    said = []
+    train(get_recipe(cfg), run, steps=5, log=said.append)
+    assert any("optimizer state rebuilt" in s for s in said)
+    after = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 5 and "opt" in after
+    assert after["opt"]["param_groups"][0]["lr"] == pytest.approx(cfg["train"]["lr"] * rewarm(4, 3))
+    assert rewarm(3, 3) == pytest.approx(0.01) and rewarm(3 + REWARM_STEPS, 3) == 1.0 and rewarm(7, None) == 1.0

@@ -4,6 +4,7 @@
   synthgen preview LABELMAP -o GRID.png [-n 24] [--seed S] [--max] [--config TOML]
   synthgen train CONFIG -o RUNDIR [--steps N] [--minutes M] [--set section.key=value ...]
   synthgen burst RUNDIR --minutes M [--device cuda] [--set section.key=value ...]
+  synthgen compact RUNDIR
   synthgen export RUNDIR --config CONFIG --dest models/NAME [--name NAME]
   synthgen eval RUNDIR --config CONFIG
   synthgen invariance MODEL_OR_RUN IMAGE_A IMAGE_B -o PREFIX [--config CONFIG] [--mask MASK]
@@ -144,6 +145,15 @@ def cmd_burst(a) -> None:
     recipe = get_recipe(load_config(run / RUN_CONFIG, overrides))
     result = train(recipe, run, minutes=a.minutes, steps=a.steps)
     print(result)
+
+
+def cmd_compact(a) -> None:
+    from .loop import compact_checkpoint
+    ckpt = Path(a.rundir) / "checkpoint.pt"
+    if not ckpt.is_file():
+        _fail(f"{a.rundir}: no checkpoint.pt")
+    sizes = compact_checkpoint(ckpt)
+    print(f"{ckpt}: {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB")
 
 
 def cmd_export(a) -> None:
@@ -288,6 +298,9 @@ def main(argv=None) -> None:
     b.add_argument("--device", default="cuda", help="torch device (default cuda)")
     b.add_argument("--set", nargs="*", help="override config values: section.key=value")
     b.set_defaults(func=cmd_burst)
+    c = sub.add_parser("compact", help="rewrite a stopped run's checkpoint.pt for committing (fp16, no optimizer)")
+    c.add_argument("rundir")
+    c.set_defaults(func=cmd_compact)
     e = sub.add_parser("export", help="write shipped weights + metadata from a run")
     e.add_argument("rundir")
     e.add_argument("--config", required=True)

@@ -238,6 +238,38 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
     return low + (lr - low) * shape
 
 
+REWARM_STEPS = 200
+
+
+def rewarm(step: int, since: int | None) -> float:
+    """Factor on the learning rate after resuming from a compact checkpoint
+    (no optimizer state) at step ``since``: Adam's first steps with fresh
+    moments are sign-like, as large as the learning rate on every weight, so
+    the rate ramps linearly from 1 % back to the schedule's over
+    ``REWARM_STEPS`` steps. 1 when there is nothing to ease in."""
+    if since is None or step - since >= REWARM_STEPS:
+        return 1.0
+    return 0.01 + 0.99 * (step - since) / REWARM_STEPS
+
+
+def compact_checkpoint(path: str | Path, dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Rewrite a run's checkpoint in place for committing: weights and their
+    average (EMA) in ``dtype``, no optimizer state (a resume rebuilds it and
+    re-warms, :func:`rewarm`). Returns the sizes in bytes before and after."""
+    path = Path(path)
+    before = path.stat().st_size
+    state = torch.load(path, map_location="cpu", weights_only=True)
+
+    def small(d: dict) -> dict:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in d.items()}
+    payload = {k: v for k, v in state.items() if k not in ("opt", "model", "ema")}
+    payload["model"] = small(state["model"])
+    if "ema" in state:
+        payload["ema"] = small(state["ema"])
+    _save(path, payload)
+    return {"before": before, "after": path.stat().st_size}
+
+
 def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -451,12 +483,16 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     opt = make_optimizer(model, cfg)
     ckpt = out / "checkpoint.pt"
     step, seconds, state = 0, 0.0, {}
+    rewarm_from = None
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])   # its lr is reset by the schedule every step
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
-        log(f"resumed from {ckpt} at step {step}")
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])   # its lr is reset by the schedule every step
+        else:   # a compact checkpoint: fresh Adam moments, eased in by a short re-warm-up
+            rewarm_from = step
+        log(f"resumed from {ckpt} at step {step}" + ("" if "opt" in state else " (compact: optimizer state rebuilt)"))
     elif cfg.get("init"):
         init = torch.load(init_file(cfg["init"]), map_location="cpu", weights_only=True)
         # train.init_into: a submodule that has the init's layout (e.g. a
@@ -533,7 +569,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                     break
                 t0 = time.time()
                 for group in opt.param_groups:   # the config's schedule, never the saved lr
-                    group["lr"] = lr_at(step, cfg)
+                    group["lr"] = lr_at(step, cfg) * rewarm(step, rewarm_from)
                 opt.zero_grad(set_to_none=True)
                 loss_sum, bad = 0.0, False
                 for micro in range(accum):
