@@ -37,6 +37,12 @@ Methods, both scored on the target's own grid:
          the dataset's intracranial mask: generous to the peer, which never
          sees skull or neck (ours does).
 
+Contrast consistency (``training.validation.CONSISTENCY_SETS``, no manual
+labels): tissue-class Dice between our labels on the T1 and on each other
+contrast of one anatomy (SPM avg152 T1/T2/PD on one grid; Lesjak study 1
+and 2 T1W/T2W/FLAIR lined up by the dataset's own transforms), for the
+full pipeline and the network alone.
+
 Speed (``--speed``): the full ``synthseg`` command on a 1 mm 256^3 head
 (BrainWeb T1 conformed to 256^3, as benchmarks/strip.py makes it), under
 ``/usr/bin/time -v`` (wall and peak RSS), median of ``--speed-repeats``
@@ -128,7 +134,18 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     path = Path(model.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path   # no machine paths in results
     return {"setup_s": round(setup, 2), "cases": res, "network_only": network, "no_atlases": plain,
-            "atlases": atlases, "model": str(shown)}
+            "atlases": atlases, "model": str(shown), "consistency": run_consistency(model, atlases)}
+
+
+def run_consistency(model, atlases) -> dict:
+    """Tissue-class Dice between our labels on different real contrasts of one
+    anatomy (see the module docstring): the full pipeline and the network alone."""
+    from synthtools.seg import segment
+    from training.validation import score_consistency
+    pipeline = score_consistency(lambda vol: segment(model, vol, flip=True, refine=True, atlases=atlases).labels)
+    alone = score_consistency(lambda vol: segment(model, vol, flip=True).labels)
+    return {"pipeline": {k: round(v, 4) for k, v in pipeline.items()},
+            "network_only": {k: round(v, 4) for k, v in alone.items()}}
 
 
 def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
@@ -240,6 +257,13 @@ def markdown(data: dict) -> str:
         for cls in ("CSF", "GM", "WM"):
             vals = [tw[f"brainweb_{c}"][cls] for c in groups]
             lines.append(f"- {cls}: spread {max(vals) - min(vals):.3f}")
+    cons = ours.get("consistency") or {}
+    if cons.get("pipeline"):
+        lines += ["", "Contrast consistency (tissue-class Dice between our labels on the T1 and on another "
+                  "contrast of one anatomy; target >= 0.90):", "", "| pair | ours | network only |", "|---|---|---|"]
+        for k, v in cons["pipeline"].items():
+            lines.append(f"| {k.removeprefix('consistency_')} | {v:.3f} | "
+                         f"{cons.get('network_only', {}).get(k, float('nan')):.3f} |")
     sp = data.get("speed")
     if sp and sp.get("status") == "ok":
         lines += ["", f"Speed: `synthseg` on a 1 mm 256^3 head ({sp['source']}), {sp['threads']} threads: "
@@ -284,7 +308,8 @@ def write_metadata(folder: Path, data: dict) -> None:
                               "the network's posteriors without the refinement",
                "date": data["date"], "cases": {n: {k: v for k, v in r.items() if k != "run_s"}
                                                for n, r in ours.items()},
-               "network_only": data["ours"].get("network_only", {})}
+               "network_only": data["ours"].get("network_only", {}),
+               "contrast_consistency": data["ours"].get("consistency", {})}
     if data.get("ants", {}).get("status") == "ok":
         metrics["peer_ants_syn_atlas"] = {n: {k: v for k, v in r.items() if k != "label_dice"}
                                           for n, r in data["ants"]["cases"].items()}
