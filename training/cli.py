@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
-import torch
 
 
 def _fail(msg: str) -> NoReturn:
@@ -38,6 +36,8 @@ def _synth_config(path: str | None):
 
 
 def _load_labels(path: str):
+    import numpy as np
+    import torch
     from synthtools.io import InputError, load_volume
     from .generator.labels import LabelSet, unique_values
     try:
@@ -55,6 +55,8 @@ def _load_labels(path: str):
 
 
 def cmd_sample(a) -> None:
+    import numpy as np
+    import torch
     from synthtools.io import InputError, check_output_path, save_volume
     from .generator.synth import Synthesizer, generator
     vol, ls, idx = _load_labels(a.labelmap)
@@ -134,6 +136,7 @@ def cmd_burst(a) -> None:
     checkpoint, ``train.device`` set to ``--device`` (generation on the
     device too, bf16 autocast as configured), the checkpoint written back
     into RUNDIR. Runs on the CPU as well (``--device cpu``), for a dry run."""
+    import torch
     from .loop import RUN_CONFIG, train
     from .recipes import get_recipe, load_config
     run = Path(a.rundir)
@@ -166,6 +169,7 @@ def cmd_export(a) -> None:
 
 def cmd_eval(a) -> None:
     """Score a run's checkpoint on every available real validation case."""
+    import torch
     import json
     from .recipes import get_recipe, load_config
     cfg = load_config(a.config, _overrides(a.set))
@@ -211,6 +215,7 @@ def _model_or_run(a):
 
 def cmd_invariance(a) -> None:
     """Per-layer feature similarity of two co-registered scans (Fig. 6)."""
+    import torch
     from synthtools.io import InputError, load_volume
     from .diagnostics import invariance, prepare_pair, write_report
     net, space = _model_or_run(a)
@@ -234,6 +239,7 @@ def cmd_invariance(a) -> None:
 
 
 def cmd_sweep(a) -> None:
+    import torch
     from .sweep import parse_value, run_sweep
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -266,21 +272,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="synthgen", description="Synthetic image generator and training.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="write synthetic image/label pairs in the label map's geometry")
-    s.add_argument("labelmap")
+    s.add_argument("labelmap", help="anatomical label map (NIfTI/MGH, integer labels)")
     s.add_argument("-o", "--output", required=True, help="image file (a folder when -n > 1)")
     s.add_argument("--labels-out", help="label map file (a folder when -n > 1)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-n", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the first sample (sample k: seed + k)")
+    s.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
     s.add_argument("--config", help="TOML whose [generator] section overrides the ranges")
     s.set_defaults(func=cmd_sample)
     v = sub.add_parser("preview", help="PNG grid of samples (three middle slices each)")
-    v.add_argument("labelmap")
-    v.add_argument("-o", "--output", required=True)
-    v.add_argument("-n", type=int, default=24)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("labelmap", help="anatomical label map (NIfTI/MGH, integer labels)")
+    v.add_argument("-o", "--output", required=True, help="PNG file")
+    v.add_argument("-n", type=int, default=24, help="number of samples in the grid (default 24)")
+    v.add_argument("--seed", type=int, default=0, help="random seed of the first sample")
     v.add_argument("--max", action="store_true", help="every range at its upper bound")
     v.add_argument("--voxsize", type=float, help="synthesise on a grid of this voxel size (mm)")
-    v.add_argument("--config")
+    v.add_argument("--config", help="TOML whose [generator] section overrides the ranges")
     v.set_defaults(func=cmd_preview)
     t = sub.add_parser("train", help="train a recipe from a config file (resumes)")
     t.add_argument("config", help="TOML file or bundled config name (skullstrip)")
@@ -302,11 +308,11 @@ def main(argv=None) -> None:
     c.add_argument("rundir")
     c.set_defaults(func=cmd_compact)
     e = sub.add_parser("export", help="write shipped weights + metadata from a run")
-    e.add_argument("rundir")
-    e.add_argument("--config", required=True)
-    e.add_argument("--dest", required=True)
-    e.add_argument("--name")
-    e.add_argument("--set", nargs="*")
+    e.add_argument("rundir", help="run folder written by synthgen train")
+    e.add_argument("--config", required=True, help="the run's config (TOML file or bundled name)")
+    e.add_argument("--dest", required=True, help="model folder to write (weights.pt, metadata.json)")
+    e.add_argument("--name", help="model name in the metadata (default: the folder's name)")
+    e.add_argument("--set", nargs="*", help="override config values: section.key=value")
     e.add_argument("--which", choices=("best", "last"), default="best",
                    help="best: the best validation so far (best.pt); last: the last checkpoint (default: best)")
     e.add_argument("--average", metavar="CHECKPOINT",
@@ -315,11 +321,12 @@ def main(argv=None) -> None:
                    help="weight of --average's checkpoint in the average (0-1; default 0.5)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="score a run's checkpoint on all real validation cases")
-    v.add_argument("rundir")
-    v.add_argument("--config", required=True)
-    v.add_argument("--set", nargs="*")
-    v.add_argument("--which", choices=("best", "last"), default="last",
-                   help="last (default): the last checkpoint (its weight average if kept); best: best.pt")
+    v.add_argument("rundir", help="run folder written by synthgen train")
+    v.add_argument("--config", required=True, help="the run's config (TOML file or bundled name)")
+    v.add_argument("--set", nargs="*", help="override config values: section.key=value")
+    v.add_argument("--which", choices=("best", "last"), default="best",
+                   help="best (default, as export): best.pt, else the last checkpoint; last: the last "
+                        "checkpoint (its weight average if kept)")
     v.set_defaults(func=cmd_eval)
     i = sub.add_parser("invariance", help="per-layer feature similarity of two co-registered scans (Fig. 6)")
     i.add_argument("model", metavar="MODEL_OR_RUN", help="model name/folder, or a run folder (with --config)")
@@ -328,30 +335,33 @@ def main(argv=None) -> None:
     i.add_argument("-o", "--output", required=True, help="prefix: writes PREFIX.md, PREFIX.csv, PREFIX.png")
     i.add_argument("--config", help="config of a run folder")
     i.add_argument("--mask", help="head mask on IMAGE_A's grid (default: thresholded images, holes filled)")
-    i.add_argument("--threads", type=int, default=2)
-    i.add_argument("--set", nargs="*")
+    i.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    i.add_argument("--set", nargs="*", help="override config values: section.key=value")
     i.set_defaults(func=cmd_invariance)
     w = sub.add_parser("sweep", help="one warm-started run per value of a config key; Dice vs value")
-    w.add_argument("config")
+    w.add_argument("config", help="TOML file or bundled config name")
     w.add_argument("--param", required=True, help="dotted config key, e.g. generator.noise.std")
     w.add_argument("--values", required=True, nargs="+", help='values, e.g. "[0,0.05]" "[0,0.1]"')
     w.add_argument("--init", help="checkpoint (or run/model folder) every run starts from")
     w.add_argument("--steps", required=True, type=int, help="training steps per value")
     w.add_argument("-o", "--output", required=True, help="sweep folder")
     w.add_argument("--all-cases", action="store_true", help="score every real validation case")
-    w.add_argument("--threads", type=int)
+    w.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     w.add_argument("--set", nargs="*", help="other overrides for every run: key=value")
     w.set_defaults(func=cmd_sweep)
     r = sub.add_parser("preset", help="write a pilot config: half resolution and/or 2D")
     r.add_argument("recipe", help="bundled config name or TOML file")
     r.add_argument("--half", action="store_true", help="voxel size x2, crop shape /2")
     r.add_argument("--2d", dest="two_d", action="store_true", help="single-slice training (2D U-Net)")
-    r.add_argument("-o", "--output", required=True)
+    r.add_argument("-o", "--output", required=True, help="config file to write (TOML)")
     r.set_defaults(func=cmd_preset)
     a = p.parse_args(argv)
     if getattr(a, "n", 1) < 1:
         _fail("-n must be >= 1")
-    a.func(a)
+    try:
+        a.func(a)
+    except (FileNotFoundError, ValueError) as e:   # bad config, file or value: one line, no traceback
+        _fail(str(e))
 
 
 if __name__ == "__main__":
