@@ -7,29 +7,42 @@
 #
 # torch: TORCH_VARIANT=cpu (default) must end up with a CPU-only torch build and
 # TORCH_VARIANT=cuda with a CUDA one; the build stops otherwise. No index host
-# is written here: torch comes from the index TORCH_INDEX names, else from pip's
-# own configuration (PIP_INDEX_URL, pip.conf). See README.md, "Containers".
+# is written here: torch comes from the index TORCH_INDEX names, or from a
+# folder of wheels that TORCH_FIND_LINKS names (mounted into the build, as
+# .ci/container does), else from pip's own configuration (PIP_INDEX_URL,
+# pip.conf). See README.md, "Containers".
+#
+# BASE_IMAGE: both stages start from it. The default is the official Python
+# slim image; any Debian-like image with python3 and its venv module works
+# (.ci/container passes a Debian bookworm image made with debootstrap).
 
 ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
 # --- build stage: a compiler for dependencies published as source only
 # (surfa's C extensions), everything installed into /opt/venv.
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=
+ARG TORCH_FIND_LINKS=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # Pinning apt versions breaks on every Debian point release: build tools float.
+# The official image ships Python's headers; Debian's python3 needs python3-dev.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+RUN headers=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])') \
+    && set -- build-essential \
+    && if [ ! -f "$headers/Python.h" ]; then set -- "$@" python3-dev; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends "$@" \
     && rm -rf /var/lib/apt/lists/*
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, on its own layer, so the project's dependencies never pull a
 # different (multi-GB CUDA) build and code changes do not reinstall torch.
 RUN if [ -n "$TORCH_INDEX" ]; then export PIP_INDEX_URL="$TORCH_INDEX"; fi \
+    && if [ -n "$TORCH_FIND_LINKS" ]; then export PIP_FIND_LINKS="$TORCH_FIND_LINKS"; fi \
     && python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" \
     && python -c "import sys, torch; cuda = torch.version.cuda is not None; sys.exit(0 if cuda == (sys.argv[1] == 'cuda') else f'torch {torch.__version__} is a {\"CUDA\" if cuda else \"CPU-only\"} build but TORCH_VARIANT={sys.argv[1]}: for cpu pass --build-arg TORCH_INDEX=<the CPU-only wheel index>')" "$TORCH_VARIANT"
 
@@ -42,7 +55,7 @@ RUN python -m pip install --no-cache-dir . \
     && synthstrip --help > /dev/null && synthgen --help > /dev/null
 
 # --- runtime stage: the venv only, no compiler, no sources.
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="synthtools" \
       org.opencontainers.image.description="Domain-randomized neuroimaging models: synthstrip, synthseg, synthmorph, synthgen" \
       org.opencontainers.image.licenses="Apache-2.0"

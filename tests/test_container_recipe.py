@@ -61,21 +61,44 @@ def test_pip_installs_only_torch_and_this_repo():
     # The pinned torch is the one CI and the README install.
     pin = re.search(r"torch==([\w.]+)", (ROOT / ".ci" / "run").read_text()).group(1)
     assert args["TORCH_VERSION"] == pin
-    assert args["TORCH_VARIANT"] == "cpu" and args["TORCH_INDEX"] == ""
+    assert args["TORCH_VARIANT"] == "cpu" and args["TORCH_INDEX"] == "" and args["TORCH_FIND_LINKS"] == ""
 
 
 def test_no_index_host_in_recipes():
     for name in ("Dockerfile", "Singularity.def", ".dockerignore"):
-        text = (ROOT / name).read_text()
+        # Apptainer's local transports (an image file, the local daemon) name no host.
+        text = re.sub(r"\bdocker-(archive|daemon)://", "", (ROOT / name).read_text())
         assert not re.search(r"[a-z][a-z0-9+.-]*://", text, re.I), name
         assert not re.search(r"\b[\w-]+\.(org|com|io|net|dev|ai)\b", text), name
+
+
+def global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM (usable in FROM lines)."""
+    ins = df.instructions(DOCKERFILE)
+    first = next(i for i, (w, _) in enumerate(ins) if w == "FROM")
+    return df.arg_defaults(ins[:first])
+
+
+def test_base_image_is_a_build_argument_defaulting_to_python_slim():
+    # Users get the official slim image; CI passes a Debian-built base (.ci/container).
+    assert global_args()["BASE_IMAGE"] == "python:${PYTHON_VERSION}-slim"
+    for stage in df.stages(DOCKERFILE):
+        assert re.fullmatch(r"\$\{BASE_IMAGE\}( AS \w+)?", stage[0][1])
+
+
+def test_commands_before_the_venv_use_python3():
+    # Debian's base has python3 only; `python` exists once /opt/venv/bin is on PATH.
+    build = df.stages(DOCKERFILE)[0]
+    venv_on_path = next(i for i, (w, r) in enumerate(build) if w == "ENV" and "PATH=/opt/venv/bin" in r)
+    runs = [r for w, r in build[:venv_on_path] if w == "RUN"]
+    assert any("python3 -m venv /opt/venv" in r for r in runs)
+    for run in runs:
+        assert not re.search(r"(^|[\s;&|(])python(\s|$)", run), run
 
 
 def test_runtime_stage_user_workdir_no_entrypoint():
     stages = df.stages(DOCKERFILE)
     assert len(stages) == 2
-    for stage in stages:
-        assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim( AS \w+)?", stage[0][1])
     final = stages[-1]
     words = [w for w, _ in final]
     assert "ENTRYPOINT" not in words
@@ -129,3 +152,14 @@ def test_apptainer_definition():
 ])
 def test_parser_joins_continuations(text, expected):
     assert df.instructions(text) == expected
+
+
+def test_ci_builds_the_image_from_this_dockerfile_and_runs_it():
+    # .ci/container is what makes the recipe real: CI must call it, and it must
+    # build from the repository's Dockerfile with the Debian base and run the tools.
+    assert re.search(r"^[^#\n]*\bbash \.ci/container\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    script = (ROOT / ".ci" / "container").read_text()
+    assert re.search(r'pod build .*"\$\{build\[@\]\}"\s*\\\n\s*-t "\$IMAGE" \.', script)
+    assert '--build-arg "BASE_IMAGE=$BASE"' in script
+    for tool in ("synthstrip -i /data/", "synthstrip --example"):
+        assert re.search(rf"^run {re.escape(tool)}", script, re.M), tool
