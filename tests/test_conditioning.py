@@ -21,6 +21,7 @@ from training.recipes.segment import deep_supervision_loss, segmentation_loss
 def tiny_seg_cfg(label_dir, **extra):
     base = {"recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [8, 16, 32],
             "model.convs": 1, "model.norm": "instance", "train.workers": 0, "train.label_maps": str(label_dir),
+            "recipe.ndim": 3, "train.batch": 1, "model.deep_supervision": 0,
             "train.val_every": 0, "train.log_every": 1, "train.threads": 1, "train.init": "",
             "validation.cases": []}
     return load_config("segment", {**base, **extra})
@@ -91,11 +92,14 @@ def test_deep_supervision_loss_weights_every_level():
     assert float(deep_supervision_loss(perfect, target)) == pytest.approx(full)
 
 
-def test_sanity_gate_tiny_instance_norm_segmenter_fits_one_sample(label_dir, tmp_path):
-    """The gate of issue 29 at CI size: one fixed sample, the recipe's loss
-    (soft Dice + cross-entropy) below 0.1 within 300 steps."""
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_sanity_gate_tiny_instance_norm_segmenter_fits_one_sample(ndim, label_dir, tmp_path):
+    """The gate of issue 29 at CI size, for the 3D network and for the
+    bundled 2D one (slices of 16x16, batch 4): one fixed sample, the
+    recipe's loss (soft Dice + cross-entropy) below 0.1 within 300 steps."""
     cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.lr": 3e-3, "train.warmup": 20,
-                                     "model.deep_supervision": 1, "train.bf16": False})
+                                     "model.deep_supervision": 1, "train.bf16": False, "recipe.ndim": ndim,
+                                     "train.batch": 4 if ndim == 2 else 1, "train.channels_last": ndim == 3})
     train(get_recipe(cfg), tmp_path / "s", steps=300, sanity=True, log=lambda *a: None)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert losses[0] > 1.0 and min(losses) < 0.1
@@ -209,5 +213,14 @@ def test_compact_checkpoint_resumes_with_a_rewarm(label_dir, tmp_path):
     assert any("optimizer state rebuilt" in s for s in said)
     after = torch.load(run / "checkpoint.pt", weights_only=True)
     assert after["step"] == 5 and "opt" in after
-    assert after["opt"]["param_groups"][0]["lr"] == pytest.approx(cfg["train"]["lr"] * rewarm(4, 3))
+    assert after["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, cfg["train"]) * rewarm(4, 3))
     assert rewarm(3, 3) == pytest.approx(0.01) and rewarm(3 + REWARM_STEPS, 3) == 1.0 and rewarm(7, None) == 1.0
+
+
+def test_bundled_segment_recipe_is_the_fused_2d_design():
+    recipe = get_recipe(load_config("segment"))
+    net = recipe.build_model()
+    assert recipe.ndim == 2 and net.ndim == 2 and net.config["norm"] == "instance"
+    assert net.config["deep_supervision"] == 2 and recipe.shape == (128, 128)
+    assert recipe.metadata()["inference"]["slice_axes"] == [0, 1, 2]
+    assert lr_at(0, recipe.cfg["train"]) < lr_at(500, recipe.cfg["train"]) == pytest.approx(2e-3)

@@ -216,8 +216,8 @@ def test_presets(tmp_path):
     assert half["model"] == base["model"] and half["generator"] == base["generator"]
     assert half["train"] == base["train"] and half["validation"] == base["validation"]
     seg = tmp_path / "seg_half.toml"
-    main(["preset", "segment", "--half", "-o", str(seg)])
-    full = load_config("segment")["recipe"]["shape"]
+    main(["preset", "segment_v1", "--half", "-o", str(seg)])   # the 3D config of the shipped model
+    full = load_config("segment_v1")["recipe"]["shape"]
     # Half the crop, rounded up to the net's multiple (16 voxels).
     assert load_config(seg)["recipe"]["shape"] == [-(-n // 2 // 16) * 16 for n in full]
     main(["preset", "skullstrip", "--2d", "-o", str(tmp_path / "2d.toml")])
@@ -225,7 +225,7 @@ def test_presets(tmp_path):
     assert two["recipe"]["ndim"] == 2 and two["recipe"]["shape"] == [96, 96]
     assert two["recipe"]["voxsize"] == base["recipe"]["voxsize"] and two["generator"] == base["generator"]
     assert "voxsize" in (tmp_path / "half.toml").read_text().splitlines()[1]   # documented in the header
-    main(["preset", "segment", "--2d", "-o", str(tmp_path / "seg2d.toml")])
+    main(["preset", "segment_v1", "--2d", "-o", str(tmp_path / "seg2d.toml")])
     assert "init" not in load_config(tmp_path / "seg2d.toml")["train"]   # 3D init weights cannot start a 2D net
     assert load_config(tmp_path / "seg_half.toml")["train"]["init"] == "synthstrip"   # same net: kept
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synthtools.weights import load_model
-from training.loop import average_weights, export, train
+from training.loop import average_weights, export, lr_at, train
 from training.recipes import get_recipe, load_config
 
 
@@ -17,7 +17,8 @@ def tiny_cfg(name, label_dir):
     return load_config(name, {
         "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
         "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0, "train.log_every": 1,
-        "train.threads": 1, "train.init": "", "validation.cases": []})   # tiny nets: no shipped init fits
+        "train.threads": 1, "train.init": "", "validation.cases": [],   # tiny nets: no shipped init fits
+        "model.deep_supervision": 0, "train.batch": 1, "recipe.ndim": 3})   # two levels leave none to supervise
 
 
 @pytest.mark.parametrize("name", ["skullstrip", "segment"])
@@ -33,7 +34,9 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     recipe.cfg["train"]["lr"] = 1e-5   # a resumed run follows the config's learning rate
     train(recipe, run, steps=6, log=lambda *a: None)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["opt"]["param_groups"]
-    assert all(g["lr"] == 1e-5 for g in saved)
+    # (the schedule's value at the last step taken, step 5: constant, or a warm-up/decay of lr)
+    assert all(g["lr"] == pytest.approx(lr_at(5, recipe.cfg["train"])) for g in saved)
+    assert recipe.cfg["train"].get("schedule", "constant") != "constant" or saved[0]["lr"] == 1e-5
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     dest = export(recipe, run, tmp_path / "model", name)
     model = load_model(dest)
