@@ -155,20 +155,20 @@ def _crop(values: list[int] | None) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------- model --
 
 def load_seg_model(args: argparse.Namespace, device: str):
-    """Load and sanity-check the segmentation model (UsageError if unusable)."""
+    """Load and sanity-check the segmentation model (InputError if unusable: exit code 1)."""
     model = load_task_model(args.model or DEFAULT_MODEL, device, task="segment", task_text="segmentation",
                             user_given=args.model is not None)
     out = model.meta.get("output", {})
     labels = out.get("labels")
     if out.get("type") != "softmax" or not isinstance(labels, list) or not labels \
             or not all(isinstance(v, int) and v >= 0 for v in labels) or len(set(labels)) != len(labels):
-        raise UsageError(f"model {model.path}: metadata lacks the output (type 'softmax' and a list of "
+        raise InputError(f"model {model.path}: metadata lacks the output (type 'softmax' and a list of "
                          "distinct label values)")
     channels = getattr(model.net, "config", {}).get("out_channels", len(labels))
     if channels != len(labels):
-        raise UsageError(f"model {model.path}: {channels} output channels but {len(labels)} labels")
+        raise InputError(f"model {model.path}: {channels} output channels but {len(labels)} labels")
     if out.get("names") is not None and len(out["names"]) != len(labels):
-        raise UsageError(f"model {model.path}: {len(out['names'])} names for {len(labels)} labels")
+        raise InputError(f"model {model.path}: {len(out['names'])} names for {len(labels)} labels")
     return model
 
 
@@ -212,7 +212,7 @@ def check_tables(args: argparse.Namespace, model) -> None:
     try:
         available = len(atlas_files(model))
     except ModelError as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
     if args.atlases is None:
         args.atlases = default_atlases(model)
     elif not 0 <= args.atlases <= available:
