@@ -32,7 +32,7 @@ import numpy as np
 from ..io import InputError, check_input_path, check_output_path
 from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
 from .common import (Job, Parser, Progress, UsageError, add_standard_options, batch_status, check_writable_file,
-                     choose_device, info, load_task_model, process_each, run_tool, say_error, say_warning)
+                     choose_device, device_text, info, load_task_model, process_each, run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
 SUBCOMMANDS = ("register", "apply")
@@ -336,6 +336,7 @@ def run_register(argv: Sequence[str]) -> int:
         return 1
 
     models = _load_models(args, mode, device)
+    info(PROG, f"-m {mode} on {device_text(device)}", args.quiet)
     return _register_and_write(args, mode, models, init if args.init else None)
 
 
