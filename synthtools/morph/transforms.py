@@ -616,14 +616,14 @@ def _text_lines(path: str, what: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _error(path, f"not a {what}: it holds {kind}, and a {what} is a text file") from None
+        text = "\x00"
     if "\x00" in text:
-        raise _error(path, f"not a {what}: it holds {kind}, and a {what} is a text file")
+        raise _error(path, f"not {what}: it holds {kind}, and {what} is a text file")
     return text.splitlines()
 
 
 def _read_lta(path: str, fixed: Geometry | None, moving: Geometry | None) -> Affine:
-    lines = [line.split("#", 1)[0].strip() for line in _text_lines(path, "FreeSurfer LTA file")]
+    lines = [line.split("#", 1)[0].strip() for line in _text_lines(path, "a FreeSurfer LTA file")]
     lines = [line for line in lines if line]
     lta_type = None
     matrix = None
@@ -688,7 +688,7 @@ def _itk_text(t: Affine) -> str:
 
 
 def _read_itk(path: str, fixed: Geometry | None, moving: Geometry | None) -> Affine:
-    lines = [line.strip() for line in _text_lines(path, "ITK text transform")]
+    lines = [line.strip() for line in _text_lines(path, "an ITK text transform")]
     if not lines or not lines[0].startswith("#Insight Transform File"):
         raise _error(path, "not an ITK text transform (first line must be '#Insight Transform File V1.0')")
     entries: list[dict[str, Any]] = []
