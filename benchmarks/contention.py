@@ -74,15 +74,16 @@ def commands(bin_dir: Path, out: Path, tools: list[str]) -> dict[str, list[str]]
 THREAD_FLAG = {"synthstrip": "-t", "synthseg": "-t", "register rigid": "-j", "register joint": "-j"}
 
 
-def run_once(cmd: list[str], env: dict) -> tuple[float, str, int]:
-    """Wall time (s), the threads the tool reported, exit code."""
+def run_once(cmd: list[str], env: dict) -> tuple[float, str, int, list[str]]:
+    """Wall time (s), the threads the tool reported, exit code, its warnings."""
     start = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     found = re.search(r"cpu \((\d+) threads?\)", res.stdout + res.stderr)
     if res.returncode != 0:
         print(f"  ! exit {res.returncode}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}", flush=True)
-    return wall, found.group(1) if found else "", res.returncode
+    warnings = [x for x in res.stderr.splitlines() if ": warning:" in x]
+    return wall, found.group(1) if found else "", res.returncode, warnings
 
 
 def loadavg() -> str:
@@ -147,13 +148,13 @@ def main() -> None:
                         time.sleep(1.0)   # the other job is running before ours starts
                     load = loadavg()
                     try:
-                        wall, used, code = run_once(cmd, dict(base_env, **extra))
+                        wall, used, code, warnings = run_once(cmd, dict(base_env, **extra))
                     finally:
                         if hog is not None:
                             hog.terminate()
                             hog.wait()
                     rows.append(dict(started=time.strftime("%H:%M:%S", time.gmtime()), repeat=rep, tool=tool, arm=name, contended=contended, seconds=round(wall, 2),
-                                     threads=used, exit=code, load_at_start=load))
+                                     threads=used, exit=code, load_at_start=load, warnings=warnings))
                     print(f"[{rep}] {tool:15s} {name:30s} {'contended' if contended else 'alone':9s} "
                           f"{wall:7.1f} s threads={used or '?'} load={load}", flush=True)
     finally:
