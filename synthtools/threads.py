@@ -221,14 +221,10 @@ def prepare_environment(environ: MutableMapping[str, str] | None = None) -> None
         env.setdefault(name, granted)
 
 
-_configured: int | None = None
-
-
 def configure_torch(threads: int) -> int:
     """Give torch ``threads`` intra-op threads and one inter-op thread (the
     CLIs run one operation at a time; a second pool would only compete).
     Returns ``threads``."""
-    global _configured
     import torch
 
     torch.set_num_threads(int(threads))
@@ -236,6 +232,5 @@ def configure_torch(threads: int) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only allowed before the first parallel work: keep what is there
         pass
-    _configured = int(threads)
     return int(threads)
 

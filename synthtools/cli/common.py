@@ -347,7 +347,7 @@ def device_text(device: str) -> str:
 
 
 def load_task_model(name: str, device: str, *, task: str, task_text: str, user_given: bool):
-    """Load a model and check its task and input space (UsageError if unusable).
+    """Load a model and check its task and input space (InputError if unusable).
 
     A shipped (not ``user_given``) model that does not exist yet is reported
     as 'not yet available'. A missing or unusable model is an InputError
