@@ -20,7 +20,16 @@ import torch
 
 from .nets.warp import grid_sample
 
-__all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis"]
+__all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis",
+           "field_of_view_mm", "check_field_of_view", "model_min_extent", "MIN_EXTENT_MM"]
+
+# Smallest field of view (mm, along every axis) a whole-brain model accepts
+# unless its metadata says otherwise (``input.min_extent_mm``). An adult
+# brain spans 140-170 mm per axis; thick-slice clinical scans cover it with
+# 20-40 slices of 3-5 mm. Below 50 mm (a partial slab) the networks see too
+# little anatomy: a 5-slice slab registered with a ~180 degree rotation and
+# was segmented with cortex on the scalp, both without a word.
+MIN_EXTENT_MM = 50.0
 
 # World (RAS) direction in which each orientation letter points.
 _LETTER_DIRECTION = {
@@ -35,6 +44,30 @@ _LETTER_DIRECTION = {
 # Output voxels per grid_sample call along the first axis; bounds the sampling
 # grid to about SLAB * Y * Z * 12 bytes (≈25 MB for 256^2).
 _SLAB = 32
+
+
+def field_of_view_mm(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """Extent of the grid along each voxel axis: voxels times voxel size (mm)."""
+    vs = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+    return np.asarray(shape[:3], dtype=np.float64) * vs
+
+
+def check_field_of_view(shape: Sequence[int], affine: np.ndarray, path: str | None,
+                        min_mm: float = MIN_EXTENT_MM, what: str = "the model") -> None:
+    """InputError (one line) if any axis of the grid spans less than ``min_mm``."""
+    from .io import InputError
+
+    fov = field_of_view_mm(shape, affine)
+    if np.any(fov < min_mm):
+        text = "x".join(f"{v:.0f}" for v in fov)
+        raise InputError(f"{path or 'image'}: field of view {text} mm is too small for {what} (at least "
+                         f"{min_mm:g} mm along every axis: a partial slab cannot be placed in the brain)")
+
+
+def model_min_extent(meta: dict) -> float:
+    """The smallest field of view (mm) a model accepts: its metadata's
+    ``input.min_extent_mm``, else :data:`MIN_EXTENT_MM`."""
+    return float(meta.get("input", {}).get("min_extent_mm", MIN_EXTENT_MM))
 
 
 def axcodes(affine: np.ndarray) -> str:

@@ -68,13 +68,17 @@ class Volume:
     """An image with its geometry.
 
     ``data`` is in file layout: (X, Y, Z) or (X, Y, Z, frames). ``affine`` maps
-    voxel indices to world (scanner RAS) coordinates in mm.
+    voxel indices to world (scanner RAS) coordinates in mm. ``file_shape``:
+    the shape stored in the file, when it differs from ``data.shape`` by
+    trailing singleton axes (an X x Y x Z x 1 image is loaded as 3D and
+    written back with its 4th axis, see :func:`save_volume`).
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: Any = None
     path: str | None = None
+    file_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)
@@ -154,8 +158,10 @@ def load_volume(
     """Load and validate a 3D (or, if allowed, 4D) image.
 
     ``dtype`` is the in-memory type (default float32); ``None`` keeps the
-    stored type (e.g. integers for label maps). Raises :class:`InputError`
-    with a one-line message for any unusable input.
+    stored type (e.g. integers for label maps), except for a scaled integer
+    image (NIfTI ``scl_slope``/``scl_inter``): its real values are float32,
+    never float64. Raises :class:`InputError` with a one-line message for any
+    unusable input.
     """
     path = check_input_path(path)
     with ExitStack() as stack:
@@ -218,6 +224,10 @@ def _load_checked(path: str, stack: ExitStack, allow_4d: bool, dtype: Any) -> Vo
     except Exception as exc:  # truncated or corrupt data block
         raise _error(path, f"cannot read image data ({type(exc).__name__}: {exc})") from None
     raw = np.asarray(data).reshape(shape)
+    if dtype is None and _is_scaled(img) and raw.dtype.itemsize > 4:
+        # nibabel applies scl_slope in float64; the values are float32 data
+        # (a scaled uint8 CT), written back as float32, not float64.
+        dtype = np.float32
     _check_finite(raw, path)  # before casting: NaN cast to int is garbage
     with np.errstate(over="ignore", invalid="ignore"):  # overflow caught just below
         data = raw if dtype is None else raw.astype(dtype, copy=False)
@@ -232,7 +242,16 @@ def _load_checked(path: str, stack: ExitStack, allow_4d: bool, dtype: Any) -> Vo
     if lo == hi:
         raise _error(path, f"image is empty (all voxels are {lo.item():g})")
 
-    return Volume(data=data, affine=affine, header=img.header, path=path)
+    file_shape = tuple(int(n) for n in img.shape)
+    return Volume(data=data, affine=affine, header=img.header, path=path,
+                  file_shape=file_shape if file_shape != data.shape else None)
+
+
+def _is_scaled(img: Any) -> bool:
+    """Integer data stored with a scale factor or offset (NIfTI scl_slope/scl_inter)."""
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    return (slope, inter) != (1.0, 0.0)
 
 
 def _check_finite(data: np.ndarray, path: str) -> None:
@@ -365,7 +384,11 @@ def save_volume(
         raise ValueError("save_volume needs either `like` or `affine`")
 
     arr = _as_numpy(data)
-    if arr.ndim not in (3, 4):
+    if affine is None and like is not None and like.file_shape and arr.shape == like.data.shape \
+            and len(like.file_shape) > arr.ndim and all(n == 1 for n in like.file_shape[arr.ndim:]):
+        # The reference's trailing singleton axes (X x Y x Z x 1): same shape as the input file.
+        arr = arr.reshape(like.file_shape)
+    if arr.ndim not in (3, 4) and not (arr.ndim == 5 and arr.shape[3:] == (1, 1)):
         raise ValueError(f"data must be 3D or 4D (X, Y, Z[, frames]), got shape {arr.shape}")
     if affine is None and tuple(arr.shape[:3]) != like.shape:  # type: ignore[union-attr]
         raise ValueError(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -376,7 +376,7 @@ def _world_coords(region: np.ndarray, affine: np.ndarray) -> torch.Tensor:
 def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: bool = False,
             crop: int | Sequence[int] | None = None, posteriors: bool = False,
             refine: bool = False, bias_field: bool = True, atlases: int = 0,
-            atlas_alpha: float | None = None) -> SegResult:
+            atlas_alpha: float | None = None, progress: Callable[[str], None] | None = None) -> SegResult:
     """Segment a 3D image (or one ``frame`` of a 4D image).
 
     Steps: conform (trilinear) to the model's space, optional centre ``crop``
@@ -397,7 +397,10 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     atlases registered to the image (:mod:`.atlas`; weight ``atlas_alpha``,
     default the model's) before the refinement; where the registration
     finds no brain they are skipped (``SegResult.atlases_used`` is 0).
+    ``progress(stage)``, if given, is called as each stage ends (the CLI
+    prints its time).
     """
+    progress = progress or (lambda stage: None)
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
         raise ValueError(f"a 3D image (or frame) is required, got shape {tuple(data.shape)}")
@@ -408,6 +411,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     if crop is not None:
         conf = crop_conformed(conf, crop, space["multiple"])
     conf.data = normalize_intensities(conf.data)
+    progress("conformed to the model's space")
 
     prob = _softmax_(predict(model, conf.data[None]))
     if prob.shape[0] != len(values):
@@ -423,6 +427,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
             prob[j] += mirrored[int(k)].flip(axis)
         prob *= 0.5
         del mirrored
+    progress("network" + (" (with the mirrored image)" if flip else ""))
     network, atlas = prob, None
     if atlases:
         from .atlas import apply_prior
@@ -432,16 +437,19 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
             prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
         except EmptyMaskError:   # nothing brain-like to register to: the network's prior alone
             atlas = None
+        progress(f"registered {atlases} atlas{'es' if atlases != 1 else ''}")
 
     names = [str(n) for n in model.meta["output"].get("names") or names_for(values)]
     if not refine:
         arg, summary, post = _map_to_native(conf, prob, values, keep=posteriors)
+        progress("labels on the native grid")
         return SegResult(label_values=values, names=names, labels=values[arg], native=summary,
                          conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network,
                          _atlas=atlas)
     image = np.asarray(data, dtype=np.float32)
     arg, summary, post = _refine_native(conf, network, values, keep=posteriors, image=image, bias_field=bias_field,
                                         atlas=atlas)
+    progress("intensity refinement on the native grid")
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
                      _posteriors=post, network_posteriors=network, _native_image=image, _bias_field=bias_field,
                      _prior=prob, _atlas=atlas)

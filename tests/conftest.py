@@ -235,7 +235,8 @@ def nan_image() -> np.ndarray:
 
 # Cases every tool ('<tool> IN OUT', '-i', '-o', '--snapshot', '-t', '--model')
 # rejects with one error line and no output. Each: (setup(tmp, head, model)
-# -> argv, expected exit code, text in the error).
+# -> argv, expected exit code, text in the error). Exit codes: 1 for a bad
+# input file (image, list, model), 2 for a bad command line.
 BAD_INPUT_CASES = {
     "missing input": (lambda t, h, m: [t / "nope.nii.gz", t / "out" / "s.nii.gz"], 1, "file not found"),
     "not an image": (lambda t, h, m: [write_text(t / "x.nii.gz"), t / "out" / "s.nii.gz"], 1, "not a readable"),
@@ -258,14 +259,14 @@ BAD_INPUT_CASES = {
                         "both write"),
     "many inputs, file output": (lambda t, h, m: ["-i", h, h, "-o", t / "out" / "s.nii.gz"], 2, "folder"),
     "folder is a file": (lambda t, h, m: ["-i", h, "-o", f"{write_text(t / 'afile')}/"], 2, "not a folder"),
-    "empty list": (lambda t, h, m: ["-i", write_text(t / "list.txt", "\n# none\n"), "-o", t / "out/"], 2,
+    "empty list": (lambda t, h, m: ["-i", write_text(t / "list.txt", "\n# none\n"), "-o", t / "out/"], 1,
                    "empty"),
     "snapshot extension": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--snapshot", t / "out" / "x.jpg"], 2,
                            ".png"),
     "threads": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "-t", "0"], 2, "threads"),
     "unknown option": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--frobnicate"], 2, "unrecognized"),
     "too many positionals": (lambda t, h, m: [h, h, t / "out" / "s.nii.gz"], 2, "positional"),
-    "missing model": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--model", t / "no_model"], 2,
+    "missing model": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--model", t / "no_model"], 1,
                       "no such model"),
 }
 

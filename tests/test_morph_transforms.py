@@ -374,14 +374,14 @@ BAD_APPLY = {
     # name: (setup(tmp, fixed, moving) -> argv, exit code, text in the error)
     "unknown extension": (lambda t, f, m: [(t / "t.xfm").write_text("x") and t / "t.xfm", m, t / "o.nii.gz"],
                           2, "unknown transform file type '.xfm' (use .lta"),
-    "missing transform": (lambda t, f, m: [t / "nope.lta", m, t / "o.nii.gz"], 2, "file not found"),
+    "missing transform": (lambda t, f, m: [t / "nope.lta", m, t / "o.nii.gz"], 1, "file not found"),
     "garbage LTA": (lambda t, f, m: [(t / "g.lta").write_text("hello\n") and t / "g.lta", m, t / "o.nii.gz"],
-                    2, "not a FreeSurfer LTA"),
+                    1, "not a FreeSurfer LTA"),
     "ITK without --fixed": (lambda t, f, m: [write_transform(Affine(np.eye(4)), t / "t.txt"), m, t / "o.nii.gz"],
                             2, "--fixed"),
     "field does not match --fixed": (
         lambda t, f, m: [write_transform(smooth_warp(moving_geom()), t / "w.nii.gz"), m, t / "o.nii.gz",
-                         "--fixed", f], 2, "does not match"),
+                         "--fixed", f], 1, "does not match"),
     "-H with a warp": (lambda t, f, m: ["-H", write_transform(smooth_warp(fixed_geom()), t / "w.mgz"), m,
                                         t / "o.nii.gz"], 2, "linear"),
     "unpaired output": (lambda t, f, m: [_write_lta(t), m, t / "o.nii.gz", f], 2, "pairs"),
@@ -431,11 +431,11 @@ def test_register_validates_then_reports_missing_model(images, tmp_path, monkeyp
     monkeypatch.setenv("SYNTHTOOLS_MODELS", str(tmp_path / "empty"))   # whatever ships
     code, err = synthmorph("register", "-m", "affine", moving, fixed, "-o", tmp_path / "moved.nii.gz",
                            "-t", tmp_path / "t.lta", "-j", "1", capsys=capsys)
-    assert code == 2
+    assert code == 1   # a missing model: a runtime failure, not a usage error
     assert one_error_line(err).startswith("synthmorph: error: model 'synthmorph-affine' not yet available")
     # mri_synthmorph style, no subcommand; default mode joint (affine, then deformable model).
     code, err = synthmorph(moving, fixed, "-t", tmp_path / "w.mgz", capsys=capsys)
-    assert code == 2 and "model 'synthmorph-affine' not yet available" in one_error_line(err)
+    assert code == 1 and "model 'synthmorph-affine' not yet available" in one_error_line(err)
     assert files_under(tmp_path) == {"fixed.nii.gz", "moving.nii.gz"}
 
 
@@ -454,7 +454,8 @@ def test_register_bad_arguments(argv, text, images, tmp_path, capsys):
     fixed, moving = images
     args = [a.format(m=moving, f=fixed, t=tmp_path) for a in argv]
     code, err = synthmorph("register", *args, capsys=capsys)
-    assert code == 2 and text in one_error_line(err)
+    # A missing file is bad input (1); everything else a bad command line (2).
+    assert code == (1 if text == "file not found" else 2) and text in one_error_line(err)
     assert files_under(tmp_path) == {"fixed.nii.gz", "moving.nii.gz"}
 
 

@@ -347,7 +347,7 @@ ERROR_CASES = {
     # a.nii.gz and a.mgz write a_synthseg.nii.gz and a_synthseg.mgz, but one a_synthseg.lut.txt.
     "colour tables collide": (lambda t, h, m: ["-i", h, as_mgz(h, t / "b" / "head.mgz"), "-o", t / "out"], 2,
                               "both write"),
-    "not a segmentation model": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--model", m], 2,
+    "not a segmentation model": (lambda t, h, m: [h, t / "out" / "s.nii.gz", "--model", m], 1,
                                  "not a segmentation model"),
 }
 
@@ -373,7 +373,7 @@ def test_default_model_not_yet_available(head_path, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("SYNTHTOOLS_MODELS", str(tmp_path / "empty"))
     code, err = synthseg(head_path, tmp_path / "s.nii.gz", capsys=capsys)
     line = one_error_line(err)
-    assert code == 2 and "not yet available" in line and "'synthseg'" in line
+    assert code == 1 and "not yet available" in line and "'synthseg'" in line
     assert not (tmp_path / "s.nii.gz").exists()
 
 

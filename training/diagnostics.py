@@ -190,8 +190,5 @@ def write_report(stats, a, b, fa, fb, mask, prefix: str | Path, names=("A", "B")
     md, csv, png = (Path(f"{prefix}.{ext}") for ext in ("md", "csv", "png"))
     md.write_text(table_markdown(stats, names))
     csv.write_text(table_csv(stats))
-    try:
-        plot(stats, a, b, fa, fb, mask, png, names)
-    except ImportError:
-        return [md, csv]
+    plot(stats, a, b, fa, fb, mask, png, names)   # matplotlib is a dependency: never skip the figure
     return [md, csv, png]

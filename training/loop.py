@@ -86,12 +86,9 @@ class NullLog:
 
 def plot_log(log_path: Path, png: Path) -> None:
     """Loss (raw and smoothed) and validation metrics against steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    import matplotlib   # a dependency: a missing one is an error, never a silently absent PNG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     vals = [(r["step"], r["val"]) for r in rows if "val" in r]

@@ -121,12 +121,9 @@ def write_summary(results: list[dict[str, Any]], param: str, out: Path, **info: 
 def plot_sweep(results: list[dict[str, Any]], param: str, png: Path) -> None:
     """Dice vs value, one line per group (numbers on a numeric axis, other
     values such as ranges as categories in the given order)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    import matplotlib   # a dependency: a missing one is an error, never a silently absent PNG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     values = [r["value"] for r in results]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     x = values if numeric else list(range(len(values)))

@@ -3,9 +3,15 @@
 Every tool follows the same flow: parse arguments, collect inputs (``IN
 OUT`` or ``-i``, with .txt lists), plan and validate every output path, check
 the device and model, then process the inputs one at a time. Errors are
-single lines ``<prog>: error: ...``; exit code 2 means nothing was processed
-(bad arguments, outputs, device or model), 1 that at least one input failed,
-130 an interrupt.
+single lines ``<prog>: error: ...``. Exit codes, the same for every tool:
+
+* 0: success;
+* 1: bad input or runtime failure: an input image, input list, transform or
+  model that is missing or unusable, no GPU for ``-g``, or a failed run (in
+  a batch: at least one input failed, the others were written);
+* 2: usage: the command line cannot be right (unknown or conflicting
+  options, bad values, unusable output paths); nothing was processed;
+* 130: interrupted.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from ..io import SUPPORTED_EXTENSIONS, InputError, check_input_path, check_outpu
 
 
 class UsageError(Exception):
-    """Bad arguments or environment: nothing is processed, exit code 2."""
+    """Bad arguments: nothing is processed, exit code 2. (Bad input files
+    and runtime failures are :class:`~synthtools.io.InputError`, exit code 1.)"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,17 +54,17 @@ def say_warning(prog: str, message: str) -> None:
 # ---------------------------------------------------------------- inputs --
 
 def read_list(path: str) -> list[str]:
-    """Paths listed in a .txt file, one per line."""
+    """Paths listed in a .txt file, one per line (InputError if unusable)."""
     if not os.path.isfile(path):
-        raise UsageError(f"{path}: input list not found")
+        raise InputError(f"{path}: input list not found")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read input list ({type(exc).__name__})") from None
+        raise InputError(f"{path}: cannot read input list ({type(exc).__name__})") from None
     paths = [line for line in lines if line and not line.startswith("#")]
     if not paths:
-        raise UsageError(f"{path}: input list is empty")
+        raise InputError(f"{path}: input list is empty")
     return paths
 
 
@@ -255,11 +262,13 @@ def check_png_path(path: str, protect: Sequence[str]) -> None:
 
 
 def check_matplotlib() -> None:
-    """--snapshot needs matplotlib: UsageError before anything runs."""
+    """--snapshot needs matplotlib (a dependency; a broken install is an
+    InputError before anything runs)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--snapshot needs matplotlib (pip install matplotlib)") from None
+        raise InputError("--snapshot needs matplotlib, which is missing from this installation "
+                         "(pip install matplotlib)") from None
 
 
 class OutputSet:
@@ -310,26 +319,39 @@ class OutputSet:
 # ------------------------------------------------------- device and model --
 
 def choose_device(gpu: bool, threads: int | None) -> str:
-    """'cuda' or 'cpu'; ``threads`` sets torch's CPU threads. UsageError if unusable."""
-    import torch
+    """'cuda' or 'cpu'. Sets torch's CPU threads once for this process:
+    ``threads`` (a --threads value), else the CPUs granted and idle
+    (:func:`synthtools.threads.resolve_threads`). UsageError for a count
+    below 1, InputError if no GPU is usable for ``gpu``."""
+    from ..threads import configure_torch, resolve_threads
 
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"-t {threads}: the number of threads must be at least 1")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: the number of threads must be at least 1")
+    configure_torch(resolve_threads(threads))
     if not gpu:
         return "cpu"
+    import torch
     if not torch.cuda.is_available():
-        raise UsageError("-g: no CUDA GPU available to torch (torch.cuda.is_available() is False); "
+        raise InputError("-g: no CUDA GPU available to torch (torch.cuda.is_available() is False); "
                          "run without -g to use the CPU")
     return "cuda"
 
 
+def device_text(device: str) -> str:
+    """'cpu (2 threads)' or 'cuda', for the tools' model line."""
+    if device != "cpu":
+        return device
+    import torch
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'s' if n != 1 else ''})"
+
+
 def load_task_model(name: str, device: str, *, task: str, task_text: str, user_given: bool):
-    """Load a model and check its task and input space (UsageError if unusable).
+    """Load a model and check its task and input space (InputError if unusable).
 
     A shipped (not ``user_given``) model that does not exist yet is reported
-    as 'not yet available'.
+    as 'not yet available'. A missing or unusable model is an InputError
+    (exit code 1).
     """
     from ..weights import ModelError, load_model, models_dir
 
@@ -337,16 +359,16 @@ def load_task_model(name: str, device: str, *, task: str, task_text: str, user_g
         model = load_model(name, device)
     except ModelError as exc:
         if not user_given and "no such model" in str(exc):
-            raise UsageError(f"model '{name}' not yet available (looked in {models_dir()}); "
+            raise InputError(f"model '{name}' not yet available (looked in {models_dir()}); "
                              "see the issue tracker, or pass --model PATH") from None
-        raise UsageError(f"{exc}") from None
+        raise InputError(f"{exc}") from None
     except Exception as exc:  # corrupt pickle, wrong state dict, bad metadata...
-        raise UsageError(f"model {name}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"model {name}: cannot be loaded ({type(exc).__name__}: {exc})") from None
     meta = model.meta
     if meta.get("task") != task:
-        raise UsageError(f"model {model.path}: not a {task_text} model (task {meta.get('task')!r})")
+        raise InputError(f"model {model.path}: not a {task_text} model (task {meta.get('task')!r})")
     if not all(k in meta.get("input", {}) for k in ("voxsize", "orientation", "multiple")):
-        raise UsageError(f"model {model.path}: metadata lacks the input space (voxsize, orientation, multiple)")
+        raise InputError(f"model {model.path}: metadata lacks the input space (voxsize, orientation, multiple)")
     return model
 
 
@@ -416,15 +438,62 @@ def _label_rgba(lab: np.ndarray, colors: Mapping[int, tuple[int, int, int]], alp
     return rgba
 
 
+# ----------------------------------------------------- options, progress --
+
+def add_standard_options(p: argparse.ArgumentParser, *, threads_flags: Sequence[str] = ("-t", "--threads"),
+                         quiet: bool = False) -> None:
+    """Options every tool has: ``--threads`` (with the tool's FreeSurfer
+    short flag), ``--version`` and, with ``quiet``, ``-q``."""
+    from .. import __version__
+
+    p.add_argument(*threads_flags, dest="threads", type=int, metavar="N",
+                   help="number of CPU threads (default: the CPUs granted to this process, i.e. the "
+                   "smallest of OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, the cgroup quota and the CPU "
+                   "affinity, and at most the CPUs idle at start)")
+    p.add_argument("--version", action="version", version=f"%(prog)s (synthtools) {__version__}")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress lines (errors and warnings are still printed)")
+
+
+class Progress:
+    """One stderr line per finished stage: ``<prog>: <stage>: 3.2 s (total 10.5 s)``."""
+
+    def __init__(self, prog: str, quiet: bool = False) -> None:
+        self.prog, self.quiet = prog, quiet
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        if not self.quiet:
+            print(f"{self.prog}: {stage}: {now - self.last:.1f} s (total {now - self.start:.1f} s)",
+                  file=sys.stderr, flush=True)
+        self.last = now
+
+    def restart(self) -> None:
+        """Start timing the next input."""
+        self.start = self.last = time.perf_counter()
+
+
+def info(prog: str, message: str, quiet: bool = False) -> None:
+    """An informational line on stdout (silenced by -q)."""
+    if not quiet:
+        print(f"{prog}: {message}", flush=True)
+
+
 # ------------------------------------------------------------------ main --
 
 def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run a tool's body; returns its exit code, 2 on UsageError, 130 on Ctrl-C."""
+    """Run a tool's body; returns its exit code: 2 on UsageError, 1 on an
+    InputError (bad input file, runtime failure), 130 on Ctrl-C."""
     try:
         return body(argv)
     except UsageError as exc:
         say_error(prog, str(exc))
         return 2
+    except InputError as exc:
+        say_error(prog, str(exc))
+        return 1
     except KeyboardInterrupt:
         say_error(prog, "interrupted")
         return 130
@@ -432,49 +501,62 @@ def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Seque
 
 def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
              load: Callable[[], Any], process: Callable[[Job, Any], None],
-             after_load: Callable[[Any], None] | None = None) -> int:
+             after_load: Callable[[Any], None] | None = None, quiet: bool = False) -> int:
     """Process every job with one model; returns 0, or 1 if any input failed.
 
     Cheap input checks run first, so a typo is reported before the model
     loads; ``after_load(model)`` may still refuse the run (UsageError) before
     anything is written. A failing input is reported on one line and the
-    batch goes on.
+    batch goes on. Counters ``[k/n]`` number the inputs as given.
     """
     failed = 0
     model = None
-    ready: list[Job] = []
-    for job in jobs:
+    ready: list[tuple[int, Job]] = []
+    many = len(jobs) > 1
+    for k, job in enumerate(jobs):
         try:
             check_input_path(job.input)
-            ready.append(job)
+            ready.append((k, job))
         except InputError as exc:
-            say_error(prog, str(exc))
+            say_error(prog, counter(k, len(jobs), many) + str(exc))
             failed += 1
     if ready:
         model = load()
         if after_load is not None:
             after_load(model)
-        print(f"{prog}: model {model.path} on {device}", flush=True)
+        info(prog, f"model {model.path} on {device_text(device)}", quiet)
         for folder in to_create:
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
                 raise UsageError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
 
-    failed += process_each(prog, ready, lambda job: process(job, model), many=len(jobs) > 1)
+    failed += process_each(prog, [job for _, job in ready], lambda job: process(job, model), many=many,
+                           numbers=[k for k, _ in ready], total=len(jobs), quiet=quiet)
     return batch_status(prog, failed, len(jobs))
 
 
-def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], many: bool) -> int:
+def counter(index: int, total: int, many: bool) -> str:
+    """'[k/n] ' for the ``index``-th (0-based) of ``total`` inputs; '' for one input."""
+    return f"[{index + 1}/{total}] " if many else ""
+
+
+def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], many: bool,
+                 numbers: Sequence[int] | None = None, total: int | None = None, quiet: bool = False) -> int:
     """Run ``process`` on every job, timing each; a failing job is reported
-    on one line and the others go on. Returns the number that failed."""
+    on one line and the others go on. Returns the number that failed.
+    ``numbers``/``total``: each job's place among all the inputs (default:
+    its place in ``jobs``), so counters agree with the final summary."""
     failed = 0
-    for k, job in enumerate(jobs):
+    numbers = list(range(len(jobs))) if numbers is None else list(numbers)
+    total = len(jobs) if total is None else total
+    for k, job in zip(numbers, jobs):
         start = time.perf_counter()
+        tag = counter(k, total, many)
         try:
             process(job)
         except InputError as exc:
-            say_error(prog, str(exc))
+            say_error(prog, tag + str(exc))
             failed += 1
             continue
         except (KeyboardInterrupt, SystemExit):
@@ -482,11 +564,10 @@ def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], man
         except Exception as exc:  # any other failure of one scan must not stop the batch
             if os.environ.get("SYNTHTOOLS_DEBUG"):
                 raise
-            say_error(prog, f"{job.input}: processing failed ({type(exc).__name__}: {exc})")
+            say_error(prog, f"{tag}{job.input}: processing failed ({type(exc).__name__}: {exc})")
             failed += 1
             continue
-        counter = f"[{k + 1}/{len(jobs)}] " if many else ""
-        print(f"{prog}: {counter}{job.input}: done in {time.perf_counter() - start:.1f} s", flush=True)
+        info(prog, f"{tag}{job.input}: done in {time.perf_counter() - start:.1f} s", quiet)
     return failed
 
 

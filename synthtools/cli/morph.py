@@ -15,9 +15,10 @@ field (:mod:`synthtools.morph.svf_fit`) inside the fixed brain that the
 affine model finds, or an SVF network given with ``--model``. As ``mri_synthmorph``,
 ``synthmorph MOVING FIXED ...`` without a subcommand means ``register``.
 
-Errors are single lines ``synthmorph: error: ...``; exit code 2 means nothing
-was processed (bad arguments, outputs, transform or model), 1 that at least
-one image failed.
+Errors are single lines ``synthmorph: error: ...``; exit code 2 means a bad
+command line (nothing processed), 1 a bad input file (image, transform,
+model) or a failed run (:mod:`synthtools.cli.common`). ``register`` prints
+one line per stage with its time on stderr (``-q``: none).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import numpy as np
 
 from ..io import InputError, check_input_path, check_output_path
 from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
-from .common import (Job, Parser, UsageError, batch_status, check_writable_file, choose_device, load_task_model,
-                     process_each, run_tool, say_error, say_warning)
+from .common import (Job, Parser, Progress, UsageError, add_standard_options, batch_status, check_writable_file,
+                     choose_device, device_text, info, load_task_model, process_each, run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
 SUBCOMMANDS = ("register", "apply")
@@ -45,9 +46,15 @@ FORMATS_TEXT = ("Transform files: .lta (FreeSurfer), .txt/.tfm (ITK/ANTs affine)
 
 # --------------------------------------------------------------- parsers --
 
+USAGE = (f"{PROG} register [-m rigid|affine|deform|joint] MOVING FIXED [-o MOVED] [-t TRANS] ...\n"
+         f"       {PROG} apply TRANS IMAGE OUTPUT [IMAGE OUTPUT ...] [--fixed FIXED] ...\n"
+         f"       {PROG} MOVING FIXED ...   (register, as mri_synthmorph)\n"
+         f"       (see '{PROG} register -h', '{PROG} apply -h')")
+
+
 def top_parser() -> Parser:
     return Parser(
-        prog=PROG, usage=f"{PROG} {{register,apply}} ... (see '{PROG} register -h', '{PROG} apply -h')",
+        prog=PROG, usage=USAGE,
         description="Registration of brain images of any contrast or resolution (SynthMorph method). "
         "Subcommands: 'register' aligns a moving image to a fixed image; 'apply' resamples images "
         "with a transform file. Without a subcommand, 'register' is assumed (as mri_synthmorph).",
@@ -75,8 +82,9 @@ def apply_parser() -> Parser:
     p.add_argument("-H", "--header-only", action="store_true",
                    help="do not resample: keep the voxels and set the header so that the image lies "
                    "in the fixed space (linear transforms only)")
-    p.add_argument("--fixed", metavar="FIXED_IMAGE", help="image whose grid the outputs are resampled onto")
-    p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
+    p.add_argument("--fixed", metavar="FIXED_IMAGE", help="image whose grid (and NIfTI header: qform/sform "
+                   "codes, units) the outputs get")
+    add_standard_options(p, threads_flags=("-j", "--threads"), quiet=True)
     return p
 
 
@@ -103,10 +111,10 @@ def register_parser() -> Parser:
                    help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5; "
                    "0 still gives an invertible map)")
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
-    p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
     p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json (deform/joint: "
                    "an SVF network, or a linear model whose feature maps delimit the brain for the fitted warp)")
     p.add_argument("--affine-model", metavar="PATH", help="joint only: alternative affine model")
+    add_standard_options(p, threads_flags=("-j", "--threads"), quiet=True)
     return p
 
 
@@ -139,22 +147,66 @@ def _no_duplicates(paths: dict[str, str]) -> None:
         seen[real] = option
 
 
-def _grid_of(path: str, option: str):
-    """Geometry of an image (its data is read and validated too)."""
+def _image(path: str, option: str):
+    """An image given as an option (read and validated); InputError names the option."""
     from ..io import load_volume
-    from ..morph.transforms import as_geometry
 
     try:
-        return as_geometry(load_volume(path, allow_4d=True, dtype=None))
+        return load_volume(path, allow_4d=True, dtype=None)
     except InputError as exc:
-        raise UsageError(f"{option} {exc}") from None
+        raise InputError(f"{option} {exc}") from None
+
+
+def _out_dtype(requested: np.dtype | None, vol, image: str, fill: float) -> np.dtype:
+    """The output type: ``-t`` or the input's. Refuses (InputError) a type
+    that cannot hold the image's values or the fill value: a narrowing cast
+    would clip them silently (a FLAIR of 0..750 as int8 came out stuck at 127)."""
+    dtype = requested or np.dtype(vol.data.dtype).newbyteorder("=")
+    if dtype.kind in "iu":
+        info_ = np.iinfo(dtype)
+        lo, hi = float(np.min(vol.data)), float(np.max(vol.data))
+        if lo < info_.min or hi > info_.max:
+            raise InputError(f"{image}: values {lo:g}..{hi:g} do not fit the output type {dtype} "
+                             f"({info_.min}..{info_.max}); choose a wider -t (e.g. int16, int32 or float32)")
+    if not _fits(fill, dtype):
+        raise InputError(f"{image}: fill value {fill:g} does not fit the output type {dtype} "
+                         "(choose another -f or -t)")
+    return dtype
+
+
+def _with_singletons(data: np.ndarray, vol) -> np.ndarray:
+    """A 3D result of a (X, Y, Z, 1[, 1]) input keeps the trailing singleton axes."""
+    extra = tuple(vol.file_shape[3:]) if getattr(vol, "file_shape", None) else ()
+    if data.ndim == 3 and extra and all(n == 1 for n in extra):
+        return data.reshape(data.shape + extra)
+    return data
+
+
+def _check_coverage(trans, vol, grid, image: str) -> None:
+    """InputError when no voxel of the output grid pulls back into the image:
+    the output would be all fill (the transform moves it out of the field of view)."""
+    from ..morph.similarity import coverage
+
+    if coverage(trans, vol, grid) == 0.0:
+        raise InputError(f"{image}: the transform moves the whole image out of the output field of view "
+                         "(the output would be all fill); check the transform's direction and the fixed image")
 
 
 # ----------------------------------------------------------------- apply --
 
+def read_transform_error(path: str) -> InputError:
+    """The error read_transform gives for ``path`` (its unknown extension)."""
+    from ..morph.transforms import read_transform
+    try:
+        read_transform(path)
+    except InputError as exc:
+        return exc
+    return InputError(f"{path}: unknown transform file type")
+
+
 def run_apply(argv: Sequence[str]) -> int:
     from ..io import load_volume, save_volume
-    from ..morph.transforms import Warp, apply_transform, read_transform, update_header
+    from ..morph.transforms import Warp, apply_transform, as_geometry, read_transform, update_header
 
     args = apply_parser().parse_intermixed_args(argv)
     pairs = list(args.pairs)
@@ -167,7 +219,8 @@ def run_apply(argv: Sequence[str]) -> int:
     out_dtype = np.dtype(args.type) if args.type else None
     if out_dtype is not None and not _fits(args.fill, out_dtype):
         raise UsageError(f"-f {args.fill:g}: the fill value does not fit the output type {out_dtype}")
-    choose_device(False, args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: the number of threads must be at least 1")
 
     # Every output before any work: extension, folder, not an input, no clash.
     protect = [os.path.realpath(p) for p in [args.trans, *images, *([args.fixed] if args.fixed else [])]]
@@ -177,18 +230,19 @@ def run_apply(argv: Sequence[str]) -> int:
         except InputError as exc:
             raise UsageError(str(exc)) from None
     _no_duplicates({f"OUTPUT {k + 1}": p for k, p in enumerate(outputs)})
+    if transform_kind(args.trans) is None:   # the file name alone is wrong: usage
+        raise UsageError(str(read_transform_error(args.trans)))
+    choose_device(False, args.threads)
 
-    fixed = _grid_of(args.fixed, "--fixed") if args.fixed else None
+    fixed_vol = _image(args.fixed, "--fixed") if args.fixed else None
+    fixed = as_geometry(fixed_vol) if fixed_vol is not None else None
     try:
         trans = read_transform(args.trans, fixed=fixed)
     except InputError as exc:
         if transform_kind(args.trans) != "lta" or "volume info" not in str(exc):
-            raise UsageError(str(exc)) from None
+            raise
         # A voxel-to-voxel LTA without volume info: the first image is the moving grid.
-        try:
-            trans = read_transform(args.trans, fixed=fixed, moving=_grid_of(images[0], "IMAGE"))
-        except InputError as exc2:
-            raise UsageError(str(exc2)) from None
+        trans = read_transform(args.trans, fixed=fixed, moving=as_geometry(_image(images[0], "IMAGE")))
 
     if args.header_only:
         if isinstance(trans, Warp):
@@ -203,7 +257,7 @@ def run_apply(argv: Sequence[str]) -> int:
             raise UsageError(f"{args.trans}: this transform records no fixed-image grid (ITK affine): "
                              "pass --fixed FIXED_IMAGE, or -H to update the header only")
         if isinstance(trans, Warp) and not trans.grid.same_grid(grid):
-            raise UsageError(f"{args.trans}: displacement field grid ({trans.grid.describe()}) does not "
+            raise InputError(f"{args.trans}: displacement field grid ({trans.grid.describe()}) does not "
                              f"match --fixed {args.fixed} ({grid.describe()})")
 
     order = 0 if args.method == "nearest" else 1
@@ -211,17 +265,18 @@ def run_apply(argv: Sequence[str]) -> int:
     def move(job: Job) -> None:
         image, out = job.input, job.outputs["out"]
         vol = load_volume(image, allow_4d=True, dtype=None)
-        dtype = out_dtype or np.dtype(vol.data.dtype).newbyteorder("=")
-        if not _fits(args.fill, dtype):
-            raise InputError(f"{image}: fill value {args.fill:g} does not fit the output type {dtype} "
-                             "(choose another -f or -t)")
+        dtype = _out_dtype(out_dtype, vol, image, args.fill)
         if args.header_only:
-            save_volume(vol.data, vol, out, affine=update_header(trans, vol), dtype=dtype)
-        else:
-            moved = apply_transform(trans, vol, grid, order=order, fill=args.fill)
+            save_volume(_with_singletons(vol.data, vol), vol, out, affine=update_header(trans, vol), dtype=dtype)
+            return
+        _check_coverage(trans, vol, grid, image)
+        moved = _with_singletons(apply_transform(trans, vol, grid, order=order, fill=args.fill), vol)
+        if fixed_vol is not None:   # the fixed image's header: its qform/sform codes and units
+            save_volume(moved, fixed_vol, out, dtype=dtype)
+        else:                       # only the transform's grid is known: a fresh header
             save_volume(moved, None, out, affine=grid.affine, dtype=dtype)  # type: ignore[union-attr]
     jobs = [Job(image, {"out": out}) for image, out in zip(images, outputs)]
-    failed = process_each(PROG, jobs, move, many=len(jobs) > 1)
+    failed = process_each(PROG, jobs, move, many=len(jobs) > 1, quiet=args.quiet)
     return batch_status(PROG, failed, len(jobs))
 
 
@@ -265,7 +320,7 @@ def run_register(argv: Sequence[str]) -> int:
         try:
             init = read_transform(args.init)
         except InputError as exc:
-            raise UsageError(f"-i {exc}") from None
+            raise InputError(f"-i {exc}") from None
         if not isinstance(init, Affine):
             raise UsageError(f"-i {args.init}: the initial transform must be linear (.lta, .txt, .tfm)")
     device = choose_device(args.gpu, args.threads)
@@ -281,6 +336,7 @@ def run_register(argv: Sequence[str]) -> int:
         return 1
 
     models = _load_models(args, mode, device)
+    info(PROG, f"-m {mode} on {device_text(device)}", args.quiet)
     return _register_and_write(args, mode, models, init if args.init else None)
 
 
@@ -301,7 +357,7 @@ def _load_models(args, mode: str, device: str) -> dict:
         model = load_task_model(name or DEFAULT_MODELS[kind], device, task="register",
                                 task_text="registration", user_given=name is not None)
         if model_kind(model) not in MODEL_TYPES[kind]:
-            raise UsageError(f"{option} {model.path}: a {model_kind(model) or 'unknown'} registration model, "
+            raise InputError(f"{option} {model.path}: a {model_kind(model) or 'unknown'} registration model, "
                              f"-m {mode} needs a {kind} model")
         return model
 
@@ -315,43 +371,61 @@ def _load_models(args, mode: str, device: str) -> dict:
 
 def _register_and_write(args, mode: str, models: dict, init) -> int:
     """Load both images, register, write every requested output."""
+    from ..conform import check_field_of_view, model_min_extent
     from ..io import load_volume, save_volume
     from ..morph.register import register
+    from ..morph.similarity import identity_similarity, similarity
     from ..morph.svf_fit import EmptyMaskError
     from ..morph.transforms import apply_transform, as_geometry, update_header, write_transform
 
+    progress = Progress(PROG, args.quiet)
     try:
         moving = load_volume(args.moving, allow_4d=True, dtype=None)
         fixed = load_volume(args.fixed, allow_4d=True, dtype=None)
+        # Too little anatomy for the networks: refuse rather than return a wild transform.
+        min_mm = max(model_min_extent(m.meta) for m in models.values())
+        for vol, path in ((moving, args.moving), (fixed, args.fixed)):
+            check_field_of_view(vol.shape, vol.affine, path, min_mm, "registration")
     except InputError as exc:
         say_error(PROG, str(exc))
         return 1
+    progress("read the images")
     try:
         want_inverse = args.out_fixed is not None or args.inverse is not None
         reg = register(moving, fixed, mode, models, init=init, regularization=args.regularization,
-                       inverse=want_inverse)
+                       inverse=want_inverse, progress=progress)
+        after, before = similarity(reg.transform, moving, fixed), identity_similarity(moving, fixed)
+        if after < before - SIMILARITY_MARGIN:
+            say_warning(PROG, f"{args.moving}: the registered images are less similar than before registration "
+                        f"(normalised mutual information {after:.3f} < {before:.3f} with the identity); "
+                        "check the result (contrast, field of view, a very different starting pose?)")
+        progress("similarity check")
         fixed_g, moving_g = as_geometry(fixed), as_geometry(moving)
         if args.out_moving:
             dtype = np.dtype(moving.data.dtype).newbyteorder("=")
             if args.header_only:
-                save_volume(moving.data, moving, args.out_moving, affine=update_header(reg.transform, moving),
-                            dtype=dtype)
+                save_volume(_with_singletons(moving.data, moving), moving, args.out_moving,
+                            affine=update_header(reg.transform, moving), dtype=dtype)
             else:
-                save_volume(apply_transform(reg.transform, moving, fixed_g), fixed, args.out_moving, dtype=dtype)
-            print(f"{PROG}: moved image -> {args.out_moving}", flush=True)
+                moved = _with_singletons(apply_transform(reg.transform, moving, fixed_g), moving)
+                save_volume(moved, fixed, args.out_moving, dtype=dtype)
+            info(PROG, f"moved image -> {args.out_moving}", args.quiet)
         if args.out_fixed:
             dtype = np.dtype(fixed.data.dtype).newbyteorder("=")
             if args.header_only:
-                save_volume(fixed.data, fixed, args.out_fixed, affine=update_header(reg.inverse, fixed), dtype=dtype)
+                save_volume(_with_singletons(fixed.data, fixed), fixed, args.out_fixed,
+                            affine=update_header(reg.inverse, fixed), dtype=dtype)
             else:
-                save_volume(apply_transform(reg.inverse, fixed, moving_g), moving, args.out_fixed, dtype=dtype)
-            print(f"{PROG}: fixed image in moving space -> {args.out_fixed}", flush=True)
+                moved = _with_singletons(apply_transform(reg.inverse, fixed, moving_g), fixed)
+                save_volume(moved, moving, args.out_fixed, dtype=dtype)
+            info(PROG, f"fixed image in moving space -> {args.out_fixed}", args.quiet)
         if args.trans:
             write_transform(reg.transform, args.trans, fixed=fixed_g, moving=moving_g)
-            print(f"{PROG}: transform -> {args.trans}", flush=True)
+            info(PROG, f"transform -> {args.trans}", args.quiet)
         if args.inverse:
             write_transform(reg.inverse, args.inverse, fixed=moving_g, moving=fixed_g)
-            print(f"{PROG}: inverse transform -> {args.inverse}", flush=True)
+            info(PROG, f"inverse transform -> {args.inverse}", args.quiet)
+        progress("wrote the outputs")
     except InputError as exc:
         say_error(PROG, str(exc))
         return 1
@@ -359,6 +433,11 @@ def _register_and_write(args, mode: str, models: dict, init) -> int:
         say_error(PROG, f"{args.fixed}: {exc}")
         return 1
     return 0
+
+
+# Normalised mutual information below the identity's by more than this warns
+# (NMI is 1..2; resampling noise moves it by about 0.001).
+SIMILARITY_MARGIN = 0.005
 
 
 # ------------------------------------------------------------------ main --
@@ -373,11 +452,17 @@ def _looks_like_register(arg: str) -> bool:
 def _run(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        raise UsageError(f"a subcommand is required: '{PROG} register ...' or '{PROG} apply ...' "
-                         f"(see {PROG} -h)")
+        # Bare 'synthmorph': say what it expects (usage on stderr), exit 2 as any usage error.
+        print(f"usage: {USAGE}\n{PROG}: error: a subcommand and its images are required "
+              f"(see {PROG} -h)", file=sys.stderr)
+        return 2
     head = args[0]
     if head in ("-h", "--help"):
         top_parser().print_help()
+        return 0
+    if head == "--version":
+        from .. import __version__
+        print(f"{PROG} (synthtools) {__version__}")
         return 0
     if head == "apply":
         return run_apply(args[1:])

@@ -8,8 +8,9 @@ method, 32 FreeSurfer structures), in the style of FreeSurfer's
 Same flow, errors and exit codes as ``synthstrip`` (see
 :mod:`synthtools.cli.common`): every output path is checked before the
 network runs, each input's outputs are written all-or-nothing, a failing
-input is reported on one line and the batch goes on; exit code 2 means
-nothing was processed, 1 that at least one input failed.
+input is reported on one line and the batch goes on; exit code 2 means a
+bad command line (nothing processed), 1 a bad input file, model or failed
+run. One line per stage with its time goes to stderr (``-q``: none).
 
 Labels are written on the input's native grid with its header (int32), with
 a ``<out stem>.lut.txt`` colour table beside them (and, for .mgz/.mgh, the
@@ -29,9 +30,10 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ..io import InputError
-from .common import (Job, OutputSet, Parser, UsageError, check_file_path, check_matplotlib, check_outputs,
-                     check_png_path, choose_device, collect_inputs, expand_outputs, list_files,
-                     load_task_model, run_jobs, run_tool, save_snapshot, say_warning, split_ext)
+from .common import (Job, OutputSet, Parser, Progress, UsageError, add_standard_options, check_file_path,
+                     check_matplotlib, check_outputs, check_png_path, choose_device, collect_inputs,
+                     expand_outputs, list_files, load_task_model, run_jobs, run_tool, save_snapshot, say_warning,
+                     split_ext)
 
 PROG = "synthseg"
 DEFAULT_MODEL = "synthseg"
@@ -72,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop the network's input around its centre to N^3 (or N1 N2 N3) voxels of its "
                    "grid, rounded up to the network's multiple, to save memory; outside is background")
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
-    p.add_argument("-t", "--threads", type=int, metavar="N", help="number of CPU threads for torch")
     p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json")
     p.add_argument("--keep-conformed", action="store_true",
                    help="write labels and posteriors on the network's grid (its voxel size, LIA axes) "
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
                    help="use the bundled example scan (a clinical FLAIR, CC-BY) as the input")
+    add_standard_options(p, threads_flags=("-t", "--threads"), quiet=True)
     return p
 
 
@@ -153,20 +155,20 @@ def _crop(values: list[int] | None) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------- model --
 
 def load_seg_model(args: argparse.Namespace, device: str):
-    """Load and sanity-check the segmentation model (UsageError if unusable)."""
+    """Load and sanity-check the segmentation model (InputError if unusable: exit code 1)."""
     model = load_task_model(args.model or DEFAULT_MODEL, device, task="segment", task_text="segmentation",
                             user_given=args.model is not None)
     out = model.meta.get("output", {})
     labels = out.get("labels")
     if out.get("type") != "softmax" or not isinstance(labels, list) or not labels \
             or not all(isinstance(v, int) and v >= 0 for v in labels) or len(set(labels)) != len(labels):
-        raise UsageError(f"model {model.path}: metadata lacks the output (type 'softmax' and a list of "
+        raise InputError(f"model {model.path}: metadata lacks the output (type 'softmax' and a list of "
                          "distinct label values)")
     channels = getattr(model.net, "config", {}).get("out_channels", len(labels))
     if channels != len(labels):
-        raise UsageError(f"model {model.path}: {channels} output channels but {len(labels)} labels")
+        raise InputError(f"model {model.path}: {channels} output channels but {len(labels)} labels")
     if out.get("names") is not None and len(out["names"]) != len(labels):
-        raise UsageError(f"model {model.path}: {len(out['names'])} names for {len(labels)} labels")
+        raise InputError(f"model {model.path}: {len(out['names'])} names for {len(labels)} labels")
     return model
 
 
@@ -210,7 +212,7 @@ def check_tables(args: argparse.Namespace, model) -> None:
     try:
         available = len(atlas_files(model))
     except ModelError as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
     if args.atlases is None:
         args.atlases = default_atlases(model)
     elif not 0 <= args.atlases <= available:
@@ -244,14 +246,19 @@ def _with_row(path: str, header: list[str], row: list[str]) -> str:
 
 def process(job: Job, model, args: argparse.Namespace) -> None:
     """Segment one input and write its outputs; on any failure, none remain."""
+    from ..conform import check_field_of_view, model_min_extent
     from ..io import load_volume, save_volume
     from ..lut import color, mgh_colortable, write_lut
     from ..seg import qc_scores, segment, total_intracranial
 
+    progress = Progress(PROG, args.quiet)
     vol = load_volume(job.input)
+    # A slab too thin for whole-brain labels: refuse rather than paint cortex on the scalp.
+    check_field_of_view(vol.shape, vol.affine, job.input, model_min_extent(model.meta), "segmentation")
+    progress("read the image")
     keep = args.keep_conformed
     result = segment(model, vol, flip=args.flip, crop=args.crop, refine=args.refine, bias_field=args.bias_field,
-                     posteriors="post" in job.outputs and not keep, atlases=args.atlases)
+                     posteriors="post" in job.outputs and not keep, atlases=args.atlases, progress=progress)
     values, names = result.label_values, result.names
     if keep:  # the network's grid: fresh header with its affine
         labels, like, affine, summary = result.conformed_labels, None, result.affine, result.conformed_summary
@@ -290,6 +297,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
             scores = qc_scores(summary, values)
             row = [job.input] + [f"{scores[g]:.4f}" for g in qc_header(model)[1:]]
             out.stage(args.qc, _with_row(args.qc, qc_header(model), row))
+        progress("wrote the outputs")
 
 
 # ------------------------------------------------------------------ main --
@@ -307,7 +315,7 @@ def _run(argv: Sequence[str] | None) -> int:
     device = choose_device(args.gpu, args.threads)
     return run_jobs(PROG, jobs, to_create, device, load=lambda: load_seg_model(args, device),
                     process=lambda job, model: process(job, model, args),
-                    after_load=lambda model: check_tables(args, model))
+                    after_load=lambda model: check_tables(args, model), quiet=args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

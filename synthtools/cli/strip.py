@@ -8,9 +8,9 @@ The flow reads top to bottom: parse arguments, collect inputs, plan and
 validate every output path, check the device and model, then process the
 inputs one at a time. Everything that can be checked without the network is
 checked before it runs, so a typo never costs a long run and never leaves a
-partial output. Errors are single lines ``synthstrip: error: ...``; exit code
-2 means nothing was processed (bad arguments, outputs, device or model), 1
-means at least one input failed.
+partial output. Errors are single lines ``synthstrip: error: ...``; exit
+codes as every tool (:mod:`synthtools.cli.common`): 2 for a bad command line
+(nothing processed), 1 for a bad input file, model or failed run.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ..io import InputError
-from .common import (Job, OutputSet, Parser, UsageError, check_matplotlib, check_outputs, check_png_path,
-                     choose_device, collect_inputs as _collect_inputs, expand_outputs, load_task_model,
-                     run_jobs, run_tool, save_snapshot, say_warning)
+from .common import (Job, OutputSet, Parser, UsageError, add_standard_options, check_matplotlib, check_outputs,
+                     check_png_path, choose_device, collect_inputs as _collect_inputs, expand_outputs,
+                     load_task_model, run_jobs, run_tool, save_snapshot, say_warning)
 
 PROG = "synthstrip"
 DEFAULT_MODEL = "synthstrip"
-NOCSF_MODEL = "synthstrip-nocsf"
 SUFFIXES = {"stripped": "_stripped", "mask": "_mask", "sdt": "_sdt"}
 OPTION_OF = {"stripped": "-o", "mask": "-m", "sdt": "-d", "snapshot": "--snapshot"}
 
@@ -55,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
     p.add_argument("-b", "--border", type=float, default=1.0, metavar="MM",
                    help="mask border threshold in mm; larger grows the mask (default: 1)")
-    p.add_argument("-t", "--threads", type=int, metavar="N", help="number of CPU threads for torch")
     p.add_argument("-f", "--fill", type=float, default=0.0, metavar="VALUE",
                    help="value of removed voxels in the stripped image (default: 0)")
     p.add_argument("--no-csf", action="store_true",
-                   help="exclude CSF from the brain border (uses the 'synthstrip-nocsf' model)")
+                   help="exclude CSF from the brain border (the model's second brain definition; "
+                   "the shipped model has both)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time augmentation (on unless --no-flip): also predict on the left-right "
                    "mirrored image and average the two distance maps (about 1.5x the time)")
@@ -70,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow an output to replace its own input image")
     p.add_argument("--example", action="store_true",
                    help="use the bundled example scan (a clinical FLAIR, CC-BY) as the input")
+    # -t as mri_synthstrip; -n as the NiPreps SynthStrip interface sends it.
+    add_standard_options(p, threads_flags=("-t", "-n", "--threads"))
     return p
 
 
@@ -105,20 +106,16 @@ def plan_outputs(args: argparse.Namespace, inputs: list[str]) -> tuple[list[Job]
 # ------------------------------------------------------------------ model --
 
 def load_strip_model(args: argparse.Namespace, device: str):
-    """Load and sanity-check the skull-stripping model (UsageError if
-    unusable). The shipped model gives both brain definitions; a model with
-    CSF only falls back to the separate no-CSF model for ``--no-csf``."""
+    """Load and sanity-check the skull-stripping model (UsageError or
+    InputError if unusable). ``--no-csf`` needs a model with the no-CSF
+    brain definition as an output channel (the shipped one has it)."""
     from ..strip import channel_of
 
-    def load(name, user_given):
-        return load_task_model(name, device, task="skullstrip", task_text="skull-stripping",
-                               user_given=user_given)
-    model = load(args.model or DEFAULT_MODEL, args.model is not None)
+    model = load_task_model(args.model or DEFAULT_MODEL, device, task="skullstrip", task_text="skull-stripping",
+                            user_given=args.model is not None)
     if args.no_csf and channel_of(model, "nocsf") is None:
-        if args.model is not None:
-            say_warning(PROG, f"--no-csf given but model {model.path} was trained with CSF in the brain")
-        else:
-            model = load(NOCSF_MODEL, False)
+        raise InputError(f"--no-csf: model {model.path} has no no-CSF output (its metadata lists no "
+                         "'nocsf' channel); use a model trained with both brain definitions")
     return model
 
 

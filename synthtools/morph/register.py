@@ -22,7 +22,7 @@ the moving image's header is moved by it, and the result composed with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -313,17 +313,23 @@ def _native_field(u: torch.Tensor, conf_affine: np.ndarray, m: np.ndarray, grid:
 
 
 def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Model], init: Affine | None = None,
-             regularization: float = 0.5, inverse: bool = True, side: FixedSide | None = None) -> Registration:
+             regularization: float = 0.5, inverse: bool = True, side: FixedSide | None = None,
+             progress: Callable[[str], None] | None = None) -> Registration:
     """``synthmorph register``: ``mode`` rigid/affine (``models['linear']``),
     deform (``models['deform']``) or joint (both: affine then deformable).
     ``side``: joint only, the fixed image as ``models['linear']`` sees it
-    (:func:`joint_fixed_side`), when several images go to one fixed image."""
+    (:func:`joint_fixed_side`), when several images go to one fixed image.
+    ``progress(stage)``, if given, is called as each stage ends."""
+    progress = progress or (lambda stage: None)
     moving, fixed = _prepared(moving), _prepared(fixed)
     if mode in ("rigid", "affine"):
         t = register_linear(models["linear"], moving, fixed, init)
+        progress(f"{mode} registration")
         return Registration(t, invert(t) if inverse else None)
     if mode == "deform":
-        return register_deform(models["deform"], moving, fixed, init, regularization, inverse)
+        reg = register_deform(models["deform"], moving, fixed, init, regularization, inverse)
+        progress("deformable registration")
+        return reg
     if mode == "joint":
         side = joint_fixed_side(models["linear"], fixed) if side is None else side
         # One network pass, no native refinement level, fewer cubes: the deformable fit absorbs
@@ -332,7 +338,10 @@ def register(moving: Volume, fixed: Volume, mode: str, models: Mapping[str, Mode
         # 0.789 -> 0.788, 0.7 s).
         a = register_linear(models["linear"], moving, fixed, init, side=side, native_level=False, passes=1,
                             refine_patches=JOINT_REFINE_PATCHES)
+        progress("affine registration")
         same = models["deform"] is models["linear"]     # the default: one model, one fixed side
-        return register_deform(models["deform"], moving, fixed, a, regularization, inverse,
-                               side=side if same else None)
+        reg = register_deform(models["deform"], moving, fixed, a, regularization, inverse,
+                              side=side if same else None)
+        progress("deformable registration")
+        return reg
     raise ValueError(f"unknown registration mode {mode!r}")

@@ -605,9 +605,25 @@ def _parse_vol_info(path: str, fields: dict[str, list[str]]) -> Geometry | None:
     return Geometry(shape, _fs_affine(shape, vs, mdc, c_ras), None if name == "none" else name)
 
 
+def _text_lines(path: str, what: str) -> list[str]:
+    """The lines of a text transform file; a binary file (a gzipped or
+    image file under a text extension) is a one-line InputError, not a
+    UnicodeDecodeError."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    kind = ("gzip-compressed data" if raw[:2] == b"\x1f\x8b" else
+            "a NIfTI image" if raw[344:348] in (b"n+1\x00", b"ni1\x00") else "binary data")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
+        raise _error(path, f"not {what}: it holds {kind}, and {what} is a text file")
+    return text.splitlines()
+
+
 def _read_lta(path: str, fixed: Geometry | None, moving: Geometry | None) -> Affine:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lines = [line.split("#", 1)[0].strip() for line in f]
+    lines = [line.split("#", 1)[0].strip() for line in _text_lines(path, "a FreeSurfer LTA file")]
     lines = [line for line in lines if line]
     lta_type = None
     matrix = None
@@ -672,8 +688,7 @@ def _itk_text(t: Affine) -> str:
 
 
 def _read_itk(path: str, fixed: Geometry | None, moving: Geometry | None) -> Affine:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in _text_lines(path, "an ITK text transform")]
     if not lines or not lines[0].startswith("#Insight Transform File"):
         raise _error(path, "not an ITK text transform (first line must be '#Insight Transform File V1.0')")
     entries: list[dict[str, Any]] = []
