@@ -301,7 +301,7 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
     brains = [_brain_points(sd, q) for sd, q in zip(sides, side_poses)]
     back = np.argsort(perm)       # canonical position of each input
     return TemplateResult([poses[k] for k in back], [brains[k] for k in back], None,
-                          [as_geometry(v) for v in volumes])
+                          [as_geometry(v) for v in volumes], centre)
 
 
 def _brain_points(side: _Side, side_pose: np.ndarray) -> np.ndarray:
