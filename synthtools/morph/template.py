@@ -69,11 +69,13 @@ class TemplateResult:
     """``poses[i]``: 4x4 input i RAS -> template RAS (mm). ``transforms[i]``:
     the pull-back template RAS -> input i RAS with both grids (``grid`` the
     template grid, None until :func:`template_grid`). ``brains[i]``: brain
-    points of input i (N, 3; its RAS mm, from the network's feature maps)."""
+    points of input i (N, 3; its RAS mm, from the network's feature maps).
+    ``centre``: the centre (RAS mm) of the frame of the matrix logarithms."""
     poses: list[np.ndarray]
     brains: list[np.ndarray] = field(default_factory=list)
     grid: Geometry | None = None
     inputs: list[Geometry] = field(default_factory=list)
+    centre: np.ndarray | None = None
 
     @property
     def transforms(self) -> list[Affine]:
