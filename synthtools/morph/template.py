@@ -15,9 +15,10 @@ sets the reference. Here every input is treated alike:
    accurate.
 2. **Refinement.** Local-NCC^2 refinement (:mod:`synthtools.morph.refine`,
    the model's ``inference`` levels, the last on the native scans) between
-   neighbours of a ring over the inputs: N refinements for N >= 3 (linear in
-   N), both directions for N = 2. Every input is the fixed image of exactly
-   one refinement and the moving image of one. Everything runs in a canonical
+   neighbours of a ring over the inputs (:func:`ring_edges`): N refinements
+   for N <= 3 (both directions for N = 2), 2N above (each input with the next
+   two; linear in N). Every input is the fixed image as often as the moving
+   one. Everything runs in a canonical
    order of the inputs (a hash of their voxels and headers), so permuting the
    inputs gives the same result, and swapping two inputs exactly inverse
    relative transforms.
@@ -120,12 +121,16 @@ def _shift(c: np.ndarray) -> np.ndarray:
     return s
 
 
-def ring_edges(n: int) -> list[tuple[int, int]]:
-    """Refinement pairs (fixed, moving) of a ring over ``n`` inputs: every
-    input fixed once and moving once; both directions for n = 2."""
+def ring_edges(n: int, span: int | None = None) -> list[tuple[int, int]]:
+    """Refinement pairs (fixed, moving) over ``n`` inputs in a ring: each
+    input with the next ``span`` ones (default 1 for n <= 3, else 2: the
+    pairs two apart are measured directly too; 2n pairs, linear in n). Every
+    input is fixed ``span`` times and moving ``span`` times; n = 2 gives both
+    directions."""
     if n < 2:
         return []
-    return [(i, (i + 1) % n) for i in range(n)]
+    span = (1 if n <= 3 else 2) if span is None else int(span)
+    return [(i, (i + k) % n) for k in range(1, span + 1) for i in range(n)]
 
 
 def solve_poses(n: int, measured: dict[tuple[int, int], np.ndarray], centre: np.ndarray,
@@ -299,7 +304,7 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
     if any(refine):
         measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, ring_edges(n))
         poses = solve_poses(n, measured, centre, init=poses)
-        say(f"refinement: {n} pairs (a ring over the inputs)")
+        say(f"refinement: {len(ring_edges(n))} pairs (a ring over the inputs)")
     brains = [_brain_points(sd, q) for sd, q in zip(sides, side_poses)]
     back = np.argsort(perm)       # canonical position of each input
     return TemplateResult([poses[k] for k in back], [brains[k] for k in back], None,
