@@ -85,11 +85,13 @@ def test_two_inconsistent_measurements_give_inverse_consistent_midpoint():
     assert brain_disp(rel, t_ab) < brain_disp(t_ab, t_ba_inv)
 
 
-def test_ring_edges_fix_and_move_each_input_once():
-    for n in (2, 3, 6):
+def test_ring_edges_fix_and_move_each_input_equally_often_and_stay_linear():
+    for n, span in ((2, 1), (3, 1), (4, 2), (6, 2), (9, 2)):
         e = ring_edges(n)
-        assert sorted(i for i, _ in e) == list(range(n)) and sorted(j for _, j in e) == list(range(n))
+        assert len(e) == span * n and len(set(e)) == len(e) and all(i != j for i, j in e)
+        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * span)
     assert ring_edges(2) == [(0, 1), (1, 0)]
+    assert {frozenset(p) for p in ring_edges(3)} == {frozenset(p) for p in itertools.combinations(range(3), 2)}
 
 
 def test_karcher_gauge_of_identical_poses_is_identity():
