@@ -26,14 +26,15 @@ Parts (each skipped when its data is absent):
            within 0.2 mm. For the pairwise methods the "template" is the first
            session's T1W.
   time     the template of 3 inputs against one pairwise rigid registration,
-           and the template of 6 (Lesjak) against 3 (its first session).
+           and the template of 6 (Lesjak) against 3 (its first session), wall
+           and process CPU seconds, interleaved (the CPU may be shared).
 
 Peer: ANTsPy ``registration(type_of_transform="Rigid")`` (Mattes MI,
 defaults) of every Lesjak image to session 1's T1W. Output (``--out``,
 default benchmarks/results): longitudinal.md and longitudinal.json::
 
     flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2
-    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2 --peers none --parts known
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2 --parts time --reuse
 """
 from __future__ import annotations
 
@@ -285,6 +286,37 @@ def run_ants(vols, threads: int) -> dict:
             "call": "ants.registration(study1_T1W, image, type_of_transform='Rigid')"}
 
 
+# ------------------------------------------------------------------- time --
+
+def run_time(root: Path, model) -> dict | None:
+    """Wall and CPU (process) seconds, interleaved so that a change of load
+    on a shared machine hits both: pairwise rigid (study1_T2W -> study1_T1W),
+    template of the 3 session-1 scans, pairwise again, template of all 6."""
+    from synthtools.io import load_volume
+    from synthtools.morph.register import register_linear
+    from synthtools.morph.template import build_template
+    from training.validation import LJ
+    raw = [root / f"{LJ}raw/{s}.nii.gz" for s in LESJAK_SCANS]
+    if not all(f.is_file() for f in raw):
+        return None
+    vols = [load_volume(f) for f in raw]
+
+    def clock(f, *a):
+        w, c = time.perf_counter(), time.process_time()
+        f(*a)
+        return _r(time.perf_counter() - w, 1), _r(time.process_time() - c, 1)
+    register_linear(model, vols[1], vols[0], refine=())       # warm-up
+    p1 = clock(register_linear, model, vols[1], vols[0])
+    t3 = clock(build_template, model, vols[:3])
+    p2 = clock(register_linear, model, vols[1], vols[0])
+    t6 = clock(build_template, model, vols)
+    pw, pc = (p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2
+    return {"pair_wall_s": [p1[0], p2[0]], "pair_cpu_s": [p1[1], p2[1]], "template3_wall_s": t3[0],
+            "template3_cpu_s": t3[1], "template6_wall_s": t6[0], "template6_cpu_s": t6[1],
+            "ratio3_wall": _r(t3[0] / pw, 2), "ratio3_cpu": _r(t3[1] / pc, 2),
+            "per_input_after_3_cpu_s": _r((t6[1] - t3[1]) / 3, 1), "per_input_first_3_cpu_s": _r(t3[1] / 3, 1)}
+
+
 # ----------------------------------------------------------------- report --
 
 def markdown(d: dict) -> str:
@@ -345,19 +377,28 @@ def markdown(d: dict) -> str:
               + f"; template grid {j['template_grid']}"]
         if a and not has:
             L.append(f"- ANTs: {a.get('status')}: {a.get('error')}")
+    t = d.get("time")
+    if t:
+        L += ["", "## Time (Lesjak p01, interleaved, wall and process CPU seconds, 2 threads)", "",
+              f"- one pairwise rigid (study1_T2W -> study1_T1W): wall {t['pair_wall_s']} s, CPU {t['pair_cpu_s']} s",
+              f"- template of 3 (session 1): wall {t['template3_wall_s']} s, CPU {t['template3_cpu_s']} s: ratio to "
+              f"one pair {t['ratio3_wall']} (wall), {t['ratio3_cpu']} (CPU) (target <= 3)",
+              f"- template of 6: wall {t['template6_wall_s']} s, CPU {t['template6_cpu_s']} s: "
+              f"{t['per_input_after_3_cpu_s']} CPU s per input after the first 3 "
+              f"({t['per_input_first_3_cpu_s']} per input for the first 3)"]
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="known,lesjak", help="comma list: known, lesjak")
+    ap.add_argument("--parts", default="known,lesjak,time", help="comma list: known, lesjak, time")
     ap.add_argument("--peers", default="ants", choices=["ants", "none"])
     ap.add_argument("--max-rot", type=float, default=15.0, help="degrees")
     ap.add_argument("--max-shift", type=float, default=20.0, help="mm (per axis, the total stays <= 20)")
     ap.add_argument("--model", default="synthmorph-rigid")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--reuse-known", action="store_true", help="keep the known part of an earlier longitudinal.json")
+    ap.add_argument("--reuse", action="store_true", help="keep the parts not run from an earlier longitudinal.json")
     a = ap.parse_args(argv)
     limit_threads(a.threads)
     import torch
@@ -371,10 +412,9 @@ def main(argv=None) -> int:
     data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
             "torch": torch.__version__, "model": a.model}
     old = Path(a.out) / "longitudinal.json"
-    if a.reuse_known and old.is_file():
+    if a.reuse and old.is_file():
         prev = json.loads(old.read_text())
-        if prev.get("known"):
-            data["known"] = {**prev["known"], "date": prev.get("date")}
+        data.update({k: prev[k] for k in ("known", "lesjak", "time") if prev.get(k) and k not in parts})
     if "known" in parts:
         # Per-axis ranges scaled so that the total rotation and shift stay within the limits.
         data["known"] = run_known(root, model, a.max_rot / np.sqrt(3), a.max_shift / np.sqrt(3))
@@ -382,6 +422,8 @@ def main(argv=None) -> int:
     if "lesjak" in parts:
         data["lesjak"] = run_lesjak(root, model, a.threads, a.peers)
         print(json.dumps(data["lesjak"], indent=1, default=str), flush=True)
+    if "time" in parts:
+        data["time"] = run_time(root, model)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "longitudinal.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
