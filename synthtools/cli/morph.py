@@ -4,7 +4,9 @@
     synthmorph apply TRANS IMAGE OUTPUT [IMAGE OUTPUT ...] [-m linear|nearest]
                      [-t DTYPE] [-f FILL] [-H] [--fixed FIXED_IMAGE]
     synthmorph register [-m rigid|affine|deform|joint] MOVING FIXED [-o MOVED]
-                     [-O FIXED_IN_MOVING] [-t TRANS] [-T INVERSE] [-H] [-i INIT] ...
+                     [-O FIXED_IN_MOVING] [-t TRANS] [-T INVERSE] [-H] [-i INIT] [-M] ...
+    synthmorph template IMAGE IMAGE [IMAGE ...] -o TEMPLATE [-t DIR] [-O DIR]
+                     [-m rigid|affine] [--itk]
 
 ``apply`` resamples images with a transform file (.lta, ITK .txt/.tfm,
 .nii.gz displacement field, FreeSurfer .mgz warp; see
@@ -14,6 +16,8 @@ deformable step (``deform``, ``joint``) is a test-time fit of a velocity
 field (:mod:`synthtools.morph.svf_fit`) inside the fixed brain that the
 affine model finds, or an SVF network given with ``--model``. As ``mri_synthmorph``,
 ``synthmorph MOVING FIXED ...`` without a subcommand means ``register``.
+``template`` builds an unbiased within-subject template of N images
+(:mod:`synthtools.morph.template`); ``register -M`` is its two-image case.
 
 Errors are single lines ``synthmorph: error: ...``; exit code 2 means a bad
 command line (nothing processed), 1 a bad input file (image, transform,
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from types import SimpleNamespace
 from typing import NoReturn, Sequence
 
 import numpy as np
@@ -35,7 +40,7 @@ from .common import (Job, Parser, Progress, UsageError, add_standard_options, ba
                      choose_device, device_text, info, load_task_model, process_each, run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
-SUBCOMMANDS = ("register", "apply")
+SUBCOMMANDS = ("register", "apply", "template")
 MODES = ("rigid", "affine", "deform", "joint")
 LINEAR_MODES = ("rigid", "affine")
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
@@ -48,8 +53,9 @@ FORMATS_TEXT = ("Transform files: .lta (FreeSurfer), .txt/.tfm (ITK/ANTs affine)
 
 USAGE = (f"{PROG} register [-m rigid|affine|deform|joint] MOVING FIXED [-o MOVED] [-t TRANS] ...\n"
          f"       {PROG} apply TRANS IMAGE OUTPUT [IMAGE OUTPUT ...] [--fixed FIXED] ...\n"
+         f"       {PROG} template IMG1 IMG2 [IMG3 ...] -o TEMPLATE [-t DIR] [-O DIR] ...\n"
          f"       {PROG} MOVING FIXED ...   (register, as mri_synthmorph)\n"
-         f"       (see '{PROG} register -h', '{PROG} apply -h')")
+         f"       (see '{PROG} register -h', '{PROG} apply -h', '{PROG} template -h')")
 
 
 def top_parser() -> Parser:
@@ -57,7 +63,8 @@ def top_parser() -> Parser:
         prog=PROG, usage=USAGE,
         description="Registration of brain images of any contrast or resolution (SynthMorph method). "
         "Subcommands: 'register' aligns a moving image to a fixed image; 'apply' resamples images "
-        "with a transform file. Without a subcommand, 'register' is assumed (as mri_synthmorph).",
+        "with a transform file; 'template' builds an unbiased template of N images of one subject. "
+        "Without a subcommand, 'register' is assumed (as mri_synthmorph).",
         epilog=FORMATS_TEXT,
     )
 
@@ -106,6 +113,10 @@ def register_parser() -> Parser:
     p.add_argument("-T", "--inverse", metavar="INVERSE", help="transform from fixed to moving")
     p.add_argument("-H", "--header-only", action="store_true",
                    help="update the output headers instead of resampling (rigid/affine only)")
+    p.add_argument("-M", "--middle", action="store_true",
+                   help="rigid/affine only: move both images to the halfway space (unbiased, inverse-consistent; "
+                   "see 'synthmorph template'): -o/-O are both images on a grid in that space, -t/-T the "
+                   "transforms from moving/fixed to it")
     p.add_argument("-i", "--init", metavar="INIT", help="linear transform to start from (.lta, .txt, .tfm)")
     p.add_argument("-r", "--regularization", type=float, default=0.5, metavar="LAMBDA",
                    help="deformable smoothness weight in [0, 1]; higher is smoother (default: 0.5; "
@@ -293,6 +304,9 @@ def run_register(argv: Sequence[str]) -> int:
     if args.header_only and not linear:
         raise UsageError(f"-H: header-only output needs a linear registration (-m rigid or -m affine), "
                          f"not -m {mode}")
+    if args.middle and (not linear or args.init):     # issue 32: -M
+        raise UsageError(f"-M: the halfway space needs -m rigid or -m affine (not -m {mode}) and no -i"
+                         if not linear else "-M: -i INIT is not supported with the halfway space")
     if args.affine_model is not None and mode != "joint":
         raise UsageError("--affine-model is only used with -m joint (use --model for the other modes)")
     images = {"-o": args.out_moving, "-O": args.out_fixed}
@@ -337,6 +351,8 @@ def run_register(argv: Sequence[str]) -> int:
 
     models = _load_models(args, mode, device)
     info(PROG, f"-m {mode} on {device_text(device)}", args.quiet)
+    if args.middle:     # issue 32: both images to the halfway space
+        return _register_middle(args, models["linear"])
     return _register_and_write(args, mode, models, init if args.init else None)
 
 
@@ -440,6 +456,147 @@ def _register_and_write(args, mode: str, models: dict, init) -> int:
 SIMILARITY_MARGIN = 0.005
 
 
+# ------------------------------------------------ template, -M (issue 32) --
+
+def template_parser() -> Parser:
+    p = Parser(
+        prog=f"{PROG} template",
+        description="Unbiased within-subject template of N >= 2 images of one subject (sessions, contrasts, "
+        "resolutions): one linear transform per input into a common mid-space that favours no input "
+        "(pairwise network fits averaged as matrix logarithms, refinement over a ring of the inputs, "
+        "Karcher mean; see synthtools.morph.template). The template image is the voxel-wise median of the "
+        "intensity-normalised inputs resampled once into it, on a grid isotropic at the finest input "
+        "resolution covering the union of the brains.",
+        epilog="Each input's transform is written as DIR/<input name>.lta (template to input pull-back, "
+        "as 'register -t': 'synthmorph apply DIR/NAME.lta NAME.nii.gz OUT' resamples it into the template). "
+        "4D inputs: the first frame is used.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="input images (at least two)")
+    p.add_argument("-o", "--out", required=True, metavar="TEMPLATE", help="template image (median)")
+    p.add_argument("-t", "--trans-dir", metavar="DIR", help="folder for the transforms DIR/<input name>.lta")
+    p.add_argument("-O", "--out-dir", metavar="DIR", help="folder for the inputs resampled into the template")
+    p.add_argument("-m", "--mode", choices=LINEAR_MODES, default="rigid",
+                   help="transformation model (default: rigid, the longitudinal recipe)")
+    p.add_argument("--itk", action="store_true", help="also write DIR/<input name>.txt (ITK/ANTs) with -t")
+    p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
+    p.add_argument("-j", "--threads", type=int, metavar="THREADS", help="number of CPU threads for torch")
+    p.add_argument("--model", metavar="PATH", help="alternative rigid/affine model folder or metadata.json")
+    return p
+
+
+def _input_name(path: str) -> str:
+    """File name without folder and image extension."""
+    from ..io import SUPPORTED_EXTENSIONS
+
+    base = os.path.basename(path)
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def _output_folder(path: str, option: str, protect: Sequence[str]) -> str:
+    """An output folder: created if its parent exists; not an input file."""
+    if os.path.realpath(path) in protect or os.path.isfile(path):
+        raise UsageError(f"{option} {path}: is a file, a folder is required")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: parent folder {parent} does not exist")
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: folder is not writable")
+    return path
+
+
+def run_template(argv: Sequence[str]) -> int:
+    from ..io import load_volume, save_volume
+    from ..morph.template import build_template, check_inputs, resample_input, template_grid, template_image
+    from ..morph.transforms import write_transform
+
+    args = template_parser().parse_intermixed_args(argv)
+    if len(args.inputs) < 2:
+        raise UsageError(f"a template needs at least two input images (got {len(args.inputs)}; "
+                         f"use '{PROG} register' for one pair)")
+    if args.itk and not args.trans_dir:
+        raise UsageError("--itk: give -t DIR for the transforms")
+    protect = [os.path.realpath(p) for p in args.inputs]
+    names = [_input_name(p) for p in args.inputs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise UsageError(f"two inputs are named '{dup}': the outputs DIR/<input name> would collide")
+    try:
+        check_output_path(args.out, input_paths=protect)
+    except InputError as exc:
+        raise UsageError(f"-o {exc}") from None
+    device = choose_device(args.gpu, args.threads)
+    trans_dir = _output_folder(args.trans_dir, "-t", protect) if args.trans_dir else None
+    out_dir = _output_folder(args.out_dir, "-O", protect) if args.out_dir else None
+    model = _load_models(SimpleNamespace(model=args.model), args.mode, device)["linear"]
+
+    try:
+        volumes = [load_volume(p, allow_4d=True, dtype=None) for p in args.inputs]
+        check_inputs(volumes)
+    except InputError as exc:
+        say_error(PROG, str(exc))
+        return 1
+    result = build_template(model, volumes, log=lambda line: print(f"{PROG}: {line}", flush=True))
+    result.grid = template_grid(result)
+    print(f"{PROG}: template grid {result.grid.describe()}", flush=True)
+    resampled = [resample_input(result, k, v) for k, v in enumerate(volumes)]
+    try:
+        save_volume(template_image(result, volumes, resampled=resampled), None, args.out,
+                    affine=result.grid.affine, dtype=np.float32)
+        print(f"{PROG}: template -> {args.out}", flush=True)
+        for k, (path, name) in enumerate(zip(args.inputs, names)):
+            ext = os.path.basename(path)[len(name):] or ".nii.gz"
+            if out_dir:
+                dtype = np.dtype(volumes[k].data.dtype).newbyteorder("=")
+                out = os.path.join(out_dir, name + ext)
+                save_volume(resampled[k][0], None, out, affine=result.grid.affine, dtype=dtype)
+                print(f"{PROG}: {path} in template space -> {out}", flush=True)
+            if trans_dir:
+                t = result.transforms[k]
+                for suffix in (".lta", ".txt") if args.itk else (".lta",):
+                    write_transform(t, os.path.join(trans_dir, name + suffix))
+                print(f"{PROG}: transform -> {os.path.join(trans_dir, name)}.lta", flush=True)
+    except InputError as exc:
+        say_error(PROG, str(exc))
+        return 1
+    return 0
+
+
+def _register_middle(args, model) -> int:
+    """``register -M``: both images into the halfway space (the template of
+    the two, :func:`synthtools.morph.template.halfway`): -o/-O the moving
+    and fixed images on the template grid (or, with -H, their headers moved
+    there), -t/-T the pull-backs halfway -> moving and halfway -> fixed."""
+    from ..io import load_volume, save_volume
+    from ..morph.template import halfway, resample_input, template_grid
+    from ..morph.transforms import write_transform
+
+    try:
+        moving = load_volume(args.moving, allow_4d=True, dtype=None)
+        fixed = load_volume(args.fixed, allow_4d=True, dtype=None)
+        res = halfway(model, moving, fixed)
+        res.grid = template_grid(res)
+        outs = [(args.out_moving, args.trans, moving, 1, "moving"), (args.out_fixed, args.inverse, fixed, 0, "fixed")]
+        for image, trans, vol, k, role in outs:
+            dtype = np.dtype(vol.data.dtype).newbyteorder("=")
+            if image and args.header_only:
+                save_volume(vol.data, vol, image, affine=res.poses[k] @ vol.affine, dtype=dtype)
+            elif image:
+                save_volume(resample_input(res, k, vol)[0], None, image, affine=res.grid.affine, dtype=dtype)
+            if image:
+                print(f"{PROG}: {role} image in halfway space -> {image}", flush=True)
+            if trans:
+                write_transform(res.transforms[k], trans)
+                print(f"{PROG}: {role} to halfway transform -> {trans}", flush=True)
+    except InputError as exc:
+        say_error(PROG, str(exc))
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------ main --
 
 def _looks_like_register(arg: str) -> bool:
@@ -468,9 +625,11 @@ def _run(argv: Sequence[str] | None) -> int:
         return run_apply(args[1:])
     if head == "register":
         return run_register(args[1:])
+    if head == "template":
+        return run_template(args[1:])
     if _looks_like_register(head):
         return run_register(args)
-    raise UsageError(f"unknown subcommand '{head}' (use register or apply; see {PROG} -h)")
+    raise UsageError(f"unknown subcommand '{head}' (use register, apply or template; see {PROG} -h)")
 
 
 def run(argv: Sequence[str] | None = None) -> int:

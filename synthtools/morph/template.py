@@ -1,0 +1,388 @@
+"""An unbiased within-subject template: one linear transform per input into a
+common mid-space that favours no input (``synthmorph template``,
+``synthmorph register -M``).
+
+Pairwise registration to session 1 biases a longitudinal study towards
+session 1: it is interpolated never, the others once, and its own noise
+sets the reference. Here every input is treated alike:
+
+1. **Network passes.** Each input is conformed on its own and mapped to
+   feature maps once per pass; the barycentre fit (closed-form, symmetric:
+   swapping two images gives exactly the inverse) is run for *every pair*
+   at no extra network cost. The pairwise transforms are averaged into one
+   pose per input (below); the next pass re-poses every input into that
+   mid-space (a header move, no interpolation) where the network is most
+   accurate.
+2. **Refinement.** Local-NCC^2 refinement (:mod:`synthtools.morph.refine`,
+   the model's ``inference`` levels, the last on the native scans) between
+   neighbours of a ring over the inputs (:func:`ring_edges`): N refinements
+   for N <= 3 (both directions for N = 2), 2N above (each input with the next
+   two; linear in N). Every input is the fixed image as often as the moving
+   one. Everything runs in a canonical
+   order of the inputs (a hash of their voxels and headers), so permuting the
+   inputs gives the same result, and swapping two inputs exactly inverse
+   relative transforms.
+3. **Pose averaging** (Lie-group least squares). With ``Q_i`` the map from
+   input i's RAS to the template's RAS and ``T_ij`` a measured pull-back
+   (i's RAS -> j's RAS), the poses minimise ``sum ||log(Q_j T_ij inv(Q_i))||^2``
+   (Gauss-Newton on the matrix logarithms; a single measured pair gives the
+   geodesic midpoint, exactly inverse-consistent), then the common gauge is
+   fixed so that the Karcher mean of the poses is the identity:
+   ``sum_i log(Q_i) = 0``. The logarithms are taken in a frame centred on the
+   mean of the inputs' content centroids, so "mean" means mean brain
+   displacement, not a rotation about the scanner origin.
+
+Conventions as :mod:`synthtools.morph.transforms`: the transform written for
+input i is the pull-back TEMPLATE RAS -> INPUT RAS (``inv(Q_i)``), so
+``synthmorph apply`` with it resamples the input into the template.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy.linalg import expm, logm
+
+from ..conform import resample
+from ..infer import normalize_intensities
+from ..io import InputError, Volume
+from ..weights import Model
+from .refine import PATCHES, brain_mask, refine_linear
+from .register import _conform, _features, _normalised, _prepared, model_kind
+from .transforms import Affine, Geometry, as_geometry
+
+__all__ = ["TemplateResult", "build_template", "halfway", "template_grid", "template_image", "check_inputs",
+           "solve_poses", "ring_edges"]
+
+# Margin (mm) around the union of the brains for the template grid.
+GRID_MARGIN_MM = 10.0
+# Gauss-Newton / Karcher iterations of the pose averaging (converges in 3-5 for small noise).
+POSE_ITERATIONS = 50
+POSE_TOL = 1e-12
+
+
+@dataclass
+class TemplateResult:
+    """``poses[i]``: 4x4 input i RAS -> template RAS (mm). ``transforms[i]``:
+    the pull-back template RAS -> input i RAS with both grids (``grid`` the
+    template grid, None until :func:`template_grid`). ``brains[i]``: brain
+    points of input i (N, 3; its RAS mm, from the network's feature maps).
+    ``centre``: the centre (RAS mm) of the frame of the matrix logarithms."""
+    poses: list[np.ndarray]
+    brains: list[np.ndarray] = field(default_factory=list)
+    grid: Geometry | None = None
+    inputs: list[Geometry] = field(default_factory=list)
+    centre: np.ndarray | None = None
+
+    @property
+    def transforms(self) -> list[Affine]:
+        return [Affine(np.linalg.inv(q), fixed=self.grid, moving=g) for q, g in zip(self.poses, self.inputs)]
+
+
+# ------------------------------------------------------------ input checks --
+
+def check_inputs(volumes: Sequence[Volume]) -> None:
+    """One-line :class:`InputError` for inputs a template cannot use: fewer
+    than two, not 3D (a 4D image must be one frame, or all 4D inputs must have
+    the same number of frames: only the first frame is registered), a singleton
+    spatial axis (2D), or no signal."""
+    if len(volumes) < 2:
+        raise InputError("a template needs at least two input images "
+                         f"(got {len(volumes)}; use 'synthmorph register' for one pair)")
+    frames = set()
+    for v in volumes:
+        name = v.path or "image"
+        shape = np.shape(v.data)
+        if len(shape) not in (3, 4):
+            raise InputError(f"{name}: expected a 3D image, got {len(shape)}D shape {shape}")
+        if min(shape[:3]) < 2:
+            raise InputError(f"{name}: a 2D image (shape {shape[:3]}); a template needs 3D volumes")
+        frames.add(shape[3] if len(shape) == 4 else 1)
+        if not np.any(np.asarray(v.data) != 0):
+            raise InputError(f"{name}: the image is empty (all zeros)")
+    if len(frames) > 1:
+        raise InputError(f"inputs with different numbers of frames ({', '.join(map(str, sorted(frames)))}): "
+                         "give 3D images (or 4D images with the same frames; the first frame is registered)")
+
+
+# -------------------------------------------------------- Lie-group algebra --
+
+def _log(m: np.ndarray) -> np.ndarray:
+    return np.real(logm(m))
+
+
+def _shift(c: np.ndarray) -> np.ndarray:
+    s = np.eye(4)
+    s[:3, 3] = -np.asarray(c, dtype=np.float64)
+    return s
+
+
+def ring_edges(n: int, span: int | None = None) -> list[tuple[int, int]]:
+    """Refinement pairs (fixed, moving) over ``n`` inputs in a ring: each
+    input with the next ``span`` ones (default 1 for n <= 3, else 2: the
+    pairs two apart are measured directly too; 2n pairs, linear in n). Every
+    input is fixed ``span`` times and moving ``span`` times; n = 2 gives both
+    directions."""
+    if n < 2:
+        return []
+    span = (1 if n <= 3 else 2) if span is None else int(span)
+    return [(i, (i + k) % n) for k in range(1, span + 1) for i in range(n)]
+
+
+def solve_poses(n: int, measured: dict[tuple[int, int], np.ndarray], centre: np.ndarray,
+                init: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Poses ``Q_i`` (input i RAS -> template RAS) from pairwise pull-backs
+    ``measured[(i, j)]`` (i's RAS -> j's RAS, ideally ``inv(Q_j) Q_i``).
+
+    Least squares in the matrix logarithms, in a frame centred on ``centre``
+    (mm): Gauss-Newton updates ``Q_i <- exp(d_i) Q_i`` with ``d_j - d_i =
+    -log(Q_j T_ij inv(Q_i))`` solved over the measurement graph (minimum
+    norm), then the gauge: the Karcher mean of the poses is the identity.
+    Relabelling the inputs permutes the answer (no input is special)."""
+    s = _shift(centre)
+    si = np.linalg.inv(s)
+    meas = {e: s @ t @ si for e, t in measured.items()}
+    q = [np.eye(4) if init is None else s @ np.asarray(init[i], np.float64) @ si for i in range(n)]
+    edges = list(meas)
+    a = np.zeros((len(edges), n))
+    for k, (i, j) in enumerate(edges):
+        a[k, j] += 1.0
+        a[k, i] -= 1.0
+    pinv = np.linalg.pinv(a)
+    for _ in range(POSE_ITERATIONS):
+        r = np.stack([_log(q[j] @ meas[(i, j)] @ np.linalg.inv(q[i])).ravel() for i, j in edges])
+        d = pinv @ (-r)
+        q = [expm(d[i].reshape(4, 4)) @ q[i] for i in range(n)]
+        if np.max(np.abs(d)) < POSE_TOL:
+            break
+    q = _karcher_gauge(q)
+    out = [si @ m @ s for m in q]
+    for m in out:
+        m[3] = (0.0, 0.0, 0.0, 1.0)     # exactly affine (expm leaves ~1e-20 in the last row)
+    return out
+
+
+def _karcher_gauge(q: list[np.ndarray]) -> list[np.ndarray]:
+    """A common change of template frame G (``Q_i <- G Q_i``) after which
+    ``sum_i log(Q_i) = 0``: the template sits at the poses' Karcher mean."""
+    for _ in range(POSE_ITERATIONS):
+        mean = np.mean([_log(m) for m in q], axis=0)
+        q = [expm(-mean) @ m for m in q]
+        if np.max(np.abs(mean)) < POSE_TOL:
+            break
+    return q
+
+
+# --------------------------------------------------------- registration --
+
+@dataclass
+class _Side:
+    """One input as the network sees it in a pass: conformed grid (its
+    vox->RAS in the pass's mid-space), normalised image, feature maps."""
+    conformed: object
+    image: torch.Tensor
+    features: torch.Tensor
+
+
+def _side(model: Model, volume: Volume, pose: np.ndarray) -> _Side:
+    cf = _conform(model, np.asarray(volume.data), pose @ volume.affine)
+    x = normalize_intensities(cf.data)
+    return _Side(cf, x, _features(model, x))
+
+
+def _content_centre(volume: Volume) -> np.ndarray:
+    """Intensity-weighted centroid (RAS mm) of the voxels above 5% of the
+    99th percentile: the head, not the scanner origin."""
+    data = np.asarray(volume.data, dtype=np.float32)
+    step = max(1, int(round(np.cbrt(data.size / 2e6))))     # ~2M voxels is plenty for a centroid
+    sub = data[::step, ::step, ::step]
+    w = np.where(sub > 0.05 * np.percentile(sub, 99), sub, 0).astype(np.float64)
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    idx = [np.arange(0, n, step) for n in data.shape]
+    vox = np.array([np.tensordot(w.sum(axis=tuple(a for a in range(3) if a != k)), idx[k], 1) for k in range(3)])
+    vox /= w.sum()
+    return volume.affine[:3, :3] @ vox + volume.affine[:3, 3]
+
+
+def canonical_order(volumes: Sequence[Volume]) -> list[int]:
+    """A content-based order of the inputs (hash of voxels and header), the
+    same for any permutation of the same inputs."""
+    def key(v: Volume) -> str:
+        h = hashlib.sha1(np.ascontiguousarray(np.asarray(v.data, dtype=np.float32)).tobytes())
+        h.update(np.asarray(v.affine, np.float64).round(6).tobytes())
+        return h.hexdigest()
+    keys = [key(v) for v in volumes]
+    return sorted(range(len(volumes)), key=lambda i: keys[i])
+
+
+def _network_pass(model: Model, sides: list[_Side], s: np.ndarray, poses: list[np.ndarray]) -> dict:
+    """The barycentre fit for every pair (i < j) of re-posed inputs, as
+    pull-backs between the inputs' original RAS spaces."""
+    si = np.linalg.inv(s)
+    frames = [torch.as_tensor(s @ sd.conformed.affine, dtype=torch.float64).float() for sd in sides]
+    out = {}
+    for i in range(len(sides)):
+        for j in range(i + 1, len(sides)):
+            fi, fj = sides[i].features, sides[j].features
+            with torch.inference_mode(), torch.autocast(fi.device.type, enabled=False):
+                step = model.net.fit(fi[None].float(), fj[None].float(), frames[i][None].to(fi.device),
+                                     frames[j][None].to(fi.device))[0].double().cpu().numpy()
+            mid = si @ step @ s                            # i's re-posed RAS -> j's re-posed RAS
+            out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
+    return out
+
+
+def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_poses: list[np.ndarray],
+                 poses: list[np.ndarray], s: np.ndarray, refine: tuple[int, ...], metric: str,
+                 edges: list[tuple[int, int]]) -> dict:
+    """Local-NCC^2 (or feature) refinement of each edge (fixed i, moving j)
+    with both inputs placed by the current ``poses``; the conformed grids of
+    the last network pass (made at ``side_poses``) are re-posed by matrix."""
+    si = np.linalg.inv(s)
+    rigid = model_kind(model) == "rigid"
+    # Old mid-space -> current mid-space, per input; then the frame centred at the brains.
+    frame = [s @ poses[k] @ np.linalg.inv(side_poses[k]) for k in range(len(sides))]
+    natives = {}
+    out = {}
+    for i, j in edges:
+        af = torch.as_tensor(frame[i] @ sides[i].conformed.affine, dtype=torch.float64).float()
+        am = torch.as_tensor(frame[j] @ sides[j].conformed.affine, dtype=torch.float64).float()
+        if metric == "lncc":
+            for k in (i, j):
+                if k not in natives:
+                    natives[k] = (_normalised(volumes[k]),
+                                  torch.as_tensor(s @ poses[k] @ volumes[k].affine, dtype=torch.float64).float())
+            native = natives[i] + natives[j]
+            e = refine_linear(sides[i].features.float().cpu(), None, af, am, rigid=rigid, iterations=refine[:-1],
+                              images=(sides[i].image.float().cpu(), sides[j].image.float().cpu()), native=native,
+                              native_iterations=refine[-1], patches=PATCHES)
+        else:
+            e = refine_linear(sides[i].features.float().cpu(), sides[j].features.float().cpu(), af, am,
+                              rigid=rigid, iterations=refine)
+        mid = si @ e.numpy() @ s                              # i's placed RAS -> j's placed RAS
+        out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
+    return out
+
+
+def build_template(model: Model, volumes: Sequence[Volume], passes: int | None = None,
+                   refine: tuple[int, ...] | None = None, refine_metric: str | None = None,
+                   log=None) -> TemplateResult:
+    """Poses of every input in an unbiased mid-space (module docstring).
+
+    ``passes``/``refine``/``refine_metric``: as
+    :func:`~synthtools.morph.register.register_linear` (defaults: the
+    model's ``inference``). ``log``: optional callable taking one progress
+    line. Only the first frame of a 4D input is used. The work runs in
+    :func:`canonical_order`, so any permutation of the inputs gives the same
+    poses (permuted), and two inputs swapped give exactly inverse relative
+    transforms."""
+    check_inputs(volumes)
+    opts = model.meta.get("inference", {})
+    passes = int(opts.get("passes", 1)) if passes is None else int(passes)
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    refine = tuple(int(k) for k in (opts.get("refine", ()) if refine is None else refine))
+    metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
+    say = log or (lambda line: None)
+
+    perm = canonical_order(volumes)
+    vols = [_prepared(volumes[k]) for k in perm]
+    n = len(vols)
+    centre = np.mean([_content_centre(v) for v in vols], axis=0)
+    s = _shift(centre)
+    poses = [np.eye(4) for _ in range(n)]
+    for p in range(passes):
+        side_poses = [q.copy() for q in poses]
+        sides = [_side(model, v, q) for v, q in zip(vols, poses)]
+        poses = solve_poses(n, _network_pass(model, sides, s, side_poses), centre, init=poses)
+        say(f"network pass {p + 1}/{passes}: {n} inputs, {n * (n - 1) // 2} pairs")
+    if any(refine):
+        measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, ring_edges(n))
+        poses = solve_poses(n, measured, centre, init=poses)
+        say(f"refinement: {len(ring_edges(n))} pairs (a ring over the inputs)")
+    brains = [_brain_points(sd, q) for sd, q in zip(sides, side_poses)]
+    back = np.argsort(perm)       # canonical position of each input
+    return TemplateResult([poses[k] for k in back], [brains[k] for k in back], None,
+                          [as_geometry(v) for v in volumes], centre)
+
+
+def _brain_points(side: _Side, side_pose: np.ndarray) -> np.ndarray:
+    """Brain voxels (where the feature maps have mass) of a conformed side,
+    as points in the input's own RAS (mm)."""
+    mask = brain_mask(side.features.float().cpu(), threshold=0.5, dilate=0)
+    vox = mask.nonzero().double().numpy()
+    if len(vox) == 0:   # no brain found: the whole image
+        vox = np.argwhere(np.ones(side.conformed.shape, bool)).astype(np.float64)[::97]
+    aff = np.linalg.inv(side_pose) @ side.conformed.affine
+    return vox @ aff[:3, :3].T + aff[:3, 3]
+
+
+def halfway(model: Model, moving: Volume, fixed: Volume, **kw) -> TemplateResult:
+    """``register -M``: the template of two images (poses[0]: fixed,
+    poses[1]: moving). Swapping them gives the same halfway space."""
+    return build_template(model, [fixed, moving], **kw)
+
+
+# --------------------------------------------------------- template image --
+
+def template_grid(result: TemplateResult, voxsize: float | None = None) -> Geometry:
+    """The template grid: RAS-aligned, isotropic at ``voxsize`` mm (default:
+    the finest voxel size of the inputs), covering the union of the inputs'
+    brains in the template space plus :data:`GRID_MARGIN_MM`."""
+    if voxsize is None:
+        voxsize = min(float(np.min(np.linalg.norm(g.affine[:3, :3], axis=0))) for g in result.inputs)
+    pts = np.concatenate([b @ q[:3, :3].T + q[:3, 3] for b, q in zip(result.brains, result.poses)])
+    lo, hi = pts.min(0) - GRID_MARGIN_MM, pts.max(0) + GRID_MARGIN_MM
+    shape = tuple(int(np.ceil((h - l) / voxsize)) + 1 for l, h in zip(lo, hi))
+    affine = np.diag([voxsize, voxsize, voxsize, 1.0])
+    affine[:3, 3] = lo
+    return Geometry(shape, affine)
+
+
+def _normalise_native(data: np.ndarray) -> tuple[float, float]:
+    """Intensity scale of an input: its minimum and 99.5th percentile."""
+    data = np.asarray(data, np.float32)
+    step = max(1, int(round(np.cbrt(data.size / 4e6))))
+    sub = data[::step, ::step, ::step]
+    lo, hi = float(sub.min()), float(np.percentile(sub, 99.5))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def resample_input(result: TemplateResult, k: int, volume: Volume, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Input ``k`` resampled once into the template grid (first frame;
+    ``order`` 1 trilinear, 0 nearest), and where the grid lies inside the
+    input's field of view (bool)."""
+    vol = _prepared(volume) if order == 1 else volume
+    data = np.asarray(vol.data)
+    data = data[..., 0] if data.ndim == 4 else data
+    src = result.poses[k] @ vol.affine           # the input placed in the template space
+    moved = resample(data, src, result.grid.affine, result.grid.shape, order=order)
+    inside = resample(np.ones(data.shape, np.uint8), src, result.grid.affine, result.grid.shape, order=0) > 0
+    return moved, inside
+
+
+def template_image(result: TemplateResult, volumes: Sequence[Volume], slab: int = 16,
+                   resampled: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    """The voxel-wise median of the inputs resampled into the template grid,
+    each intensity-normalised (its minimum -> 0, 99.5th percentile -> 1);
+    voxels outside an input's field of view do not count (0 where no input
+    covers). ``resampled``: :func:`resample_input` of every input, if already
+    done. Float32 on the template grid."""
+    if resampled is None:
+        resampled = [resample_input(result, k, v) for k, v in enumerate(volumes)]
+    scales = [_normalise_native(_prepared(v).data) for v in volumes]
+    out = np.zeros(result.grid.shape, np.float32)
+    for x0 in range(0, out.shape[0], slab):
+        part = slice(x0, x0 + slab)
+        stack = np.stack([np.where(inside[part], (np.asarray(r[part], np.float32) - lo) / (hi - lo), np.nan)
+                          for (r, inside), (lo, hi) in zip(resampled, scales)])
+        with warnings.catch_warnings():     # voxels no input covers: all-NaN, 0 below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(stack, axis=0)
+        out[part] = np.nan_to_num(med, nan=0.0)
+    return out

@@ -1,0 +1,253 @@
+"""Unbiased within-subject template (synthtools.morph.template, ``synthmorph
+template``, ``synthmorph register -M``): the pose averaging (exact on
+consistent measurements, inverse-consistent, Karcher gauge, permutation
+equivariant), the shipped rigid model on downsampled BrainWeb volumes
+(identity for copies, permutation invariance, inverse consistency, recovery
+of a known motion; skipped without ../shared/data), the template image and
+grid, one-line errors for bad inputs and atomic outputs."""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.linalg import logm
+
+from synthtools.conform import resample
+from synthtools.io import InputError, Volume
+from synthtools.morph import as_geometry, read_transform
+from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, resample_input,
+                                       ring_edges, solve_poses, template_grid, template_image)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import rotation  # noqa: E402
+from test_morph_transforms import one_error_line, synthmorph  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "validation" / "brainweb_subject04"
+FAST = dict(refine=(20, 20, 10))     # fewer refinement steps than the model's (40, 40, 30): test speed
+
+
+def rigid(deg, shift, centre=(0.0, -18.0, 18.0)) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = rotation(deg)
+    c = np.asarray(centre)
+    m[:3, 3] = c - m[:3, :3] @ c + np.asarray(shift, float)
+    return m
+
+
+def brain_disp(a: np.ndarray, b: np.ndarray, centre=(0.0, -18.0, 18.0), radius=60.0) -> float:
+    """Mean distance (mm) between where ``a`` and ``b`` send points of a
+    ball of ``radius`` mm around ``centre`` (a brain-sized region)."""
+    g = np.stack(np.meshgrid(*[np.linspace(-radius, radius, 9)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    pts = g[np.linalg.norm(g, axis=1) <= radius] + np.asarray(centre)
+    d = (a - b)[:3]
+    return float(np.mean(np.linalg.norm(pts @ d[:3, :3].T + d[:3, 3], axis=1)))
+
+
+# -------------------------------------------------------------- pose algebra
+
+def test_solve_poses_exact_on_consistent_measurements_and_karcher_gauge():
+    truth = [rigid((5, -10, 8), (3, -12, 7)), rigid((-9, 4, 2), (-15, 6, 1)), rigid((2, 12, -6), (8, 10, -9))]
+    centre = np.array([0.0, -18.0, 18.0])
+    meas = {(i, j): np.linalg.inv(truth[j]) @ truth[i] for i, j in itertools.permutations(range(3), 2)}
+    q = solve_poses(3, meas, centre)
+    for i, j in itertools.permutations(range(3), 2):      # the relative transforms are recovered
+        assert brain_disp(np.linalg.inv(q[j]) @ q[i], meas[(i, j)]) < 1e-6
+    s = np.eye(4)
+    s[:3, 3] = -centre
+    logs = [np.real(logm(s @ m @ np.linalg.inv(s))) for m in q]
+    assert np.abs(np.sum(logs, axis=0)).max() < 1e-8      # the template is the Karcher mean of the poses
+    for m in q:                                           # rigid, exactly affine
+        assert np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-9)
+        assert np.array_equal(m[3], [0, 0, 0, 1])
+
+
+def test_two_inconsistent_measurements_give_inverse_consistent_midpoint():
+    """A->B and B->A that disagree: the poses give one relative transform,
+    the halfway of the two (each 0.5 mm-ish away), and swapping the inputs
+    gives exactly its inverse."""
+    t_ab = rigid((6, -3, 4), (5, 2, -3))
+    t_ba_inv = t_ab @ rigid((0.4, 0, -0.3), (0.3, -0.2, 0.4))   # inv(T_BA): not equal to T_AB
+    centre = np.array([0.0, -18.0, 18.0])
+    q = solve_poses(2, {(0, 1): t_ab, (1, 0): np.linalg.inv(t_ba_inv)}, centre)
+    q_swap = solve_poses(2, {(1, 0): t_ab, (0, 1): np.linalg.inv(t_ba_inv)}, centre)
+    rel = np.linalg.inv(q[1]) @ q[0]                      # A -> B
+    rel_swap = np.linalg.inv(q_swap[0]) @ q_swap[1]       # B's slot is 0 now: A -> B again
+    assert brain_disp(rel, rel_swap) < 1e-9
+    # Halfway: as far from either measurement.
+    assert abs(brain_disp(rel, t_ab) - brain_disp(rel, t_ba_inv)) < 0.02
+    assert brain_disp(rel, t_ab) < brain_disp(t_ab, t_ba_inv)
+
+
+def test_ring_edges_fix_and_move_each_input_equally_often_and_stay_linear():
+    for n, span in ((2, 1), (3, 1), (4, 2), (6, 2), (9, 2)):
+        e = ring_edges(n)
+        assert len(e) == span * n and len(set(e)) == len(e) and all(i != j for i, j in e)
+        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * span)
+    assert ring_edges(2) == [(0, 1), (1, 0)]
+    assert {frozenset(p) for p in ring_edges(3)} == {frozenset(p) for p in itertools.combinations(range(3), 2)}
+
+
+def test_karcher_gauge_of_identical_poses_is_identity():
+    q = _karcher_gauge([rigid((3, 2, 1), (4, 5, 6))] * 3)
+    assert all(np.allclose(m, np.eye(4), atol=1e-9) for m in q)
+
+
+# --------------------------------------------------------- input checking
+
+def vol(shape=(8, 9, 10), value=1.0, path="x.nii.gz") -> Volume:
+    data = np.zeros(shape, np.float32)
+    data[2:6, 2:6, 2:6] = value
+    return Volume(data, np.eye(4), None, path)
+
+
+def test_check_inputs_rejects_bad_sets_in_one_line():
+    cases = [([vol()], "at least two"), ([vol(), vol((8, 9, 1))], "2D"), ([vol(), vol(value=0.0)], "empty"),
+             ([vol((8, 9, 10, 2)), vol((8, 9, 10, 3))], "frames"), ([vol(), vol((8, 9, 10, 2))], "frames")]
+    for volumes, words in cases:
+        with pytest.raises(InputError) as exc:
+            check_inputs(volumes)
+        assert words in str(exc.value) and "\n" not in str(exc.value)
+    check_inputs([vol(), vol((8, 9, 10, 1))])     # one frame is a 3D image
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    good = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(vol().data, np.eye(4)), str(good))
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((8, 9), np.float32), np.eye(4)), str(flat))
+    four = [tmp_path / "f2.nii.gz", tmp_path / "f3.nii.gz"]
+    for path, frames in zip(four, (2, 3)):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 9, 10, frames), np.float32), np.eye(4)), str(path))
+    out = tmp_path / "t.nii.gz"
+    runs = [((good, "-o", out), 2, "at least two"), ((good, flat, "-o", out), 1, flat.name),
+            ((four[0], four[1], "-o", out), 1, "frames"), ((good, good, "-o", out), 2, "named"),
+            ((good, tmp_path / "missing.nii.gz", "-o", out), 1, "missing"),
+            ((good, four[0], "-o", tmp_path / "no" / "t.nii.gz"), 2, "does not exist"),
+            ((good, four[0], "-o", out, "--itk"), 2, "--itk")]
+    for args, code, words in runs:
+        rc, err = synthmorph("template", *args, capsys=capsys)
+        assert rc == code, (args, err)
+        assert words in one_error_line(err)
+    assert not out.exists()
+    rc, err = synthmorph("register", "-m", "joint", "-M", good, four[0], "-o", out, capsys=capsys)
+    assert rc == 2 and "-M" in one_error_line(err)
+
+
+# ------------------------------------------------- the network on real data
+
+needs_data = pytest.mark.skipif(not (DATA / "T1w_sim.nii.gz").is_file(), reason="no ../shared/data BrainWeb")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from synthtools.weights import load_model
+    return load_model("synthmorph-rigid")
+
+
+def small(contrast: str, move: np.ndarray | None = None, vs: float = 2.5) -> Volume:
+    """A BrainWeb volume at ``vs`` mm, its header moved by ``move`` (pull: anatomy at p now at move @ p)."""
+    img = nib.load(str(DATA / f"{contrast}_sim.nii.gz"))
+    a = img.affine.copy()
+    a[:3, :3] *= vs
+    shape = tuple(int(np.ceil(n / vs)) for n in img.shape)
+    data = resample(np.asarray(img.dataobj, np.float32), img.affine, a, shape)
+    return Volume(data, (np.eye(4) if move is None else move) @ a, None, f"{contrast}.nii.gz")
+
+
+@needs_data
+def test_copies_of_one_image_give_identity_transforms(model):
+    v = small("T1w")
+    res = build_template(model, [v, Volume(v.data.copy(), v.affine), Volume(v.data.copy(), v.affine)], **FAST)
+    for q in res.poses:
+        # Adam steps of the refinement are normalised: float noise on identical images leaves ~0.02 mm.
+        assert brain_disp(q, np.eye(4)) < 0.05
+
+
+@needs_data
+def test_known_motion_permutation_and_inverse_consistency(model):
+    moves = [np.eye(4), rigid((8, -5, 6), (6, -8, 5)), rigid((-6, 7, -4), (-7, 4, 9))]
+    vols = [small(c, m) for c, m in zip(("T1w", "T2w", "PDw"), moves)]
+    res = build_template(model, vols, **FAST)
+    for i, j in itertools.permutations(range(3), 2):   # relative transforms: i RAS -> j RAS
+        assert brain_disp(np.linalg.inv(res.poses[j]) @ res.poses[i], moves[j] @ np.linalg.inv(moves[i])) < 0.5
+    perm = [2, 0, 1]
+    res_p = build_template(model, [vols[k] for k in perm], **FAST)
+    for k, p in enumerate(perm):                       # the same pose for the same input
+        assert brain_disp(res_p.poses[k], res.poses[p]) < 1e-4
+    # The same template image, up to interpolation (here: identical poses, identical grid).
+    res.grid, res_p.grid = template_grid(res), template_grid(res_p)
+    assert res.grid.same_grid(res_p.grid)
+    img = template_image(res, vols)
+    img_p = template_image(res_p, [vols[k] for k in perm])
+    assert np.abs(img - img_p).max() < 1e-4 and img.max() > 0.5
+    # Inverse consistency: A->B and B->A compose to the identity.
+    ab = build_template(model, vols[:2], **FAST)
+    ba = build_template(model, vols[1::-1], **FAST)
+    t_ab = np.linalg.inv(ab.poses[1]) @ ab.poses[0]
+    t_ba = np.linalg.inv(ba.poses[1]) @ ba.poses[0]
+    assert brain_disp(t_ab @ t_ba, np.eye(4)) < 0.05
+    # The template lies between the inputs: each pose moves its brain by a similar amount.
+    grid = template_grid(ab)
+    assert min(grid.shape) > 40 and np.allclose(np.abs(np.diag(grid.affine)[:3]), 2.5, atol=1e-4)
+
+
+@needs_data
+def test_cli_template_outputs_and_atomic_writes(tmp_path, capsys):
+    moves = [np.eye(4), rigid((5, -4, 3), (4, -3, 6))]
+    paths = []
+    for c, m in zip(("T1w", "T2w"), moves):
+        v = small(c, m, vs=3.0)
+        paths.append(tmp_path / f"{c}.nii.gz")
+        nib.save(nib.Nifti1Image(v.data.astype(np.int16), v.affine), str(paths[-1]))
+    out = tmp_path / "tpl.nii.gz"
+    rc, err = synthmorph("template", *paths, "-o", out, "-t", tmp_path / "xf", "-O", tmp_path / "res", "--itk",
+                         "-j", "1", capsys=capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "xf")) == ["T1w.lta", "T1w.txt", "T2w.lta", "T2w.txt"]
+    assert sorted(os.listdir(tmp_path / "res")) == ["T1w.nii.gz", "T2w.nii.gz"]
+    tpl = nib.load(str(out))
+    for p in paths:
+        moved = nib.load(str(tmp_path / "res" / p.name))
+        assert moved.shape == tpl.shape and np.allclose(moved.affine, tpl.affine)
+        assert moved.get_data_dtype() == np.int16
+        t = read_transform(tmp_path / "xf" / f"{p.stem.split('.')[0]}.lta")
+        assert t.fixed.same_grid(as_geometry(tpl))
+    # The two transforms give T1 -> T2 = the known move.
+    q = [np.linalg.inv(read_transform(tmp_path / "xf" / f"{c}.lta").matrix) for c in ("T1w", "T2w")]
+    assert brain_disp(np.linalg.inv(q[1]) @ q[0], moves[1]) < 0.6
+    # A failing write (a folder where a transform goes) leaves no partial or temporary file.
+    (tmp_path / "xf2").mkdir()
+    (tmp_path / "xf2" / "T2w.lta").mkdir()
+    out2 = tmp_path / "tpl2.nii.gz"
+    rc, err = synthmorph("template", *paths, "-o", out2, "-t", tmp_path / "xf2", "-j", "1", capsys=capsys)
+    assert rc == 1 and "T2w.lta" in one_error_line(err)
+    assert sorted(os.listdir(tmp_path / "xf2")) == ["T1w.lta", "T2w.lta"]
+    assert not any(n.startswith(".") or "tmp" in n for n in os.listdir(tmp_path))
+
+
+@needs_data
+def test_register_middle_moves_both_images_halfway(tmp_path, capsys):
+    move = rigid((6, -4, 5), (5, -6, 4))
+    paths = []
+    for c, m in zip(("T1w", "PDw"), (np.eye(4), move)):
+        v = small(c, m, vs=3.0)
+        paths.append(tmp_path / f"{c}.nii.gz")
+        nib.save(nib.Nifti1Image(v.data, v.affine), str(paths[-1]))
+    rc, err = synthmorph("register", "-m", "rigid", "-M", paths[1], paths[0], "-o", tmp_path / "m.nii.gz",
+                         "-O", tmp_path / "f.nii.gz", "-t", tmp_path / "m.lta", "-T", tmp_path / "f.lta", "-j", "1",
+                         capsys=capsys)
+    assert rc == 0, err
+    to_m = read_transform(tmp_path / "m.lta").matrix     # halfway -> moving
+    to_f = read_transform(tmp_path / "f.lta").matrix     # halfway -> fixed
+    assert brain_disp(to_m @ np.linalg.inv(to_f), move) < 0.6
+    # Halfway: each image moves by about half of the motion.
+    assert abs(brain_disp(to_m, np.eye(4)) - brain_disp(to_f, np.eye(4))) < 0.3
+    a, b = nib.load(str(tmp_path / "m.nii.gz")), nib.load(str(tmp_path / "f.nii.gz"))
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine)
