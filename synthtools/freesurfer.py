@@ -103,9 +103,10 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """Layer name -> {kernel, bias, gamma, beta, moving_mean, moving_variance}
-    from a Keras HDF5 file: the Keras 2 layout (``save_weights`` or a whole
-    ``model.save``, with its ``model_weights`` group; what FreeSurfer ships)
-    or the Keras 3 ``.weights.h5`` layout (``layers/<name>/vars/<i>``)."""
+    from a Keras HDF5 file in the Keras 2 layout (``save_weights`` or a whole
+    ``model.save`` with its ``model_weights`` group; what FreeSurfer ships).
+    Keras 3's ``.weights.h5`` names layers by class and creation order
+    (``conv3d_7``), not by the names the architecture gives: refused."""
     try:
         import h5py
     except ImportError:
@@ -116,8 +117,9 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
             root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
             if "layer_names" in root.attrs:
                 return _keras2_layers(root)
-            if "layers" in root:
-                return _keras3_layers(root["layers"])
+            if "layers" in root and "vars" in root:
+                raise ModelError(f"{path}: Keras 3 '.weights.h5' layout (layers stored by class, not by "
+                                 "name); FreeSurfer's files and Keras 2 save_weights use the named layout")
     except OSError as exc:
         raise ModelError(f"{path}: not a readable HDF5 file ({exc})") from None
     raise ModelError(f"{path}: an HDF5 file without Keras weights (no 'layer_names' nor 'layers')")
@@ -136,25 +138,6 @@ def _keras2_layers(root) -> dict[str, dict[str, np.ndarray]]:
         for wname in map(_text, group.attrs.get("weight_names", [])):
             var = wname.split("/")[-1].split(":")[0]
             out.setdefault(layer, {})[var] = np.asarray(group[wname])
-    return out
-
-
-# Variable order of a Keras 3 layer's ``vars``, by how many it has.
-_KERAS3_VARS = {2: ("kernel", "bias"), 1: ("kernel",), 4: ("gamma", "beta", "moving_mean", "moving_variance")}
-
-
-def _keras3_layers(layers) -> dict[str, dict[str, np.ndarray]]:
-    """Keras 3: ``layers/<name>/vars/<i>``, variables in creation order."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for name in layers:
-        group = layers[name]
-        if "vars" not in group or not len(group["vars"]):
-            continue
-        values = [np.asarray(group["vars"][str(i)]) for i in range(len(group["vars"]))]
-        names = _KERAS3_VARS.get(len(values))
-        if names is None:
-            raise ModelError(f"layer '{name}' has {len(values)} variables: not a convolution or batch norm")
-        out[name] = dict(zip(names, values))
     return out
 
 
