@@ -16,6 +16,8 @@ and :mod:`synthtools.freesurfer_seg`.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,13 +86,37 @@ def is_freesurfer_file(path: str | os.PathLike) -> bool:
 
 # ------------------------------------------------------------- reading --
 
+def _numpy_safe_globals() -> list:
+    """numpy scalar/dtype types a training script may leave beside the weights
+    (an epoch or loss as a numpy scalar): plain data, allowed to unpickle."""
+    found = []
+    for mod, name in (("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")):
+        try:
+            found.append(getattr(__import__(mod, fromlist=[name]), name))
+            break
+        except (ImportError, AttributeError):
+            continue
+    found.append(np.dtype)
+    found += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
+    return found
+
+
+_NUMPY_SAFE = _numpy_safe_globals()
+
+
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``model_state_dict`` of a FreeSurfer SynthStrip checkpoint
     (ModelError with one line if it is not one). Read with
     ``weights_only=True``: a weight file never runs code."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, pickle with objects, truncated file...
+        with torch.serialization.safe_globals(_NUMPY_SAFE):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ModelError(f"{path}: the checkpoint holds Python objects besides tensors{what}; refused "
+                         "(loading it would run code)") from None
+    except Exception as exc:  # corrupt zip, truncated file...
         raise ModelError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         keys = sorted(ckpt)[:3] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -177,10 +203,12 @@ def synthseg_net_and_state(path: str | os.PathLike) -> tuple[torch.nn.Module, di
 
 
 def describe(path: str | os.PathLike, kind: str, **extra: Any) -> dict[str, Any]:
-    """Metadata naming a loaded FreeSurfer file: source file, sha256, "FreeSurfer weights"."""
+    """Metadata naming a loaded FreeSurfer file, in the keys of our own models'
+    metadata.json (``name``, ``weights``: the weight file's name, ``sha256``)
+    plus ``source`` (its absolute path) and ``provenance``: "FreeSurfer weights"."""
     p = Path(path).resolve()
-    return {"name": p.name, "source": str(p), "sha256": sha256(p), "weights": SOURCE,
-            "freesurfer": {"kind": kind, "file": p.name, **extra},
+    return {"name": f"FreeSurfer {p.name}", "weights": p.name, "source": str(p), "sha256": sha256(p),
+            "provenance": SOURCE, "freesurfer": {"kind": kind, "file": p.name, **extra},
             "licence": "FreeSurfer Software License (the user's own copy; not shipped with synthtools)"}
 
 

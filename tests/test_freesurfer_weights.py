@@ -329,6 +329,19 @@ def test_wrong_kinds_are_refused(tmp_path, strip_pt, seg_h5):
         read_keras_h5(tmp_path / "k3.weights.h5")
 
 
+class NotData:
+    """Stands for any Python object a pickle could carry (and run)."""
+
+
+def test_checkpoint_with_numbers_loads_and_with_objects_is_refused(tmp_path):
+    state = random_strip_state()
+    strip_checkpoint(tmp_path / "a.pt", state, epoch=np.int64(7), loss=np.float64(0.25))
+    assert load_freesurfer_strip(tmp_path / "a.pt").meta["freesurfer"]["kind"] == "synthstrip"
+    strip_checkpoint(tmp_path / "b.pt", state, trainer=NotData())
+    with pytest.raises(ModelError, match=r"holds Python objects besides tensors \(.*NotData\); refused"):
+        load_freesurfer_strip(tmp_path / "b.pt")
+
+
 # ------------------------------------------------ 2. numerical parity: torch --
 
 class PublishedStrip(nn.Module):
@@ -513,7 +526,7 @@ def test_synthstrip_with_a_freesurfer_checkpoint(strip_pt, head_path, tmp_path, 
     mask = np.asanyarray(nib.load(tmp_path / "m.nii.gz").dataobj)
     assert set(np.unique(mask)) <= {0, 1}
     model = load_freesurfer_strip(strip_pt)
-    assert model.meta["weights"] == "FreeSurfer weights"
+    assert model.meta["provenance"] == "FreeSurfer weights" and model.meta["weights"] == "synthstrip.1.pt"
     assert model.meta["sha256"] == hashlib.sha256(strip_pt.read_bytes()).hexdigest()
     assert model.meta["source"] == str(strip_pt.resolve())
 
