@@ -5,7 +5,8 @@ published ``mri_synthstrip`` does (our own code, written from its steps):
    orientation='LIA', method='nearest')``): the axes are permuted/flipped to
    the closest LIA order (exact, no interpolation); if the voxels are not
    1 mm the image is resampled with nearest neighbour onto a 1 mm grid of
-   the same rotation and centre, ``ceil(size in mm)`` voxels per axis;
+   the same rotation and centre, ``ceil(size in mm)`` voxels per axis
+   (checked voxel for voxel against surfa 0.6.3 in the tests);
 2. crop to the bounding box of the voxels above zero;
 3. pad or crop each axis, centred, to ``ceil(n / 64) * 64`` clipped to
    192-320 voxels;
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from .conform import Conformed, resample
+from .conform import Conformed
 from .io import Volume
 from .strip import StripResult, mask_from_sdt
 from .weights import Model
@@ -67,8 +68,28 @@ def resize_to_1mm(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     new = np.eye(4)
     new[:3, :3] = rot
     new[:3, 3] = center - rot @ (shape / 2)
-    out = resample(data.astype(np.float32), affine, new, tuple(shape), order=0, fill=0.0)
-    return np.asarray(out), new
+    return sample_nearest(data, affine, new, tuple(int(n) for n in shape)), new
+
+
+def sample_nearest(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, shape) -> np.ndarray:
+    """Nearest-neighbour resampling as surfa's ``interpolate(method='nearest')``
+    does it: source coordinates in float32, index ``floor(x + 0.5)``, zero
+    outside (this convention reproduces surfa's output voxel for voxel; a
+    round-half-even one differs on the many exact .5 ties of 1.5 mm grids).
+    One slab of the first axis at a time."""
+    m = np.linalg.inv(np.asarray(src_affine, float)) @ np.asarray(dst_affine, float)
+    out = np.zeros(shape, np.float32)
+    jk = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
+    base = (jk @ m[:3, 1:3].T + m[:3, 3]).astype(np.float64)
+    limit = np.array(data.shape)
+    for i in range(shape[0]):
+        src = (base + i * m[:3, 0]).astype(np.float32)
+        idx = np.floor(src + np.float32(0.5)).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < limit), axis=1)
+        plane = np.zeros(len(idx), np.float32)
+        plane[ok] = data[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
+        out[i] = plane.reshape(shape[1], shape[2])
+    return out
 
 
 def fit_shape(data: np.ndarray, affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:

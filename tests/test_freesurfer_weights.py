@@ -482,6 +482,28 @@ def test_axis_reorderings_are_exact_and_keep_world_positions(func):
         assert out[tuple(new_ijk)] == data[ijk]
 
 
+def test_synthstrip_conform_matches_surfa_voxel_for_voxel():
+    """FreeSurfer's mri_synthstrip conforms with surfa; ours must give the same
+    grid and values. (surfa 0.6.3 fails on numpy 2 when the axes need
+    swapping, so the input is already in LIA axis order, rotated, anisotropic.)"""
+    sf = pytest.importorskip("surfa")
+    from synthtools.freesurfer_strip import resize_to_1mm
+    rng = np.random.default_rng(0)
+    data = np.zeros((30, 26, 34), np.float32)
+    data[5:25, 4:20, 6:30] = rng.random((20, 16, 24)) + 0.5
+    aff = np.array([[-1.5, 0, 0, 10], [0, 0, 0.8, -20], [0, -1.3, 0, 30], [0, 0, 0, 1.0]])
+    th = np.deg2rad(4)
+    aff[:3, :3] = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]]) @ aff[:3, :3]
+    ref = sf.Volume(data, geometry=sf.ImageGeometry(shape=data.shape, vox2world=aff))
+    ref = ref.conform(voxsize=1.0, dtype="float32", method="nearest", orientation="LIA")
+    x, a = resize_to_1mm(*reorient(data, aff, "LIA"))
+    assert x.shape == ref.shape and np.allclose(a, ref.geom.vox2world.matrix, atol=1e-9)
+    assert np.array_equal(x, ref.data)
+    shaped = ref.reshape((64, 40, 20))
+    ours, ours_aff = fit_shape(x, a, (64, 40, 20))
+    assert np.array_equal(ours, shaped.data) and np.allclose(ours_aff, shaped.geom.vox2world.matrix, atol=1e-9)
+
+
 def test_fit_shape_follows_surfa_reshape_centering():
     data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
     out, aff = fit_shape(data, np.eye(4), (8, 4, 7))
@@ -489,6 +511,27 @@ def test_fit_shape_follows_surfa_reshape_centering():
     assert out[1, 0, 0] == data[0, 1, 0] and out[0].sum() == 0 and out[6:].sum() == 0
     assert np.allclose(world_of(aff, (1, 0, 0)), world_of(np.eye(4), (0, 1, 0)))
     assert target_shape((100, 200, 400)) == (192, 256, 320)
+
+
+def test_synthseg_resampling_values_follow_the_published_interpolation():
+    """resample_volume of mri_synthseg, restated with scipy's RegularGridInterpolator:
+    blur sigma 0.25/factor where the voxels shrink, linear samples at
+    start + k/factor (start = -(factor-1)/(2 factor)) clipped to the image."""
+    from scipy.interpolate import RegularGridInterpolator
+    from scipy.ndimage import gaussian_filter
+    aff = np.diag([0.7, 2.5, 1.3, 1.0])
+    data = np.random.default_rng(2).random((23, 9, 14)).astype(np.float32)
+    factor = np.array([0.7, 2.5, 1.3])
+    sig = np.where(factor > 1, 0.0, 0.25 / factor)
+    blurred = gaussian_filter(data, sig)
+    axes = []
+    for n, f in zip(data.shape, factor):
+        start = -(f - 1) / (2 * f)
+        axes.append(np.clip(start + np.arange(int(np.ceil(n * f))) / f, 0, n - 1))
+    grid = np.meshgrid(*axes, indexing="ij")
+    ref = RegularGridInterpolator([np.arange(n) for n in data.shape], blurred)(np.stack(grid, -1))
+    ours, _ = resample_1mm(data, aff)
+    assert ours.shape == ref.shape and np.abs(ours - ref).max() < 1e-5
 
 
 def test_synthseg_resampling_grid_keeps_world_positions():
