@@ -258,7 +258,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     from ..lut import color, mgh_colortable, write_lut
     from ..seg import qc_scores, segment, total_intracranial
     if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published pre/post-processing
-        from ..freesurfer_seg import segment
+        from ..freesurfer_seg import segment  # noqa: F811 (rebinds the name on purpose)
 
     vol = load_volume(job.input)
     keep = args.keep_conformed

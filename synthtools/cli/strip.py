@@ -154,7 +154,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     from ..io import load_volume, save_volume
     from ..strip import strip
     if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published preprocessing
-        from ..freesurfer_strip import strip
+        from ..freesurfer_strip import strip  # noqa: F811 (rebinds the name on purpose)
 
     # One load in the stored type: it is what we write back; the network
     # side converts to float itself.
