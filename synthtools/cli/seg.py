@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop the network's input around its centre to N^3 (or N1 N2 N3) voxels of its "
                    "grid, rounded up to the network's multiple, to save memory; outside is background")
     p.add_argument("-g", "--gpu", action="store_true", help="run the network on the GPU (CUDA)")
-    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json")
+    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json, or FreeSurfer's "
+                   "SynthSeg 2.0 / robust 2.0 weights ($FREESURFER_HOME/models/synthseg_2.0.h5; detected from the file)")
+    # issue 33 (FreeSurfer weights): report how a weight file matches the published layout
+    p.add_argument("--check", action="store_true",
+                   help="with --model FILE: print the layout match and a checksum of the labels of the bundled example")
     p.add_argument("--keep-conformed", action="store_true",
                    help="write labels and posteriors on the network's grid (its voxel size, LIA axes) "
                    "instead of the input's")
@@ -156,6 +160,12 @@ def _crop(values: list[int] | None) -> tuple[int, ...] | None:
 
 def load_seg_model(args: argparse.Namespace, device: str):
     """Load and sanity-check the segmentation model (InputError if unusable: exit code 1)."""
+    # --- issue 33: FreeSurfer's .h5 files, and placeholder --model values ---
+    from ..freesurfer_cli import load_model_arg
+    args.model, fs_model = load_model_arg(PROG, args, device)
+    if fs_model is not None:
+        return fs_model
+    # --- end issue 33 ---
     model = load_task_model(args.model or DEFAULT_MODEL, device, task="segment", task_text="segmentation",
                             user_given=args.model is not None)
     out = model.meta.get("output", {})
@@ -250,6 +260,8 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     from ..io import load_volume, save_volume
     from ..lut import color, mgh_colortable, write_lut
     from ..seg import qc_scores, segment, total_intracranial
+    if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published pre/post-processing
+        from ..freesurfer_seg import segment  # noqa: F811 (rebinds the name on purpose)
 
     progress = Progress(PROG, args.quiet)
     vol = load_volume(job.input)
@@ -309,6 +321,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.check:  # issue 33
+        from ..freesurfer_cli import run_check
+        return run_check(PROG, args)
     inputs = collect_inputs(args, PROG, "label map")
     args.crop = _crop(args.crop)
     jobs, to_create = plan_outputs(args, inputs)

@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time augmentation (on unless --no-flip): also predict on the left-right "
                    "mirrored image and average the two distance maps (about 1.5x the time)")
-    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json")
+    p.add_argument("--model", metavar="PATH", help="alternative model folder or metadata.json, or FreeSurfer's "
+                   "SynthStrip weights ($FREESURFER_HOME/models/synthstrip.1.pt; detected from the file)")
+    # issue 33 (FreeSurfer weights): report how a weight file matches the published layout
+    p.add_argument("--check", action="store_true",
+                   help="with --model FILE: print the layout match and a checksum of the mask of the bundled example")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the mask outline (file or folder)")
     p.add_argument("--overwrite-input", action="store_true",
@@ -111,8 +115,16 @@ def load_strip_model(args: argparse.Namespace, device: str):
     brain definition as an output channel (the shipped one has it)."""
     from ..strip import channel_of
 
-    model = load_task_model(args.model or DEFAULT_MODEL, device, task="skullstrip", task_text="skull-stripping",
-                            user_given=args.model is not None)
+    def load(name, user_given):
+        return load_task_model(name, device, task="skullstrip", task_text="skull-stripping",
+                               user_given=user_given)
+    # --- issue 33: FreeSurfer's .pt files, and placeholder --model values ---
+    from ..freesurfer_cli import load_model_arg
+    args.model, model = load_model_arg(PROG, args, device)
+    if model is not None:
+        return model
+    # --- end issue 33 ---
+    model = load(args.model or DEFAULT_MODEL, args.model is not None)
     if args.no_csf and channel_of(model, "nocsf") is None:
         raise InputError(f"--no-csf: model {model.path} has no no-CSF output (its metadata lists no "
                          "'nocsf' channel); use a model trained with both brain definitions")
@@ -140,6 +152,8 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     """Strip one input and write its outputs; on any failure, none remain."""
     from ..io import load_volume, save_volume
     from ..strip import strip
+    if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published preprocessing
+        from ..freesurfer_strip import strip  # noqa: F811 (rebinds the name on purpose)
 
     # One load in the stored type: it is what we write back; the network
     # side converts to float itself.
@@ -177,6 +191,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.check:  # issue 33
+        from ..freesurfer_cli import run_check
+        return run_check(PROG, args)
     inputs = collect_inputs(args)
     if not math.isfinite(args.border):
         raise UsageError(f"-b {args.border}: the border must be a finite number of mm")
