@@ -205,6 +205,7 @@ def test_group_level_gathers_every_volume_table(dataset, tiny_models, tmp_path, 
     (["participant", "--participant-label", "09"], "not in"),
     (["participant", "--shard", "2/2"], "--shard"),
     (["participant", "--suffix", "T2w"], "no anat/*_T2w"),
+    (["participant", "--atlases", "1"], "has 0 atlases"),
     (["everything"], "invalid choice"),
 ])
 def test_bad_arguments_one_line_exit_2(dataset, tiny_models, tmp_path, capsys, args, text):

@@ -77,13 +77,18 @@ def _version() -> str:
         return "unknown"
 
 
-def _model_info(name: str) -> dict[str, Any]:
-    """sha256 and steps of a model from its metadata (the weights are not loaded)."""
+def _model_meta(name: str) -> dict[str, Any]:
+    """A model's metadata (the weights are not loaded); UsageError if missing."""
     from ..weights import ModelError, read_metadata, resolve
     try:
-        meta = read_metadata(resolve(name))
+        return read_metadata(resolve(name))
     except ModelError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _model_info(name: str) -> dict[str, Any]:
+    """sha256 and training steps of a model, for the marker and dataset_description."""
+    meta = _model_meta(name)
     return {"sha256": meta.get("sha256"), "steps": meta.get("steps")}
 
 
@@ -141,8 +146,11 @@ def run_participant(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not inputs:
         raise UsageError(f"{args.bids_dir}: no anat/*_{args.suffix}.nii[.gz] image for this selection")
-    if args.atlases is not None and args.atlases < 0:
-        raise UsageError(f"--atlases {args.atlases}: must be 0 or more")
+    if args.atlases is not None and "seg" in tools:
+        available = len((_model_meta(MODEL_OF["seg"]).get("atlas") or {}).get("files", []))
+        if not 0 <= args.atlases <= available:
+            raise UsageError(f"--atlases {args.atlases}: the segmentation model has {available} atlases "
+                             f"(0..{available})")
     mine = select_shard(inputs, shard, key=lambda i: i.relpath)
     device = choose_device(args.gpu, args.threads)
     version = _version()
@@ -182,8 +190,7 @@ def run_participant(args: argparse.Namespace) -> int:
 
 def _model_labels() -> dict[int, str]:
     from ..lut import names_for
-    from ..weights import read_metadata, resolve
-    out = read_metadata(resolve(MODEL_OF["seg"]))["output"]
+    out = _model_meta(MODEL_OF["seg"])["output"]
     names = out.get("names") or names_for(out["labels"])
     return {int(v): str(n) for v, n in zip(out["labels"], names)}
 
@@ -211,7 +218,11 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The whole app; returns the exit code (0, 1 or 2)."""
-    return run_tool(PROG, _run, argv)
+    try:
+        return run_tool(PROG, _run, argv)
+    except BrokenPipeError:   # e.g. '| head': stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
