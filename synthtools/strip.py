@@ -2,6 +2,7 @@
 mask out, both on the input's native grid."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,3 +80,15 @@ def strip(model: Model, volume: Volume, border: float = 1.0, channel: int = 0,
         return StripResult(sdt, mask)
     sdt = brain_sdt(model, volume, channel=channel, flip=flip)
     return StripResult(sdt, mask_from_sdt(sdt, border))
+
+
+# --- Python API: ``synthtools.strip(img)`` calls synthtools.api.strip. The package
+# attribute ``synthtools.strip`` is this module once imported, so the module is callable.
+class _CallableModule(sys.modules[__name__].__class__):
+    def __call__(self, image, **kwargs):
+        from .api import strip as api_strip
+        return api_strip(image, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+# --- end of Python API ---

@@ -1,0 +1,4 @@
+"""``python -m synthtools models``: same as the ``synthtools`` command."""
+from .cli.models import main
+
+main()
