@@ -224,3 +224,25 @@ def test_bundled_segment_recipe_is_the_fused_2d_design():
     assert net.config["deep_supervision"] == 2 and recipe.shape == (128, 128)
     assert recipe.metadata()["inference"]["slice_axes"] == [0, 1, 2]
     assert lr_at(0, recipe.cfg["train"]) < lr_at(500, recipe.cfg["train"]) == pytest.approx(2e-3)
+
+
+def test_final_checkpoint_survives_the_dataloader_worker_dying_on_sigterm(tmp_path, monkeypatch):
+    """scancel/pkill signal the whole process group: the DataLoader worker
+    dies too and torch raises inside the final save; it is retried."""
+    import training.loop as loop
+    calls = []
+    real = loop._save_checkpoint
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        return real(*a, **k)
+    monkeypatch.setattr(loop, "_save_checkpoint", flaky)
+    net = UNet(3, 1, 2, features=(4, 8), convs=1)
+    opt = torch.optim.Adam(net.parameters())
+    loop._final_checkpoint(tmp_path / "c.pt", net, opt, 7, 1.0, None, None)
+    assert len(calls) == 2 and torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 7
+    monkeypatch.setattr(loop, "_save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
+    with pytest.raises(RuntimeError, match="disk"):
+        loop._final_checkpoint(tmp_path / "d.pt", net, opt, 7, 1.0, None, None)

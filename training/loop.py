@@ -283,6 +283,21 @@ def _save_checkpoint(path: Path, model, opt, step: int, seconds: float, ema: EMA
     _save(path, payload)
 
 
+def _final_checkpoint(path: Path, model, opt, step: int, seconds: float, ema: EMA | None,
+                      best: float | None) -> None:
+    """The checkpoint written when a run stops. A scheduler's SIGTERM to the
+    whole process group (Slurm's scancel, pkill) also kills the DataLoader
+    worker, and torch's SIGCHLD handler then raises inside whatever runs
+    next, this save included; the write is atomic, so it is simply retried."""
+    for attempt in range(3):
+        try:
+            _save_checkpoint(path, model, opt, step, seconds, ema, best)
+            return
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e) or attempt == 2:
+                raise
+
+
 def val_score(metrics: dict[str, float]) -> float | None:
     """One number to rank validations by: the mean over cases (group means
     ``mean_*`` are summaries of the same cases, so they are left out, and so
@@ -621,7 +636,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
             log(f"stopping on signal at step {step}")
         finally:
             if ddp.main:
-                _save_checkpoint(ckpt, model, opt, step, seconds, ema, best["score"])
+                _final_checkpoint(ckpt, model, opt, step, seconds, ema, best["score"])
         del net, batches, loader   # DDP and the workers go now, not at interpreter exit
     finally:
         for s, h in old.items():
