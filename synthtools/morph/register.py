@@ -96,6 +96,19 @@ def _with_features(model: Model, side: FixedSide) -> torch.Tensor:
     return side.features
 
 
+def linear_options(model: Model, passes: int | None, refine, refine_metric: str | None
+                   ) -> tuple[int, tuple[int, ...], str]:
+    """(passes, refine levels, refine metric): the arguments given, else the
+    model's ``inference`` defaults (1 pass, no refinement, features)."""
+    opts = model.meta.get("inference", {})
+    passes = int(opts.get("passes", 1)) if passes is None else int(passes)
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    refine = tuple(int(n) for n in (opts.get("refine", ()) if refine is None else refine))
+    metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
+    return passes, refine, metric
+
+
 def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
                     passes: int | None = None, refine: tuple[int, ...] | None = None,
                     refine_metric: str | None = None, side: FixedSide | None = None,
@@ -119,12 +132,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     ``native_level=False`` skips that native level (joint mode: the
     deformable step absorbs the sub-voxel residual). ``refine_patches``:
     cubes per local-NCC^2 level."""
-    opts = model.meta.get("inference", {})
-    passes = int(opts.get("passes", 1)) if passes is None else int(passes)
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    refine = tuple(int(n) for n in (opts.get("refine", ()) if refine is None else refine))
-    refine_metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
+    passes, refine, refine_metric = linear_options(model, passes, refine, refine_metric)
     if not native_level and refine_metric == "lncc" and refine:
         refine = refine[:-1] + (0,)
     if refine_metric not in ("features", "lncc"):

@@ -52,7 +52,7 @@ from ..infer import normalize_intensities
 from ..io import InputError, Volume
 from ..weights import Model
 from .refine import PATCHES, brain_mask, refine_linear
-from .register import _conform, _features, _normalised, _prepared, model_kind
+from .register import _conform, _features, _normalised, _prepared, linear_options, model_kind
 from .transforms import Affine, Geometry, as_geometry
 
 __all__ = ["TemplateResult", "build_template", "halfway", "template_grid", "template_image", "check_inputs",
@@ -282,12 +282,7 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
     poses (permuted), and two inputs swapped give exactly inverse relative
     transforms."""
     check_inputs(volumes)
-    opts = model.meta.get("inference", {})
-    passes = int(opts.get("passes", 1)) if passes is None else int(passes)
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    refine = tuple(int(k) for k in (opts.get("refine", ()) if refine is None else refine))
-    metric = str(opts.get("refine_metric", "features") if refine_metric is None else refine_metric)
+    passes, refine, metric = linear_options(model, passes, refine, refine_metric)
     say = log or (lambda line: None)
 
     perm = canonical_order(volumes)

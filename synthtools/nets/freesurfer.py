@@ -116,19 +116,19 @@ class SynthStripNet(nn.Module):
         dec, final = dec[:len(enc)], dec[len(enc):]
         self.encoder, self.decoder = nn.ModuleList(), nn.ModuleList()
         cin, skips = 1, []
+        def block(cin: int, widths: list[int]) -> tuple[nn.ModuleList, int]:
+            convs_ = nn.ModuleList()
+            for w in widths:
+                convs_.append(_StripConv(cin, w))
+                cin = w
+            return convs_, cin
         for lvl in range(levels - 1):
-            block = nn.ModuleList()
-            for c in range(convs):
-                block.append(_StripConv(cin, enc[lvl * convs + c]))
-                cin = enc[lvl * convs + c]
-            self.encoder.append(block)
+            b, cin = block(cin, enc[lvl * convs:(lvl + 1) * convs])
+            self.encoder.append(b)
             skips.append(cin)
         for lvl in range(levels - 1):
-            block = nn.ModuleList()
-            for c in range(convs):
-                block.append(_StripConv(cin, dec[lvl * convs + c]))
-                cin = dec[lvl * convs + c]
-            self.decoder.append(block)
+            b, cin = block(cin, dec[lvl * convs:(lvl + 1) * convs])
+            self.decoder.append(b)
             cin += skips[-1 - lvl]          # concatenated with that level's skip
         self.remaining = nn.ModuleList()
         for f in final:
