@@ -117,6 +117,54 @@ def test_idle_cpus_from_two_samples_of_proc_stat(monkeypatch):
     assert idle_cpus(0.0, cpus={1}) == pytest.approx(0.9)            # only the CPUs we may use
 
 
+def test_governor_follows_the_cpus_other_processes_leave(monkeypatch):
+    """Two CPUs; each minute the governor reads /proc/stat and our own CPU
+    time. Someone else busy on one CPU: 1 thread; they leave: back to 2."""
+    import torch
+    before = torch.get_num_threads()
+    clock, own = [0.0], [0.0]
+    rows = [stat((0, 0), (0, 0))]
+    monkeypatch.setattr(threads, "_read", lambda path: rows[-1])
+
+    def minute(user0, user1, own_cpus):
+        """60 s pass: CPU k busy user_k of the time, we used own_cpus CPUs."""
+        (u0, i0), (u1, i1) = last[0], last[1]
+        last[:] = [(u0 + 60 * user0, i0 + 60 * (1 - user0)), (u1 + 60 * user1, i1 + 60 * (1 - user1))]
+        rows.append(stat(*last))
+        clock[0] += 60.0
+        own[0] += 60.0 * own_cpus
+    last = [(0, 0), (0, 0)]
+    gov = threads.ThreadGovernor(2, every_s=60.0, cpus={0, 1}, clock=lambda: clock[0], own_cpu=lambda: own[0])
+    try:
+        assert gov.threads == 2
+        minute(1.0, 1.0, 1.0)                  # both busy, only one CPU of it ours
+        assert gov() == 1 and torch.get_num_threads() == 1
+        clock[0] += 10.0
+        assert gov() is None                   # not a minute yet: no new reading
+        minute(1.0, 1.0, 1.0)                  # still shared: no change
+        assert gov() is None and gov.threads == 1
+        minute(1.0, 0.05, 1.0)                 # the other job left
+        assert gov() == 2 and torch.get_num_threads() == 2
+        minute(1.0, 1.0, 2.0)                  # both busy, all ours: keep 2
+        assert gov() is None and gov.threads == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_governor_obeys_its_switches(monkeypatch):
+    import torch
+    from training.loop import thread_governor
+    monkeypatch.setattr(threads, "granted_threads", lambda *a, **k: 2)
+    monkeypatch.delenv("SYNTHTOOLS_LOAD_AWARE", raising=False)
+    cpu = torch.device("cpu")
+    assert thread_governor({"threads": 2}, cpu).max_threads == 2
+    assert thread_governor({"threads": 1}, cpu) is None                     # nothing to give back
+    assert thread_governor({"threads": 2, "load_aware": False}, cpu) is None
+    assert thread_governor({"threads": 2}, torch.device("meta")) is None     # not a CPU run
+    monkeypatch.setenv("SYNTHTOOLS_LOAD_AWARE", "0")
+    assert thread_governor({"threads": 2}, cpu) is None
+
+
 def test_default_is_capped_by_idle_cpus(machine, monkeypatch):
     for idle, expected in ((0.2, 1), (1.4, 1), (1.6, 2), (7.9, 8), (15.0, 8)):
         monkeypatch.setattr(threads, "idle_cpus", lambda *a, idle=idle, **k: idle)

@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from synthtools.threads import prepare_environment
+
+# Before torch loads its OpenMP runtime: idle threads sleep instead of
+# spinning against other jobs, and BLAS pools stay within the granted CPUs.
+prepare_environment()
 
 
 def _fail(msg: str) -> NoReturn:

@@ -475,6 +475,19 @@ def save_run_config(recipe, out: Path) -> None:
     os.replace(tmp, out / RUN_CONFIG)
 
 
+def thread_governor(cfg: dict[str, Any], device: torch.device):
+    """A :class:`synthtools.threads.ThreadGovernor` for a CPU run with
+    ``train.load_aware`` (default true; ``SYNTHTOOLS_LOAD_AWARE=0`` also
+    turns it off): ``train.threads`` is the most it uses, fewer while other
+    processes keep CPUs busy (checked every minute)."""
+    from synthtools.threads import ThreadGovernor, granted_threads
+    if device.type != "cpu" or not bool(cfg.get("load_aware", True)) \
+            or os.environ.get("SYNTHTOOLS_LOAD_AWARE", "1") == "0":
+        return None
+    most = min(int(cfg.get("threads", 2)), granted_threads())
+    return ThreadGovernor(most) if most > 1 else None
+
+
 def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist) -> dict[str, Any]:
     if not ddp.main:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 speaks for the run)
@@ -484,6 +497,9 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     torch.set_num_threads(int(cfg.get("threads", 2)))
     torch.manual_seed(int(cfg.get("seed", 0)))
     device = torch.device(cfg.get("device", "cpu"))
+    governor = thread_governor(cfg, device)
+    if governor is not None:
+        torch.set_num_threads(governor.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA GPU")
     if device.type == "cuda" and ddp.on:
@@ -614,13 +630,16 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                 step += 1
                 seconds += time.time() - t0
                 running.append(loss_sum / accum)
+                if governor is not None and governor() is not None:
+                    log(f"step {step}: {governor.threads} thread(s), other processes busy")
                 if step % log_every == 0:
                     mean = sum(running) / len(running)
                     if ddp.on:   # the global batch's loss: mean over ranks
                         t = torch.tensor([mean], device=device, dtype=torch.float64)
                         dist.all_reduce(t)
                         mean = float(t) / ddp.world
-                    history.add(step=step, time=round(time.time() - t_start, 1), loss=mean, lr=float(f"{opt.param_groups[0]['lr']:.3g}"))
+                    history.add(step=step, time=round(time.time() - t_start, 1), loss=mean, lr=float(f"{opt.param_groups[0]['lr']:.3g}"),
+                                threads=torch.get_num_threads())
                     running = []
                 if ddp.main and val_every and step % val_every == 0:
                     _validate_and_keep_best(recipe, model, ema, history, step, seconds, best, out, log)
