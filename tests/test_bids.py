@@ -166,7 +166,7 @@ def test_shards_split_the_images(dataset, tiny_models, tmp_path, monkeypatch, ca
     assert sorted(p.name for p in out.rglob("*_mask.nii.gz")) == ["sub-02_ses-1_desc-brain_mask.nii.gz"]
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
-    assert run_app(dataset, out, "participant", "--tools", "strip") == 0
+    assert run_app(dataset, out, "participant", "--tools", "strip", "--shard", "slurm") == 0
     assert "1 of 2 images (shard 0/2)" in capsys.readouterr().out
     assert sorted(p.name for p in out.rglob("*_mask.nii.gz")) == ["sub-01_desc-brain_mask.nii.gz",
                                                                   "sub-02_ses-1_desc-brain_mask.nii.gz"]
