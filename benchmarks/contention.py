@@ -144,8 +144,9 @@ def main() -> None:
         for rep in range(args.repeats):
             for tool in tools:
                 for name, bin_dir, extra, threads, contended in arms:
-                    out = work / f"{rep}"
-                    out.mkdir(exist_ok=True)
+                    # A fresh folder per run: the tools skip outputs that are already complete.
+                    out = work / f"{rep}_{len(rows)}"
+                    out.mkdir()
                     seg_input = None if args.seg_input is None else str(data_root() / args.seg_input) \
                         if not os.path.isabs(args.seg_input) else args.seg_input
                     cmd = commands(bin_dir, out, [tool], seg_input)[tool]

@@ -216,3 +216,36 @@ def test_quiet_prints_nothing_on_a_skip(head_path, tiny_seg_model, tmp_path, cap
     assert run(seg_cli, *args, capsys=capsys) == (0, "", "")
     assert run(seg_cli, *args, capsys=capsys) == (0, "", "")
     assert np.asanyarray(nib.load(tmp_path / "seg.nii.gz").dataobj).any()
+
+
+# ------------------------------------------------------ synthmorph apply --
+
+def test_apply_resumes_and_shards(heads, tmp_path, capsys):
+    from synthtools.cli import morph as morph_cli
+    from synthtools.morph import Affine, as_geometry, write_transform
+
+    grid = as_geometry(nib.load(heads[0]))
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, 0.0, 0.0]   # 2 mm: one voxel
+    trans = Path(write_transform(Affine(shift, fixed=grid, moving=grid), tmp_path / "t.lta"))
+    pairs = [str(x) for h in heads for x in (h, tmp_path / "moved" / h.name)]
+    (tmp_path / "moved").mkdir()
+    code, out, err = run(morph_cli, "apply", trans, *pairs, capsys=capsys)
+    assert code == 0 and "3 cases: 3 done, 0 skipped" in out, err
+    first = mtimes(tmp_path / "moved")
+    moved = np.asanyarray(nib.load(tmp_path / "moved" / heads[0].name).dataobj)
+    src = np.asanyarray(nib.load(heads[0]).dataobj)
+    assert moved.shape == src.shape and not np.array_equal(moved, src)
+    code, out, _ = run(morph_cli, "apply", trans, *pairs, capsys=capsys)
+    assert code == 0 and "3 cases: 0 done, 3 skipped" in out and mtimes(tmp_path / "moved") == first
+    # Another interpolation, or a rewritten transform: redone.
+    code, out, _ = run(morph_cli, "apply", trans, *pairs, "-m", "nearest", capsys=capsys)
+    assert "3 cases: 3 done" in out
+    write_transform(Affine(np.eye(4), fixed=grid, moving=grid), trans)
+    code, out, _ = run(morph_cli, "apply", trans, *pairs, "-m", "nearest", capsys=capsys)
+    assert "3 cases: 3 done" in out
+    assert np.array_equal(np.asanyarray(nib.load(tmp_path / "moved" / heads[0].name).dataobj), src)
+    # Shards: one pair of three in shard 1/3 (sorted by image path: h1).
+    code, out, _ = run(morph_cli, "apply", trans, *pairs, "-m", "nearest", "--overwrite", "--shard", "1/3",
+                       capsys=capsys)
+    assert code == 0 and "shard 1/3: 1 of 3 inputs" in out and str(heads[1]) in out and str(heads[0]) not in out

@@ -600,7 +600,7 @@ def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Seque
 
 
 def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
-             load: Callable[[], Any], process: Callable[[Job, Any], None],
+             load: Callable[[], Any] | None, process: Callable[[Job, Any], None],
              after_load: Callable[[Any], None] | None = None, quiet: bool = False, *,
              overwrite: bool = True, shard: tuple[int, int] | None = None,
              params: Mapping[str, Any] | None = None,
@@ -641,10 +641,11 @@ def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
             errors[case.key] = exc
     model = None
     if any(case.key not in errors for case in todo):
-        model = load()
-        if after_load is not None:
-            after_load(model)
-        info(prog, f"model {model.path} on {device_text(device)}", quiet)
+        if load is not None:   # None: a tool without a model (synthmorph apply)
+            model = load()
+            if after_load is not None:
+                after_load(model)
+            info(prog, f"model {model.path} on {device_text(device)}", quiet)
         for folder in to_create:
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -663,47 +664,3 @@ def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
     if report.failed and many:
         say_error(prog, f"{report.failed} of {len(cases)} inputs failed")
     return report.exit_code
-
-
-def counter(index: int, total: int, many: bool) -> str:
-    """'[k/n] ' for the ``index``-th (0-based) of ``total`` inputs; '' for one input."""
-    return f"[{index + 1}/{total}] " if many else ""
-
-
-def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], many: bool,
-                 numbers: Sequence[int] | None = None, total: int | None = None, quiet: bool = False) -> int:
-    """Run ``process`` on every job, timing each; a failing job is reported
-    on one line and the others go on. Returns the number that failed.
-    ``numbers``/``total``: each job's place among all the inputs (default:
-    its place in ``jobs``), so counters agree with the final summary."""
-    failed = 0
-    numbers = list(range(len(jobs))) if numbers is None else list(numbers)
-    total = len(jobs) if total is None else total
-    for k, job in zip(numbers, jobs):
-        start = time.perf_counter()
-        tag = counter(k, total, many)
-        try:
-            process(job)
-        except InputError as exc:
-            say_error(prog, tag + str(exc))
-            failed += 1
-            continue
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # any other failure of one scan must not stop the batch
-            if os.environ.get("SYNTHTOOLS_DEBUG"):
-                raise
-            say_error(prog, f"{tag}{job.input}: processing failed ({type(exc).__name__}: {exc})")
-            failed += 1
-            continue
-        info(prog, f"{tag}{job.input}: done in {time.perf_counter() - start:.1f} s", quiet)
-    return failed
-
-
-def batch_status(prog: str, failed: int, total: int) -> int:
-    """Exit code of a batch (0, or 1 if any input failed), saying how many failed."""
-    if failed:
-        if total > 1:
-            say_error(prog, f"{failed} of {total} inputs failed")
-        return 1
-    return 0
