@@ -657,7 +657,7 @@ def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
             raise errors[case.key]
         process(case.data, model)
 
-    many = len(jobs) > 1
+    many = len(jobs) > 1 or shard is not None   # a shard's summary says which shard it was
     report = run_batch(cases, run_case, overwrite=overwrite, prog=prog, shard=shard,
                        stream=io.StringIO() if quiet else sys.stdout, summary=many and not quiet, numbered=many,
                        complete=(lambda case: complete(case.data)) if complete is not None else None)
