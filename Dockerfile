@@ -1,9 +1,15 @@
-# synthtools in a container: synthstrip, synthseg, synthmorph and synthgen on
-# PATH, the shipped weights (models/) installed as the synthtools.models package.
+# synthtools in a container: synthstrip, synthseg, synthmorph, synthgen and the
+# BIDS App synthtools-bids (with pybids, the [bids] extra) on PATH, the shipped
+# weights (models/) installed as the synthtools.models package.
 #
 #   docker build -t synthtools --build-arg TORCH_INDEX=<PyTorch's CPU-only wheel index> .
 #   docker build -t synthtools:cuda --build-arg TORCH_VARIANT=cuda .
+#   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD":/data synthtools /data/ds /data/derivatives participant
 #   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD":/data synthtools synthstrip /data/in.nii.gz /data/out.nii.gz
+#
+# Entry point: container/entrypoint.sh, the BIDS App as BIDS Apps are run
+# (IMAGE BIDS_DIR OUTPUT_DIR LEVEL ...), and any command of the image when the
+# first argument is one (synthstrip, synthseg, synthmorph, sh...).
 #
 # torch: TORCH_VARIANT=cpu (default) must end up with a CPU-only torch build and
 # TORCH_VARIANT=cuda with a CUDA one; the build stops otherwise. No index host
@@ -51,8 +57,9 @@ COPY pyproject.toml README.md ./
 COPY synthtools synthtools
 COPY training training
 COPY models models
-RUN python -m pip install --no-cache-dir . \
-    && synthstrip --help > /dev/null && synthgen --help > /dev/null
+RUN python -m pip install --no-cache-dir ".[bids]" \
+    && synthstrip --help > /dev/null && synthgen --help > /dev/null \
+    && synthtools-bids --help > /dev/null && python -c "import bids"
 
 # --- runtime stage: the venv only, no compiler, no sources.
 FROM ${BASE_IMAGE}
@@ -60,8 +67,10 @@ LABEL org.opencontainers.image.title="synthtools" \
       org.opencontainers.image.description="Domain-randomized neuroimaging models: synthstrip, synthseg, synthmorph, synthgen" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/venv /opt/venv
+COPY container/entrypoint.sh /usr/local/bin/synthtools-entrypoint
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --create-home --uid 1000 synth
 USER 1000:1000
 WORKDIR /data
-CMD ["synthstrip", "--help"]
+ENTRYPOINT ["synthtools-entrypoint"]
+CMD ["synthtools-bids", "--help"]

@@ -55,14 +55,15 @@ def data_root() -> Path:
     return Path(os.environ.get("SYNTHTOOLS_DATA", REPO.parent / "shared" / "data"))
 
 
-def commands(bin_dir: Path, out: Path, tools: list[str]) -> dict[str, list[str]]:
-    """Each tool's command line (without thread flags) on real scans."""
+def commands(bin_dir: Path, out: Path, tools: list[str], seg_input: str | None = None) -> dict[str, list[str]]:
+    """Each tool's command line (without thread flags) on real scans;
+    ``seg_input``: another scan for synthseg (e.g. a 2 mm T1, for short runs)."""
     val = data_root() / "validation"
     t1 = val / "brainweb_subject04" / "T1w_sim.nii.gz"
     moving = val / "lesjak_longitudinal_ms_p01" / "raw" / "study2_T1W.nii.gz"
     cmds = {
         "synthstrip": [str(bin_dir / "synthstrip"), "-i", str(t1), "-m", str(out / "mask.nii.gz")],
-        "synthseg": [str(bin_dir / "synthseg"), "-i", str(t1), "-o", str(out / "seg.nii.gz")],
+        "synthseg": [str(bin_dir / "synthseg"), "-i", str(seg_input or t1), "-o", str(out / "seg.nii.gz")],
         "register rigid": [str(bin_dir / "synthmorph"), "register", "-m", "rigid", str(moving), str(t1),
                            "-t", str(out / "rigid.lta")],
         "register joint": [str(bin_dir / "synthmorph"), "register", "-m", "joint", str(moving), str(t1),
@@ -105,6 +106,10 @@ def main() -> None:
     ap.add_argument("--extra-arms", action="store_true",
                     help="also 2 threads with passive waiting but no idle-CPU cap, and 2 threads with active "
                     "waiting (the whole fix off)")
+    ap.add_argument("--one-thread-alone", action="store_true",
+                    help="also run --threads 1 without the other job (does the default cost anything alone?)")
+    ap.add_argument("--seg-input", help="synthseg's input (default: the BrainWeb T1, 1 mm); e.g. "
+                    "validation/fsl_mni152_2mm/MNI152_T1_2mm.nii.gz under the data root for short runs")
     ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "contention"))
     args = ap.parse_args()
@@ -126,6 +131,8 @@ def main() -> None:
         arms.append(("after 2 threads, active wait", after, {"OMP_WAIT_POLICY": "ACTIVE"}, "2", True))
     if not args.no_uncontended:
         arms.append(("after default", after, {}, None, False))
+        if args.one_thread_alone:
+            arms.append(("after 1 thread", after, {}, "1", False))
         if have_before:
             arms.append(("before default", before, {}, None, False))
 
@@ -137,9 +144,12 @@ def main() -> None:
         for rep in range(args.repeats):
             for tool in tools:
                 for name, bin_dir, extra, threads, contended in arms:
-                    out = work / f"{rep}"
-                    out.mkdir(exist_ok=True)
-                    cmd = commands(bin_dir, out, [tool])[tool]
+                    # A fresh folder per run: the tools skip outputs that are already complete.
+                    out = work / f"{rep}_{len(rows)}"
+                    out.mkdir()
+                    seg_input = None if args.seg_input is None else str(data_root() / args.seg_input) \
+                        if not os.path.isabs(args.seg_input) else args.seg_input
+                    cmd = commands(bin_dir, out, [tool], seg_input)[tool]
                     if threads is not None:
                         cmd += [THREAD_FLAG[tool], threads]
                     hog = None
@@ -164,7 +174,7 @@ def main() -> None:
 
 def write_report(rows: list[dict], out: Path, args, have_before: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(cpu=cpu_name(), cpus=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
+    meta = dict(cpu=cpu_name(), cpus=os.cpu_count(), affinity=len(os.sched_getaffinity(0)), seg_input=args.seg_input,
                 repeats=sorted({r["repeat"] + 1 for r in rows}), before_bin=args.before_bin if have_before else None,
                 before_commit=args.before_commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, runs=rows), indent=1) + "\n")
@@ -206,12 +216,14 @@ def write_report(rows: list[dict], out: Path, args, have_before: bool) -> None:
     alone = [r for r in rows if not r["contended"]]
     if alone:
         lines += ["", "Uncontended (no conv loop started by the benchmark):", "",
-                  "| tool | after: default | before: default | after / before | threads used (after) |",
-                  "|---|---|---|---|---|"]
+                  "| tool | after: default | after: 1 thread | default / 1 thread | before: default | after / before "
+                  "| threads used (after) |",
+                  "|---|---|---|---|---|---|---|"]
         for tool in dict.fromkeys(r["tool"] for r in alone):
             d, b = med(tool, "after default", False), med(tool, "before default", False)
-            lines.append(f"| {tool} | {fmt(d)} | {fmt(b)} | {fmt(d / b) if d and b else '-'} | "
-                         f"{threads(tool, 'after default', False)} |")
+            one = med(tool, "after 1 thread", False)
+            lines.append(f"| {tool} | {fmt(d)} | {fmt(one)} | {fmt(d / one) if d and one else '-'} | {fmt(b)} | "
+                         f"{fmt(d / b) if d and b else '-'} | {threads(tool, 'after default', False)} |")
     lines += ["", "Every run (UTC start, seconds, exit code, threads the tool reported, 1-minute load average "
               "at its start):", "", "| start | repeat | tool | arm | contended | seconds | exit | threads | load |",
               "|---|---|---|---|---|---|---|---|---|"]

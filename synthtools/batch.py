@@ -9,11 +9,14 @@ case over a whole study, independent of what a case computes.
   Complete cases are skipped unless ``overwrite``.
 * **Isolated.** A failing case is reported on one line and the others go on;
   a summary table follows; :attr:`BatchReport.exit_code` is 1 if any failed.
-* **Splittable.** ``--shard I/N`` (0-based ``I``) or a Slurm array
-  (``SLURM_ARRAY_TASK_ID`` with ``SLURM_ARRAY_TASK_COUNT``, or
+* **Splittable.** ``--shard I/N`` (0-based ``I``) or ``--shard slurm`` (a
+  Slurm array: ``SLURM_ARRAY_TASK_ID`` with ``SLURM_ARRAY_TASK_COUNT``, or
   ``SLURM_ARRAY_TASK_MIN``/``MAX``/``STEP``) picks every N-th case of the
   list sorted by key, so every task computes the same split whatever order
   the files were listed in, and the shards' sizes differ by at most one.
+  The array is read only when asked for: a job that already gives each
+  array task its own inputs (a chunk file, one ``--participant-label``)
+  would otherwise process a fraction of them and silently skip the rest.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO, TypeVar
 
-__all__ = ["ShardError", "Case", "CaseResult", "BatchReport", "parse_shard", "shard_from_env", "resolve_shard",
+__all__ = ["SLURM", "ShardError", "Case", "CaseResult", "BatchReport", "parse_shard", "shard_from_env", "resolve_shard",
            "select_shard", "sidecar_marker", "is_complete", "write_marker", "run_batch"]
 
 T = TypeVar("T")
@@ -90,9 +93,21 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | No
     return index, count
 
 
+SLURM = "slurm"
+
+
 def resolve_shard(option: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """``--shard`` if given (it wins over the environment), else the Slurm array's, else None."""
-    return parse_shard(option) if option is not None else shard_from_env(env)
+    """The shard ``--shard`` asks for: None without it, ``(I, N)`` for
+    ``I/N``, the Slurm array task's for ``slurm`` (ShardError outside an array)."""
+    if option is None:
+        return None
+    if option.strip().lower() == SLURM:
+        shard = shard_from_env(env)
+        if shard is None:
+            raise ShardError("--shard slurm: SLURM_ARRAY_TASK_ID is not set (not a Slurm array task); "
+                             "pass --shard I/N")
+        return shard
+    return parse_shard(option)
 
 
 def select_shard(items: Iterable[T], shard: tuple[int, int] | None, key: Callable[[T], str] = str) -> list[T]:
@@ -177,8 +192,11 @@ class Case:
     marker: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     data: Any = None           # anything the process function needs (input paths...)
+    resumable: bool = True     # False: always run, no marker (e.g. it only adds rows to a shared table)
 
     def __post_init__(self) -> None:
+        if not self.resumable:
+            return
         if not self.outputs:
             raise ValueError(f"case {self.key}: no outputs")
         if self.marker is None:
@@ -231,7 +249,8 @@ def _one_line(exc: BaseException) -> str:
 
 def run_batch(cases: Sequence[Case], process: Callable[[Case], None], *, overwrite: bool = False,
               prog: str = "synthtools", shard: tuple[int, int] | None = None,
-              stream: TextIO | None = None, summary: bool = True) -> BatchReport:
+              stream: TextIO | None = None, summary: bool = True, numbered: bool = True,
+              complete: Callable[[Case], bool] | None = None) -> BatchReport:
     """Run ``process(case)`` on each case that is not complete (all of them
     with ``overwrite``), in order; ``process`` writes ``case.outputs``.
 
@@ -239,19 +258,22 @@ def run_batch(cases: Sequence[Case], process: Callable[[Case], None], *, overwri
     returns and all its outputs exist; an exception (or a missing output) marks
     the case failed with a one-line message and the batch goes on
     (KeyboardInterrupt stops it). Progress lines ``[k/n] key: ...`` and the
-    summary table go to ``stream`` (stdout). ``shard`` is only reported: select
-    the cases with :func:`select_shard` first.
+    summary table go to ``stream`` (stdout); ``numbered=False`` leaves out
+    the ``[k/n]`` (one input). ``complete(case)``: a further condition for
+    a skip (e.g. the case's row is in a shared table). ``shard`` is only
+    reported: select the cases with :func:`select_shard` first.
     """
     out = sys.stdout if stream is None else stream
     results: list[CaseResult] = []
     n = len(cases)
     for k, case in enumerate(cases, 1):
-        assert case.marker is not None
-        if not overwrite and is_complete(case.marker, case.outputs, case.params):
+        tag = f"[{k}/{n}] " if numbered else ""
+        if case.resumable and not overwrite and is_complete(case.marker, case.outputs, case.params) \
+                and (complete is None or complete(case)):
             results.append(CaseResult(case.key, "skipped"))
-            print(f"{prog}: [{k}/{n}] {case.key}: complete, skipped", file=out, flush=True)
+            print(f"{prog}: {tag}{case.key}: complete, skipped (--overwrite redoes it)", file=out, flush=True)
             continue
-        if os.path.exists(case.marker):
+        if case.marker is not None and os.path.exists(case.marker):
             os.remove(case.marker)   # stale: the outputs are about to change
         start = time.perf_counter()
         try:
@@ -260,18 +282,22 @@ def run_batch(cases: Sequence[Case], process: Callable[[Case], None], *, overwri
             if missing:
                 raise RuntimeError(f"output not written: {missing[0]}")
             seconds = time.perf_counter() - start
-            write_marker(case.marker, case.outputs, case.params, seconds)
+            if case.marker is not None:
+                write_marker(case.marker, case.outputs, case.params, seconds)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # one case's failure must not stop the batch
             if os.environ.get("SYNTHTOOLS_DEBUG"):
                 raise
             seconds = time.perf_counter() - start
-            results.append(CaseResult(case.key, "failed", seconds, _one_line(exc)))
-            print(f"{prog}: error: [{k}/{n}] {case.key}: {_one_line(exc)}", file=sys.stderr, flush=True)
+            message = _one_line(exc)
+            results.append(CaseResult(case.key, "failed", seconds, message))
+            # An input error usually names the file already: do not say it twice.
+            name = "" if message.startswith(case.key) else f"{case.key}: "
+            print(f"{prog}: error: {tag}{name}{message}", file=sys.stderr, flush=True)
             continue
         results.append(CaseResult(case.key, "done", seconds))
-        print(f"{prog}: [{k}/{n}] {case.key}: done in {seconds:.1f} s", file=out, flush=True)
+        print(f"{prog}: {tag}{case.key}: done in {seconds:.1f} s", file=out, flush=True)
     report = BatchReport(results, shard)
     if summary:
         print(report.table(), file=out, flush=True)

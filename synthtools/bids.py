@@ -8,12 +8,14 @@ suffix replaced (``sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz`` ->
 * ``*_desc-brain_mask.nii.gz`` (uint8) and ``*_desc-brain_<suffix>.nii.gz``
   (the skull-stripped image), with JSON sidecars;
 * ``*_dseg.nii.gz`` (int32 FreeSurfer labels) with the label table
-  ``dseg.tsv`` at the top (inherited by every dseg) and a sidecar;
-* ``*_volumes.tsv``: one row, soft volumes in mm^3 per structure;
+  ``dseg.tsv`` at the top (inherited by every dseg) and a sidecar that
+  also records the scan's soft volumes (``Volumes``, mm^3 per structure);
+* ``sub-<label>/sub-<label>_volumes.tsv``: the participant's volume table,
+  a row per scan of every session (rebuilt from the sidecars after each run);
 * ``dataset_description.json`` (DatasetType derivative, GeneratedBy with
   the version and each model's sha256) and ``.bidsignore`` for the volume
   tables (not a BIDS suffix);
-* group level: ``group_volumes.tsv``, every scan's row.
+* group level: ``group_volumes.tsv``, every participant's rows.
 
 One output folder holds one input contrast (``--suffix``): a brain mask of
 a T1w and of a T2w of the same session would share a name.
@@ -30,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["BidsError", "BidsInput", "find_inputs", "derivative_paths", "write_text_atomic",
            "dataset_description", "write_top_level", "dseg_table", "volume_row", "volumes_tsv",
-           "gather_volumes", "read_tsv", "GROUP_VOLUMES", "BIDS_VERSION"]
+           "gather_volumes", "read_tsv", "subject_volumes_path", "write_subject_volumes", "scan_volumes", "GROUP_VOLUMES", "BIDS_VERSION"]
 
 BIDS_VERSION = "1.9.0"
 GROUP_VOLUMES = "group_volumes.tsv"
@@ -131,8 +133,7 @@ def derivative_paths(inp: BidsInput, out_dir: str, tools: Sequence[str]) -> dict
                           "stripped": f"{base}_desc-brain_{inp.suffix}.nii.gz",
                           "stripped_json": f"{base}_desc-brain_{inp.suffix}.json"}
     if "seg" in tools:
-        paths["seg"] = {"dseg": f"{base}_dseg.nii.gz", "dseg_json": f"{base}_dseg.json",
-                        "volumes": f"{base}_volumes.tsv"}
+        paths["seg"] = {"dseg": f"{base}_dseg.nii.gz", "dseg_json": f"{base}_dseg.json"}
     return paths
 
 
@@ -229,11 +230,66 @@ def write_top_level(out_dir: str, version: str, models: Mapping[str, Mapping[str
 ID_COLUMNS = ("participant_id", "session_id", "source")
 
 
-def volume_row(inp: BidsInput, volumes: Mapping[str, float]) -> tuple[list[str], list[str]]:
-    """(header, row) of one scan's volume table; volumes in mm^3."""
+VOLUMES_KEY = "Volumes"      # in a dseg sidecar: structure -> soft volume in mm^3
+
+
+def volume_row(subject: str, session: str | None, source: str,
+               volumes: Mapping[str, float]) -> tuple[list[str], list[str]]:
+    """(header, row) of one scan in a volume table; volumes in mm^3."""
     header = list(ID_COLUMNS) + list(volumes)
-    row = [f"sub-{inp.subject}", f"ses-{inp.session}" if inp.session else NA, inp.relpath.replace(os.sep, "/")]
-    return header, row + [f"{v:.3f}" for v in volumes.values()]
+    row = [f"sub-{subject}", f"ses-{session}" if session else NA, source.replace(os.sep, "/")]
+    return header, row + [f"{float(v):.3f}" for v in volumes.values()]
+
+
+def scan_volumes(volumes: Mapping[str, float]) -> dict[str, float]:
+    """The sidecar's ``Volumes``: mm^3 rounded to 0.001 (what the tables print)."""
+    return {name: round(float(v), 3) for name, v in volumes.items()}
+
+
+def subject_volumes_path(out_dir: str, subject: str) -> str:
+    """``OUT/sub-<label>/sub-<label>_volumes.tsv``: one table per participant."""
+    return os.path.join(out_dir, f"sub-{subject}", f"sub-{subject}_volumes.tsv")
+
+
+def _session_of(relpath: str) -> str | None:
+    for part in relpath.replace(os.sep, "/").split("/"):
+        if part.startswith("ses-"):
+            return part[4:]
+    return None
+
+
+def write_subject_volumes(out_dir: str, subject: str) -> tuple[str, int] | None:
+    """Rebuild a participant's volume table from the ``Volumes`` of every
+    ``*_dseg.json`` under ``OUT/sub-<label>/`` (all sessions), a row per
+    scan sorted by session and source; atomic write. Returns (path, rows),
+    or None if the participant has no segmentation. BidsError if the scans'
+    structures differ (segmented by different models)."""
+    root = os.path.join(out_dir, f"sub-{subject}")
+    sidecars = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root)
+                      for name in names if name.endswith("_dseg.json"))
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    for path in sidecars:
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise BidsError(f"{path}: unreadable sidecar ({type(exc).__name__})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get(VOLUMES_KEY), dict):
+            continue   # not ours, or from a version before the per-participant table
+        sources = meta.get("Sources") or [""]
+        source = str(sources[0]).removeprefix("bids:raw:") or os.path.relpath(path, out_dir)
+        h, row = volume_row(subject, _session_of(os.path.relpath(path, out_dir)), source, meta[VOLUMES_KEY])
+        if header is None:
+            header = h
+        elif h != header:
+            raise BidsError(f"{path}: other structures than the participant's other scans (another model?); "
+                            "rerun the participant level with --overwrite")
+        rows.append(row)
+    if header is None:
+        return None
+    rows.sort(key=lambda r: (r[1], r[2]))
+    return write_text_atomic(subject_volumes_path(out_dir, subject), volumes_tsv(header, rows)), len(rows)
 
 
 def volumes_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -241,21 +297,23 @@ def volumes_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def gather_volumes(out_dir: str, participants: Sequence[str] | None = None) -> tuple[str, int]:
-    """Group level: every ``*_volumes.tsv`` of the derivatives (found with
-    pybids) in one ``group_volumes.tsv``, sorted by participant, session and
-    source. Returns (its path, number of rows). BidsError if none exist or
-    the tables' columns differ (outputs of different models)."""
+    """Group level: every participant's ``sub-<label>_volumes.tsv`` (found
+    with pybids) in one ``group_volumes.tsv``, sorted by participant, session
+    and source. Returns (its path, number of rows). BidsError if none exist
+    or the tables' columns differ (outputs of different models)."""
     BIDSLayout = _pybids()
     if not os.path.isfile(os.path.join(out_dir, "dataset_description.json")):
         raise BidsError(f"{out_dir}: no derivatives here (run the participant level first)")
     layout = BIDSLayout(out_dir, validate=False, is_derivative=True)
-    query: dict[str, Any] = {"suffix": "volumes", "extension": ".tsv", "return_type": "filename"}
+    query: dict[str, Any] = {"suffix": "volumes", "extension": ".tsv", "return_type": "object"}
     subjects = _strip_prefix(participants, "sub-")
     if subjects:
         query["subject"] = subjects
-    files = sorted(layout.get(**query))
+    # The participants' tables only: sub-<label>/sub-<label>_volumes.tsv.
+    files = sorted(f.path for f in layout.get(**query)
+                   if os.path.abspath(f.path) == os.path.abspath(subject_volumes_path(out_dir, f.entities["subject"])))
     if not files:
-        raise BidsError(f"{out_dir}: no *_volumes.tsv found (run the participant level with --tools seg first)")
+        raise BidsError(f"{out_dir}: no sub-*/sub-*_volumes.tsv found (run the participant level with --tools seg first)")
     header: list[str] | None = None
     rows: list[list[str]] = []
     for path in files:

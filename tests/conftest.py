@@ -271,9 +271,15 @@ BAD_INPUT_CASES = {
 }
 
 
+def is_bookkeeping(name: str) -> bool:
+    """A resumable batch's hidden files: done-markers (``.<output>.done.json``)
+    and a shared table's lock (``.<table>.lock``)."""
+    return name.startswith(".") and name.endswith((".done.json", ".lock"))
+
+
 def files_under(root: Path) -> set[str]:
-    """Relative paths of the files below ``root``."""
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """Relative paths of the files below ``root`` (batch bookkeeping aside)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not is_bookkeeping(p.name)}
 
 
 def assert_same_geometry(out: Path, ref: Path, spatial_only: bool = False) -> None:

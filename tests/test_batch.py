@@ -71,11 +71,17 @@ def test_shard_from_slurm_array_refuses(env):
         shard_from_env(env)
 
 
-def test_option_wins_over_environment():
+def test_slurm_array_only_when_asked():
+    # An array task that was handed its own chunk must not be split again:
+    # the environment is read for '--shard slurm' only.
     env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "10"}
     assert resolve_shard("1/2", env) == (1, 2)
-    assert resolve_shard(None, env) == (3, 10)
+    assert resolve_shard(None, env) is None
+    assert resolve_shard("slurm", env) == (3, 10)
+    assert resolve_shard(" SLURM ", env) == (3, 10)
     assert resolve_shard(None, {}) is None
+    with pytest.raises(ShardError, match="--shard slurm.*SLURM_ARRAY_TASK_ID is not set"):
+        resolve_shard("slurm", {})
 
 
 # ----------------------------------------------------------------- markers --

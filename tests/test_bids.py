@@ -116,9 +116,11 @@ def test_participant_level_writes_derivatives_pybids_can_read(dataset, tiny_mode
         values = set(np.unique(np.asanyarray(nib.load(f.path).dataobj)).tolist())
         assert values <= set(index) and len(values) > 1
 
-    # Volume table per scan: ids, mm^3 per structure, the total their sum.
+    # Volume table per participant (sub-02/sub-02_volumes.tsv): ids, mm^3 per structure, the total their sum.
     vols = layout.get(suffix="volumes", extension=".tsv", subject="02")
-    assert len(vols) == 1
+    assert len(vols) == 1 and Path(vols[0].path) == out / "sub-02" / "sub-02_volumes.tsv"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_volumes.tsv")) == \
+        ["sub-01/sub-01_volumes.tsv", "sub-02/sub-02_volumes.tsv"]
     rows = list(csv.DictReader(open(vols[0].path), delimiter="\t"))
     assert len(rows) == 1
     row = rows[0]
@@ -160,13 +162,13 @@ def test_rerun_skips_everything_and_overwrite_redoes(dataset, tiny_models, tmp_p
     assert "4 cases: 4 done, 0 skipped (complete), 0 failed" in capsys.readouterr().out
 
 
-def test_shards_split_the_images(dataset, tiny_models, tmp_path, monkeypatch, capsys):
+def test_shards_split_the_participants(dataset, tiny_models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert run_app(dataset, out, "participant", "--tools", "strip", "--shard", "1/2") == 0
     assert sorted(p.name for p in out.rglob("*_mask.nii.gz")) == ["sub-02_ses-1_desc-brain_mask.nii.gz"]
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
-    assert run_app(dataset, out, "participant", "--tools", "strip") == 0
+    assert run_app(dataset, out, "participant", "--tools", "strip", "--shard", "slurm") == 0
     assert "1 of 2 images (shard 0/2)" in capsys.readouterr().out
     assert sorted(p.name for p in out.rglob("*_mask.nii.gz")) == ["sub-01_desc-brain_mask.nii.gz",
                                                                   "sub-02_ses-1_desc-brain_mask.nii.gz"]
@@ -195,9 +197,46 @@ def test_group_level_gathers_every_volume_table(dataset, tiny_models, tmp_path, 
     rows = list(csv.reader(open(out / "group_volumes.tsv"), delimiter="\t"))
     header, body = rows[0], rows[1:]
     assert [r[0] for r in body] == ["sub-01", "sub-02"] and [r[1] for r in body] == ["n/a", "ses-1"]
-    for r in body:   # the same numbers as each scan's own table
-        own = list(csv.reader(open(next(out.rglob(f"{r[0]}*_volumes.tsv"))), delimiter="\t"))
-        assert own[0] == header and own[1] == r
+    for r in body:   # the same numbers as each participant's own table
+        own = list(csv.reader(open(out / r[0] / f"{r[0]}_volumes.tsv"), delimiter="\t"))
+        assert own[0] == header and r in own[1:]
+
+
+def test_volume_table_per_participant_gathers_every_session(tiny_models, tmp_path, capsys):
+    """sub-02 has two sessions: one table for sub-02 with a row for each; its
+    numbers are those of each scan's sidecar; shards split participants, so
+    one task writes all of sub-02's rows."""
+    scans = real_scans()
+    ses2 = scans["sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"].slicer[2:-2, 2:-2, :]
+    scans["sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz"] = nib.Nifti1Image(np.asanyarray(ses2.dataobj), ses2.affine,
+                                                                          ses2.header)
+    ds = write_dataset(tmp_path / "ds", scans)
+    out = tmp_path / "out"
+    # Shard 1 of 2 over the participants [01, 02]: both of sub-02's sessions, none of sub-01.
+    assert run_app(ds, out, "participant", "--tools", "seg", "--atlases", "0", "--shard", "1/2") == 0
+    printed = capsys.readouterr().out
+    assert "2 of 3 images (shard 1/2), 1 participant" in printed and "sub-02: 2 scans ->" in printed
+    assert not (out / "sub-01").exists()
+    table = list(csv.DictReader(open(out / "sub-02" / "sub-02_volumes.tsv"), delimiter="\t"))
+    assert [(r["participant_id"], r["session_id"]) for r in table] == [("sub-02", "ses-1"), ("sub-02", "ses-2")]
+    assert [r["source"] for r in table] == ["sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+                                            "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz"]
+    for r, ses in zip(table, ("1", "2")):
+        sidecar = json.loads((out / "sub-02" / f"ses-{ses}" / "anat" / f"sub-02_ses-{ses}_dseg.json").read_text())
+        assert {k: float(v) for k, v in r.items() if k not in ("participant_id", "session_id", "source")} == \
+            pytest.approx(sidecar["Volumes"], abs=1e-3)
+    assert float(table[0]["Total-Intracranial"]) != float(table[1]["Total-Intracranial"])   # two scans
+    # The other shard adds sub-01; the group table has all three scans.
+    assert run_app(ds, out, "participant", "--tools", "seg", "--atlases", "0", "--shard", "0/2") == 0
+    assert run_app(ds, out, "group") == 0
+    group = list(csv.DictReader(open(out / "group_volumes.tsv"), delimiter="\t"))
+    assert [(r["participant_id"], r["session_id"]) for r in group] == \
+        [("sub-01", "n/a"), ("sub-02", "ses-1"), ("sub-02", "ses-2")]
+    # A rerun skips every scan and rebuilds the same tables.
+    before = (out / "sub-02" / "sub-02_volumes.tsv").read_text()
+    assert run_app(ds, out, "participant", "--tools", "seg", "--atlases", "0") == 0
+    assert "3 cases: 0 done, 3 skipped (complete), 0 failed" in capsys.readouterr().out
+    assert (out / "sub-02" / "sub-02_volumes.tsv").read_text() == before
 
 
 @pytest.mark.parametrize("args,text", [

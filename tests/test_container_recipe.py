@@ -1,7 +1,8 @@
 """Cheap structural checks of the container recipes (no Docker needed): the
-Dockerfile installs torch and this repository and nothing else, names no
-index host, runs as a non-root user in /data without an entrypoint, and
-copies every folder the package is built from. CI (.ci/run) runs the same
+Dockerfile installs torch and this repository (with its [bids] extra) and
+nothing else, names no index host, runs as a non-root user in /data with
+the BIDS App as its entry point (which also runs any tool given by name),
+and copies every folder the package is built from. CI (.ci/run) runs the same
 pip commands in a fresh venv and calls the tools."""
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def test_pip_installs_only_torch_and_this_repo():
         options = [w for w in a if w.startswith("-")]
         assert set(options) <= {"--no-cache-dir"}, options   # no -r, --index-url, -e, extras files...
         targets += [w for w in a if not w.startswith("-")]
-    assert targets == ["torch==${TORCH_VERSION}", "."]     # torch first, then this repository
+    # torch first, then this repository with pybids for the BIDS App (the entry point)
+    assert targets == ["torch==${TORCH_VERSION}", ".[bids]"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("pybids") for d in meta["project"]["optional-dependencies"]["bids"])
     # The pinned torch is the one CI and the README install.
     pin = re.search(r"torch==([\w.]+)", (ROOT / ".ci" / "run").read_text()).group(1)
     assert args["TORCH_VERSION"] == pin
@@ -96,12 +100,13 @@ def test_commands_before_the_venv_use_python3():
         assert not re.search(r"(^|[\s;&|(])python(\s|$)", run), run
 
 
-def test_runtime_stage_user_workdir_no_entrypoint():
+def test_runtime_stage_user_workdir_bids_entrypoint():
     stages = df.stages(DOCKERFILE)
     assert len(stages) == 2
     final = stages[-1]
-    words = [w for w, _ in final]
-    assert "ENTRYPOINT" not in words
+    assert [r for w, r in final if w == "ENTRYPOINT"] == ['["synthtools-entrypoint"]']
+    assert ("COPY", "container/entrypoint.sh /usr/local/bin/synthtools-entrypoint") in final
+    assert [r for w, r in final if w == "CMD"] == ['["synthtools-bids", "--help"]']
     users = [r for w, r in final if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert [r for w, r in final if w == "WORKDIR"][-1] == "/data"
@@ -143,6 +148,39 @@ def test_apptainer_definition():
     for section in ("%runscript", "%help", "%test"):
         assert re.search(rf"^{section}$", text, re.M), section
     assert 'exec "$@"' in text
+    # The same dispatch as the Docker entry point, and the BIDS App is tested.
+    runscript = re.search(r"^%runscript\n(.*?)^%", text, re.M | re.S).group(1)
+    script = (ROOT / "container" / "entrypoint.sh").read_text()
+    code = [ln.strip() for ln in script.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert code == [ln.strip() for ln in runscript.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert "synthtools-bids --help" in text.split("%test")[1]
+
+
+def _fake_path(folder: Path) -> str:
+    """A PATH with fake synthtools-bids and synthstrip that echo their name and arguments."""
+    folder.mkdir()
+    for name in ("synthtools-bids", "synthstrip"):
+        tool = folder / name
+        tool.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        tool.chmod(0o755)
+    return f"{folder}:/usr/bin:/bin"
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], "synthtools-bids --help"),
+    (["/data/ds", "/data/out", "participant", "-t", "2"], "synthtools-bids /data/ds /data/out participant -t 2"),
+    (["ds", "out", "group"], "synthtools-bids ds out group"),                  # relative dataset: not a command
+    (["-h"], "synthtools-bids -h"),
+    (["synthstrip", "in.nii.gz", "out.nii.gz"], "synthstrip in.nii.gz out.nii.gz"),
+    (["sh", "-c", "echo sh ran"], "sh ran"),
+])
+def test_entrypoint_runs_the_bids_app_or_the_named_command(tmp_path, args, expected):
+    import subprocess
+    script = ROOT / "container" / "entrypoint.sh"
+    assert script.stat().st_mode & 0o111, "entrypoint.sh must be executable"
+    res = subprocess.run(["/bin/sh", str(script), *args], capture_output=True, text=True,
+                         env={"PATH": _fake_path(tmp_path / "bin")}, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == expected, res
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -9,9 +9,10 @@
 Each (image, tool) pair is a case of a resumable batch
 (:mod:`synthtools.batch`): a case whose outputs are complete (done-marker,
 same version, model and options) is skipped, so a rerun only does what is
-missing; ``--overwrite`` redoes everything. ``--shard I/N`` (or a Slurm
-array) processes every N-th image. ``group``: gathers every scan's volume
-table into ``group_volumes.tsv``.
+missing; ``--overwrite`` redoes everything. ``--shard I/N`` (or ``--shard
+slurm``: the Slurm array task's) processes every N-th participant.
+``group``: gathers every participant's volume table into
+``group_volumes.tsv``.
 
 Exit codes: 0 all done (or skipped), 1 at least one case failed (the others
 ran; see the summary table), 2 nothing was run (bad arguments or dataset).
@@ -34,7 +35,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="BIDS App: brain extraction (synthstrip) and whole-brain segmentation "
                "(synthseg) of every anatomical image of a BIDS dataset, written as BIDS-Derivatives.",
                epilog="Outputs per image: *_desc-brain_mask.nii.gz, *_desc-brain_<suffix>.nii.gz (strip); "
-               "*_dseg.nii.gz, *_volumes.tsv in mm^3 (seg); top level: dataset_description.json, dseg.tsv; "
+               "*_dseg.nii.gz with its volumes in the sidecar, sub-<label>/sub-<label>_volumes.tsv in mm^3, a row per "
+               "scan of every session (seg); top level: dataset_description.json, dseg.tsv; "
                "group level: group_volumes.tsv. Complete outputs are skipped on a rerun.")
     p.add_argument("bids_dir", metavar="BIDS_DIR", help="the input BIDS dataset")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the derivatives folder (created if missing)")
@@ -51,8 +53,9 @@ def build_parser() -> Parser:
     p.add_argument("-t", "--threads", "--nthreads", type=int, metavar="N", help="number of CPU threads for torch")
     p.add_argument("-g", "--gpu", action="store_true", help="run the networks on the GPU (CUDA)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are already complete")
-    p.add_argument("--shard", metavar="I/N", help="process shard I (from 0) of N: every N-th image, sorted by "
-                   "path (default: from SLURM_ARRAY_TASK_ID and the array's size, if set)")
+    p.add_argument("--shard", metavar="I/N", help="process shard I (from 0) of N: every N-th participant, sorted "
+                   "by label, so one task writes all of a participant's files; 'slurm': I and N from the Slurm array "
+                   "(SLURM_ARRAY_TASK_ID and the array's size)")
     p.add_argument("--border", type=float, default=1.0, metavar="MM", help="strip: mask border in mm (default: 1)")
     p.add_argument("--atlases", type=int, metavar="N", help="seg: bundled atlases used as a second prior "
                    "(default: the model's, 3; 0 is faster)")
@@ -109,15 +112,15 @@ def _strip_case(inp, paths: dict[str, str], args: argparse.Namespace, device: st
 
 def _seg_case(inp, paths: dict[str, str], args: argparse.Namespace, device: str) -> dict[int, str]:
     from ..api import segment
-    from ..bids import source_uri, volume_row, volumes_tsv, write_json, write_text_atomic
+    from ..bids import scan_volumes, source_uri, write_json
     from .common import OutputSet
 
     out = segment(inp.path, atlases=args.atlases, device=device)
-    header, row = volume_row(inp, out.volumes)
     with OutputSet() as files:
         files.add(_save(out.labels, paths["dseg"]))
-        files.add(write_json(paths["dseg_json"], {"Sources": [source_uri(inp)], "Manual": False}))
-        files.add(write_text_atomic(paths["volumes"], volumes_tsv(header, [row])))
+        # The scan's volumes ride in its sidecar; the participant's table is rebuilt from them.
+        files.add(write_json(paths["dseg_json"], {"Sources": [source_uri(inp)], "Manual": False,
+                                                  "Volumes": scan_volumes(out.volumes)}))
     return out.label_names
 
 
@@ -151,7 +154,10 @@ def run_participant(args: argparse.Namespace) -> int:
         if not 0 <= args.atlases <= available:
             raise UsageError(f"--atlases {args.atlases}: the segmentation model has {available} atlases "
                              f"(0..{available})")
-    mine = select_shard(inputs, shard, key=lambda i: i.relpath)
+    # Shards split the participants, so that one task writes all of a participant's files
+    # (its volume table gathers every session).
+    subjects = set(select_shard(sorted({i.subject for i in inputs}), shard))
+    mine = [i for i in inputs if i.subject in subjects]
     device = choose_device(args.gpu, args.threads)
     version = _version()
     models = {MODEL_OF[t]: _model_info(MODEL_OF[t]) for t in tools}
@@ -178,14 +184,34 @@ def run_participant(args: argparse.Namespace) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     write_top_level(args.output_dir, version, models, None)
     print(f"{PROG}: {len(mine)} of {len(inputs)} images"
-          + (f" (shard {shard[0]}/{shard[1]})" if shard else "") + f", tools {','.join(tools)}", flush=True)
+          + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+          + f", {len(subjects)} participant{'s' if len(subjects) != 1 else ''}, tools {','.join(tools)}", flush=True)
     report = run_batch(cases, process, overwrite=args.overwrite, prog=PROG, shard=shard)
+    failed = report.failed
     if "seg" in tools:
         # The label table: from this run, else from the model (a run that skipped every case).
         write_top_level(args.output_dir, version, models, label_names or _model_labels())
-    if report.failed:
-        say_error(PROG, f"{report.failed} of {len(cases)} cases failed (see the table above)")
-    return report.exit_code
+        failed += _subject_tables(args.output_dir, sorted(subjects))
+    if failed:
+        say_error(PROG, f"{failed} of {len(cases)} cases failed (see the table above)" if report.failed
+                  else "a participant's volume table could not be written")
+    return 1 if failed else 0
+
+
+def _subject_tables(out_dir: str, subjects: list[str]) -> int:
+    """Rebuild each participant's volume table (all its sessions); the number that failed."""
+    from ..bids import BidsError, write_subject_volumes
+    failed = 0
+    for subject in subjects:
+        try:
+            done = write_subject_volumes(out_dir, subject)
+        except (BidsError, OSError) as exc:
+            say_error(PROG, f"sub-{subject}: volume table not written: {exc}")
+            failed += 1
+            continue
+        if done is not None:
+            print(f"{PROG}: sub-{subject}: {done[1]} scan{'s' if done[1] != 1 else ''} -> {done[0]}", flush=True)
+    return failed
 
 
 def _model_labels() -> dict[int, str]:

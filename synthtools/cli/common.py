@@ -16,6 +16,7 @@ single lines ``<prog>: error: ...``. Exit codes, the same for every tool:
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -280,6 +281,7 @@ class OutputSet:
     def __init__(self) -> None:
         self.written: list[str] = []
         self.staged: list[tuple[str, str]] = []  # (temp, final)
+        self.updates: list[tuple[str, Callable[[str], str]]] = []
 
     def add(self, path: str) -> str:
         self.written.append(path)
@@ -293,6 +295,12 @@ class OutputSet:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
+    def update(self, path: str, edit: Callable[[str], str]) -> None:
+        """On success, last, replace ``path``'s text by ``edit(old text)`` (''
+        if absent), read and written under a lock: array tasks sharing one
+        table (``--shard``) each add their rows without losing another's."""
+        self.updates.append((path, edit))
+
     def __enter__(self) -> "OutputSet":
         return self
 
@@ -301,6 +309,8 @@ class OutputSet:
             try:
                 for tmp, path in self.staged:
                     os.replace(tmp, path)
+                for path, edit in self.updates:
+                    _locked_edit(path, edit)
                 return
             except BaseException:
                 self._rollback()
@@ -314,6 +324,32 @@ class OutputSet:
         for path in self.written:
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _locked_edit(path: str, edit: Callable[[str], str]) -> None:
+    """Atomic read-modify-write of a text file, under an advisory lock on a
+    hidden ``.<name>.lock`` beside it (fcntl: POSIX file systems, NFS with
+    locking)."""
+    import fcntl
+
+    folder, name = os.path.split(os.path.abspath(path))
+    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = ""
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", newline="") as f:
+                    old = f.read()
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    f.write(edit(old))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------- device and model --
@@ -456,6 +492,70 @@ def add_standard_options(p: argparse.ArgumentParser, *, threads_flags: Sequence[
                        help="no progress lines (errors and warnings are still printed)")
 
 
+def add_batch_options(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` and ``--shard``, for tools that take many inputs."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo inputs whose outputs are complete from an earlier run with the same version, "
+                   "model and options (default: skip them, so a rerun continues an interrupted batch; a hidden "
+                   ".<first output>.done.json beside the outputs records them)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="process only shard I (from 0) of N: every N-th input of the list sorted by path, for "
+                   "array jobs; 'slurm': I and N from the Slurm array task (SLURM_ARRAY_TASK_ID and the "
+                   "array's size)")
+
+
+def resolve_shard_option(text: str | None) -> tuple[int, int] | None:
+    """``--shard``'s (I, N), or None; UsageError if unusable."""
+    from ..batch import ShardError, resolve_shard
+    try:
+        return resolve_shard(text)
+    except ShardError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# Arguments that do not change a result: a rerun with another value skips complete outputs.
+NOT_RESULT_OPTIONS = frozenset({"positional", "inputs", "threads", "gpu", "overwrite", "shard", "quiet", "example",
+                                "check", "overwrite_input"})
+
+
+def batch_params(prog: str, args: argparse.Namespace, model: str, outputs: Iterable[str] = ()) -> dict[str, Any]:
+    """What a done-marker must match for a skip: tool, version, model
+    (name and weights' sha256) and every option that may change a result
+    (all but :data:`NOT_RESULT_OPTIONS` and the output paths ``outputs``)."""
+    from .. import __version__
+
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_OPTIONS and k not in outputs}
+    return {"tool": prog, "version": __version__, "model": model, "model_sha256": model_identity(model),
+            "options": options}
+
+
+def file_identity(path: str) -> dict[str, Any]:
+    """What tells an input file apart from another or a newer version of
+    itself: real path, size (bytes) and modification time (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"path": os.path.realpath(path), "missing": True}
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def model_identity(name: str) -> str:
+    """sha256 of a model's weights without loading it: from its metadata,
+    else of the file itself (FreeSurfer's weight files); '' if unreadable
+    (loading it reports why)."""
+    from pathlib import Path
+
+    from ..weights import ModelError, read_metadata, resolve, sha256
+    try:
+        return str(read_metadata(resolve(name)).get("sha256") or "")
+    except (ModelError, OSError, ValueError):
+        pass
+    try:
+        return sha256(Path(name)) if os.path.isfile(name) else ""
+    except OSError:
+        return ""
+
+
 class Progress:
     """One stderr line per finished stage: ``<prog>: <stage>: 3.2 s (total 10.5 s)``."""
 
@@ -500,81 +600,67 @@ def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Seque
 
 
 def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
-             load: Callable[[], Any], process: Callable[[Job, Any], None],
-             after_load: Callable[[Any], None] | None = None, quiet: bool = False) -> int:
-    """Process every job with one model; returns 0, or 1 if any input failed.
+             load: Callable[[], Any] | None, process: Callable[[Job, Any], None],
+             after_load: Callable[[Any], None] | None = None, quiet: bool = False, *,
+             overwrite: bool = True, shard: tuple[int, int] | None = None,
+             params: Mapping[str, Any] | None = None,
+             complete: Callable[[Job], bool] | None = None) -> int:
+    """Process every job with one model, as a resumable batch
+    (:func:`synthtools.batch.run_batch`); returns 0, or 1 if any input failed.
 
-    Cheap input checks run first, so a typo is reported before the model
-    loads; ``after_load(model)`` may still refuse the run (UsageError) before
-    anything is written. A failing input is reported on one line and the
-    batch goes on. Counters ``[k/n]`` number the inputs as given.
+    ``shard`` (I, N) keeps every N-th job sorted by input path. Unless
+    ``overwrite``, a job whose outputs are complete (done-marker beside them
+    recording ``params``, the input file's identity and the outputs' sizes;
+    and ``complete(job)`` if given) is skipped; a job with no output file of
+    its own (only rows in a shared table) always runs. The model is loaded
+    only if some job runs, after cheap input checks, so a typo is reported
+    without waiting for it; ``after_load(model)`` may still refuse the run
+    (UsageError) before anything is written. A failing input is reported on
+    one line and the batch goes on; with many inputs a summary table ends
+    the run. Counters ``[k/n]`` number the inputs of this run.
     """
-    failed = 0
-    model = None
-    ready: list[tuple[int, Job]] = []
-    many = len(jobs) > 1
-    for k, job in enumerate(jobs):
+    from ..batch import Case, is_complete, run_batch, select_shard
+
+    total = len(jobs)
+    if shard is not None:
+        jobs = select_shard(jobs, shard, key=lambda job: job.input)
+        info(prog, f"shard {shard[0]}/{shard[1]}: {len(jobs)} of {total} inputs", quiet)
+    cases = [Case(key=job.input, outputs=list(job.outputs.values()), data=job, resumable=bool(job.outputs),
+                  params={**(params or {}), "input": file_identity(job.input)}) for job in jobs]
+
+    def done(case: Case) -> bool:
+        return case.resumable and is_complete(case.marker, case.outputs, case.params) \
+            and (complete is None or complete(case.data))
+
+    errors: dict[str, InputError] = {}
+    todo = [case for case in cases if overwrite or not done(case)]
+    for case in todo:
         try:
-            check_input_path(job.input)
-            ready.append((k, job))
+            check_input_path(case.key)
         except InputError as exc:
-            say_error(prog, counter(k, len(jobs), many) + str(exc))
-            failed += 1
-    if ready:
-        model = load()
-        if after_load is not None:
-            after_load(model)
-        info(prog, f"model {model.path} on {device_text(device)}", quiet)
+            errors[case.key] = exc
+    model = None
+    if any(case.key not in errors for case in todo):
+        if load is not None:   # None: a tool without a model (synthmorph apply)
+            model = load()
+            if after_load is not None:
+                after_load(model)
+            info(prog, f"model {model.path} on {device_text(device)}", quiet)
         for folder in to_create:
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
                 raise UsageError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
 
-    failed += process_each(prog, [job for _, job in ready], lambda job: process(job, model), many=many,
-                           numbers=[k for k, _ in ready], total=len(jobs), quiet=quiet)
-    return batch_status(prog, failed, len(jobs))
+    def run_case(case: Case) -> None:
+        if case.key in errors:
+            raise errors[case.key]
+        process(case.data, model)
 
-
-def counter(index: int, total: int, many: bool) -> str:
-    """'[k/n] ' for the ``index``-th (0-based) of ``total`` inputs; '' for one input."""
-    return f"[{index + 1}/{total}] " if many else ""
-
-
-def process_each(prog: str, jobs: list[Job], process: Callable[[Job], None], many: bool,
-                 numbers: Sequence[int] | None = None, total: int | None = None, quiet: bool = False) -> int:
-    """Run ``process`` on every job, timing each; a failing job is reported
-    on one line and the others go on. Returns the number that failed.
-    ``numbers``/``total``: each job's place among all the inputs (default:
-    its place in ``jobs``), so counters agree with the final summary."""
-    failed = 0
-    numbers = list(range(len(jobs))) if numbers is None else list(numbers)
-    total = len(jobs) if total is None else total
-    for k, job in zip(numbers, jobs):
-        start = time.perf_counter()
-        tag = counter(k, total, many)
-        try:
-            process(job)
-        except InputError as exc:
-            say_error(prog, tag + str(exc))
-            failed += 1
-            continue
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # any other failure of one scan must not stop the batch
-            if os.environ.get("SYNTHTOOLS_DEBUG"):
-                raise
-            say_error(prog, f"{tag}{job.input}: processing failed ({type(exc).__name__}: {exc})")
-            failed += 1
-            continue
-        info(prog, f"{tag}{job.input}: done in {time.perf_counter() - start:.1f} s", quiet)
-    return failed
-
-
-def batch_status(prog: str, failed: int, total: int) -> int:
-    """Exit code of a batch (0, or 1 if any input failed), saying how many failed."""
-    if failed:
-        if total > 1:
-            say_error(prog, f"{failed} of {total} inputs failed")
-        return 1
-    return 0
+    many = len(jobs) > 1 or shard is not None   # a shard's summary says which shard it was
+    report = run_batch(cases, run_case, overwrite=overwrite, prog=prog, shard=shard,
+                       stream=io.StringIO() if quiet else sys.stdout, summary=many and not quiet, numbered=many,
+                       complete=(lambda case: complete(case.data)) if complete is not None else None)
+    if report.failed and many:
+        say_error(prog, f"{report.failed} of {len(cases)} inputs failed")
+    return report.exit_code

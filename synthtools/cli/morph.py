@@ -36,8 +36,9 @@ import numpy as np
 
 from ..io import InputError, check_input_path, check_output_path
 from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
-from .common import (Job, Parser, Progress, UsageError, add_standard_options, batch_status, check_writable_file,
-                     choose_device, device_text, info, load_task_model, process_each, run_tool, say_error, say_warning)
+from .common import (Job, Parser, Progress, UsageError, add_batch_options, add_standard_options, check_writable_file,
+                     choose_device, device_text, file_identity, info, load_task_model, resolve_shard_option, run_jobs,
+                     run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
 SUBCOMMANDS = ("register", "apply", "template")
@@ -91,6 +92,7 @@ def apply_parser() -> Parser:
                    "in the fixed space (linear transforms only)")
     p.add_argument("--fixed", metavar="FIXED_IMAGE", help="image whose grid (and NIfTI header: qform/sform "
                    "codes, units) the outputs get")
+    add_batch_options(p)
     add_standard_options(p, threads_flags=("-j", "--threads"), quiet=True)
     return p
 
@@ -232,6 +234,7 @@ def run_apply(argv: Sequence[str]) -> int:
         raise UsageError(f"-f {args.fill:g}: the fill value does not fit the output type {out_dtype}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: the number of threads must be at least 1")
+    shard = resolve_shard_option(args.shard)
 
     # Every output before any work: extension, folder, not an input, no clash.
     protect = [os.path.realpath(p) for p in [args.trans, *images, *([args.fixed] if args.fixed else [])]]
@@ -286,9 +289,14 @@ def run_apply(argv: Sequence[str]) -> int:
             save_volume(moved, fixed_vol, out, dtype=dtype)
         else:                       # only the transform's grid is known: a fresh header
             save_volume(moved, None, out, affine=grid.affine, dtype=dtype)  # type: ignore[union-attr]
+    from .. import __version__
     jobs = [Job(image, {"out": out}) for image, out in zip(images, outputs)]
-    failed = process_each(PROG, jobs, move, many=len(jobs) > 1, quiet=args.quiet)
-    return batch_status(PROG, failed, len(jobs))
+    # A complete output is skipped unless the transform, --fixed or an option changed.
+    params = {"tool": f"{PROG} apply", "version": __version__, "transform": file_identity(args.trans),
+              "fixed": file_identity(args.fixed) if args.fixed else None,
+              "options": {"method": args.method, "type": args.type, "fill": args.fill, "header_only": args.header_only}}
+    return run_jobs(PROG, jobs, [], "cpu", load=None, process=lambda job, _model: move(job), quiet=args.quiet,
+                    overwrite=args.overwrite, shard=shard, params=params)
 
 
 # -------------------------------------------------------------- register --

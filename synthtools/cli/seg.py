@@ -30,10 +30,10 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ..io import InputError
-from .common import (Job, OutputSet, Parser, Progress, UsageError, add_standard_options, check_file_path,
-                     check_matplotlib, check_outputs, check_png_path, choose_device, collect_inputs,
-                     expand_outputs, list_files, load_task_model, run_jobs, run_tool, save_snapshot, say_warning,
-                     split_ext)
+from .common import (Job, OutputSet, Parser, Progress, UsageError, add_batch_options, add_standard_options,
+                     batch_params, check_file_path, check_matplotlib, check_outputs, check_png_path, choose_device,
+                     collect_inputs, expand_outputs, list_files, load_task_model, resolve_shard_option, run_jobs,
+                     run_tool, save_snapshot, say_warning, split_ext)
 
 PROG = "synthseg"
 DEFAULT_MODEL = "synthseg"
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "<stem>_posteriors, <stem>_resampled, <stem>_snapshot.png, in the input's file format. "
         "A folder argument must exist or end with '/' (it is then created). --vol and --qc are "
         "one table for all inputs, a row each; an existing table with the same columns gets the "
-        "rows appended. '-i list.txt' reads one input path per line (blank lines and lines "
+        "rows added (an input's earlier row is replaced). '-i list.txt' reads one input path per line (blank lines and lines "
         "starting with '#' are skipped; relative paths are relative to the current folder).",
     )
     p.add_argument("positional", nargs="*", metavar="IN [OUT]",
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
                    help="use the bundled example scan (a clinical FLAIR, CC-BY) as the input")
+    add_batch_options(p)
     add_standard_options(p, threads_flags=("-t", "--threads"), quiet=True)
     return p
 
@@ -236,20 +237,24 @@ def check_tables(args: argparse.Namespace, model) -> None:
                              "choose a new file to start a table")
 
 
-def _with_row(path: str, header: list[str], row: list[str]) -> str:
-    """The table's text after appending ``row`` (with the header if new)."""
+def _with_row(old: str, header: list[str], row: list[str]) -> str:
+    """A table's text ``old`` with ``row`` added (the header first if new);
+    an earlier row of the same subject is replaced, so a redone input is
+    not counted twice."""
+    rows = list(csv.reader(io.StringIO(old))) if old.strip() else [header]
+    rows = [r for k, r in enumerate(rows) if k == 0 or not r or r[0] != row[0]] + [row]
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    old = ""
-    if os.path.exists(path) and os.path.getsize(path) > 0:
+    csv.writer(buf, lineterminator="\n").writerows(r for r in rows if r)
+    return buf.getvalue()
+
+
+def _has_row(path: str, subject: str) -> bool:
+    """``path`` is a table with a row for ``subject``."""
+    try:
         with open(path, encoding="utf-8", newline="") as f:
-            old = f.read()
-        if not old.endswith("\n"):
-            old += "\n"
-    else:
-        writer.writerow(header)
-    writer.writerow(row)
-    return old + buf.getvalue()
+            return any(r and r[0] == subject for r in csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 # ------------------------------------------------------------ processing --
@@ -304,11 +309,11 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
             soft = summary.soft_volumes
             row = [job.input] + [f"{x:.3f}" for v, x in zip(values, soft) if v != 0]
             row.append(f"{total_intracranial(soft, values):.3f}")
-            out.stage(args.vol, _with_row(args.vol, volume_header(model), row))
+            out.update(args.vol, lambda old, row=row: _with_row(old, volume_header(model), row))
         if args.qc is not None:
             scores = qc_scores(summary, values)
             row = [job.input] + [f"{scores[g]:.4f}" for g in qc_header(model)[1:]]
-            out.stage(args.qc, _with_row(args.qc, qc_header(model), row))
+            out.update(args.qc, lambda old, row=row: _with_row(old, qc_header(model), row))
         progress("wrote the outputs")
 
 
@@ -326,11 +331,18 @@ def _run(argv: Sequence[str] | None) -> int:
         return run_check(PROG, args)
     inputs = collect_inputs(args, PROG, "label map")
     args.crop = _crop(args.crop)
+    shard = resolve_shard_option(args.shard)
     jobs, to_create = plan_outputs(args, inputs)
+    params = batch_params(PROG, args, args.model or DEFAULT_MODEL,
+                          outputs=("out", "post", "resample", "snapshot", "vol", "qc"))
+    tables = [t for t in (args.vol, args.qc) if t is not None]
     device = choose_device(args.gpu, args.threads)
     return run_jobs(PROG, jobs, to_create, device, load=lambda: load_seg_model(args, device),
                     process=lambda job, model: process(job, model, args),
-                    after_load=lambda model: check_tables(args, model), quiet=args.quiet)
+                    after_load=lambda model: check_tables(args, model), quiet=args.quiet,
+                    overwrite=args.overwrite, shard=shard, params=params,
+                    # complete also means: its row is in each --vol/--qc table
+                    complete=lambda job: all(_has_row(t, job.input) for t in tables))
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -22,9 +22,10 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ..io import InputError
-from .common import (Job, OutputSet, Parser, UsageError, add_standard_options, check_matplotlib, check_outputs,
-                     check_png_path, choose_device, collect_inputs as _collect_inputs, expand_outputs,
-                     load_task_model, run_jobs, run_tool, save_snapshot, say_warning)
+from .common import (Job, OutputSet, Parser, UsageError, add_batch_options, add_standard_options, batch_params,
+                     check_matplotlib, check_outputs, check_png_path, choose_device,
+                     collect_inputs as _collect_inputs, expand_outputs, load_task_model, resolve_shard_option,
+                     run_jobs, run_tool, save_snapshot, say_warning)
 
 PROG = "synthstrip"
 DEFAULT_MODEL = "synthstrip"
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow an output to replace its own input image")
     p.add_argument("--example", action="store_true",
                    help="use the bundled example scan (a clinical FLAIR, CC-BY) as the input")
+    add_batch_options(p)
     # -t as mri_synthstrip; -n as the NiPreps SynthStrip interface sends it.
     add_standard_options(p, threads_flags=("-t", "-n", "--threads"))
     return p
@@ -199,10 +201,13 @@ def _run(argv: Sequence[str] | None) -> int:
         raise UsageError(f"-b {args.border}: the border must be a finite number of mm")
     if not math.isfinite(args.fill):
         raise UsageError(f"-f {args.fill}: the fill value must be a finite number")
+    shard = resolve_shard_option(args.shard)
     jobs, to_create = plan_outputs(args, inputs)
+    params = batch_params(PROG, args, args.model or DEFAULT_MODEL, outputs=("out", "mask", "sdt", "snapshot"))
     device = choose_device(args.gpu, args.threads)
     return run_jobs(PROG, jobs, to_create, device, load=lambda: load_strip_model(args, device),
-                    process=lambda job, model: process(job, model, args))
+                    process=lambda job, model: process(job, model, args),
+                    overwrite=args.overwrite, shard=shard, params=params)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
