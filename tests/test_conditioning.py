@@ -148,6 +148,12 @@ def test_instance_norm_recipe_records_its_inference_window(label_dir):
     assert recipe.metadata()["inference"]["patch"] == [16, 16, 16]
     plain = get_recipe(tiny_seg_cfg(label_dir, **{"model.norm": None}))
     assert "patch" not in plain.metadata()["inference"]
+    assert recipe.metadata()["inference"]["bf16"] is False
+
+
+def test_2d_recipe_records_three_axis_fusion_in_bf16(label_dir):
+    meta = get_recipe(tiny_seg_cfg(label_dir, **{"recipe.ndim": 2})).metadata()["inference"]
+    assert meta["slice_axes"] == [0, 1, 2] and meta["bf16"] is True and "patch" not in meta
 
 
 def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift(tmp_path):
