@@ -25,6 +25,10 @@ import pytest
 
 from conftest import assert_same_geometry
 
+# nipype and pydra ping a version server unless told not to; tests reach no network.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("NO_ET", "1")
+
 SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "validation" / "fsl_mni152_2mm" / "MNI152_T1_2mm.nii.gz"
 needs_scan = pytest.mark.skipif(not SCAN.is_file(), reason="needs ../shared/data (FSL MNI152 2 mm)")
 needs_clis = pytest.mark.skipif(shutil.which("synthstrip") is None or shutil.which("synthseg") is None,
