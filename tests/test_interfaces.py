@@ -143,6 +143,26 @@ def test_pydra_synthstrip_task(scan, tmp_path):
     assert (sdt[mask > 0] < 1.0 + 1e-3).all()          # inside the mask: closer than the 1 mm border
 
 
+@needs_scan
+@pytest.mark.skipif(shutil.which("synthtools-bids") is None, reason="synthtools-bids is not on PATH (pip install)")
+def test_nipype_bids_app_names_its_derivatives(scan, tmp_path):
+    pytest.importorskip("nipype")
+    pytest.importorskip("bids")
+    from synthtools.interfaces.nipype import SynthToolsBIDS
+
+    ds = tmp_path / "ds"
+    (ds / "sub-01" / "anat").mkdir(parents=True)
+    (ds / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    shutil.copy(scan, ds / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    res = SynthToolsBIDS(bids_dir=str(ds), output_dir=str(tmp_path / "out"), tools=["strip"], num_threads=1).run()
+    out = res.outputs
+    assert Path(out.dataset_description).is_file()
+    assert [Path(p).name for p in out.out_masks] == ["sub-01_desc-brain_mask.nii.gz"]
+    assert [Path(p).name for p in out.out_brains] == ["sub-01_desc-brain_T1w.nii.gz"]
+    check_strip_outputs(Path(out.out_brains[0]), Path(out.out_masks[0]), ds / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert not out.out_dsegs
+
+
 # ---------------------------------------------- specs, no network needed --
 
 def test_nipype_specs_name_every_output(tmp_path, monkeypatch):
