@@ -22,7 +22,7 @@ import glob
 import os
 
 from nipype.interfaces.base import (CommandLine, CommandLineInputSpec, Directory, File, InputMultiObject,
-                                    OutputMultiObject, TraitedSpec, isdefined, traits)
+                                    TraitedSpec, isdefined, traits)
 
 __all__ = ["SynthStrip", "SynthSeg", "SynthMorphRegister", "SynthMorphApply", "SynthToolsBIDS"]
 
@@ -277,10 +277,11 @@ class SynthToolsBIDSInputSpec(CommandLineInputSpec):
 class SynthToolsBIDSOutputSpec(TraitedSpec):
     output_dir = Directory(exists=True, desc="the derivatives folder")
     dataset_description = File(exists=True, desc="dataset_description.json")
-    out_masks = OutputMultiObject(File(exists=True), desc="*_desc-brain_mask.nii.gz")
-    out_brains = OutputMultiObject(File(exists=True), desc="*_desc-brain_<suffix>.nii.gz (stripped images)")
-    out_dsegs = OutputMultiObject(File(exists=True), desc="*_dseg.nii.gz label maps")
-    out_volumes = OutputMultiObject(File(exists=True), desc="*_volumes.tsv per image (mm^3)")
+    # lists even with one file (nipype's OutputMultiObject would collapse it to a string)
+    out_masks = traits.List(File(exists=True), desc="*_desc-brain_mask.nii.gz")
+    out_brains = traits.List(File(exists=True), desc="*_desc-brain_<suffix>.nii.gz (stripped images)")
+    out_dsegs = traits.List(File(exists=True), desc="*_dseg.nii.gz label maps")
+    out_volumes = traits.List(File(exists=True), desc="*_volumes.tsv per image (mm^3)")
     group_volumes = File(desc="group_volumes.tsv (group level)")
 
 
