@@ -26,6 +26,7 @@ one line per stage with its time on stderr (``-q``: none).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -115,7 +116,7 @@ def register_parser() -> Parser:
     p.add_argument("-T", "--inverse", metavar="INVERSE", help="transform from fixed to moving")
     p.add_argument("-H", "--header-only", action="store_true",
                    help="update the output headers instead of resampling (rigid/affine only)")
-    p.add_argument("-M", "--middle", action="store_true",
+    p.add_argument("-M", "--middle", "--mid-space", action="store_true",
                    help="rigid/affine only: move both images to the halfway space (unbiased, inverse-consistent; "
                    "see 'synthmorph template'): -o/-O are both images on a grid in that space, -t/-T the "
                    "transforms from moving/fixed to it")
@@ -128,7 +129,24 @@ def register_parser() -> Parser:
                    "an SVF network, or a linear model whose feature maps delimit the brain for the fitted warp)")
     p.add_argument("--affine-model", metavar="PATH", help="joint only: alternative affine model")
     add_standard_options(p, threads_flags=("-j", "--threads"), quiet=True)
+    _add_freesurfer_register_flags(p)
     return p
+
+
+def _add_freesurfer_register_flags(p: argparse.ArgumentParser) -> None:
+    """mri_synthmorph register's flags without a synthtools equivalent (issue 35)."""
+    from .compat import refuse
+    p.add_argument("-n", "--steps", type=int, metavar="STEPS",
+                   help="accepted and ignored, with a note: mri_synthmorph's integration steps; the "
+                   "deformable model here fixes its own")
+    p.add_argument("-e", "--extent", type=int, choices=(192, 256), metavar="EXTENT",
+                   help="accepted and ignored, with a note: mri_synthmorph's network field of view; the "
+                   "model here sets its own (192 or 256)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="accepted: progress lines are printed unless -q")
+    refuse(p, "-w", "--weights", reason="FreeSurfer's SynthMorph .h5 weights are not readable here; "
+           "use --model/--affine-model with a synthtools model", takes_value=True)
+    refuse(p, "-d", "--out-dir", reason="no dump of the network-space inputs", takes_value=True)
 
 
 # --------------------------------------------------------------- helpers --
@@ -301,10 +319,22 @@ def run_apply(argv: Sequence[str]) -> int:
 
 # -------------------------------------------------------------- register --
 
+def _freesurfer_register_flags(args: argparse.Namespace) -> None:
+    """mri_synthmorph's ``--model joint`` names the transformation model (our
+    ``-m``), where ours takes a model path; -n/-e are noted as ignored."""
+    from .compat import note
+    if args.model in MODES and not os.path.exists(args.model):
+        args.mode, args.model = args.model, None
+    for flag, value in (("-n", args.steps), ("-e", args.extent)):
+        if value is not None:
+            note(f"{PROG} register", f"{flag} {value} ignored: the model sets its own")
+
+
 def run_register(argv: Sequence[str]) -> int:
     from ..morph.transforms import Affine, read_transform
 
     args = register_parser().parse_intermixed_args(argv)
+    _freesurfer_register_flags(args)  # issue 35
     mode = args.mode
     linear = mode in LINEAR_MODES
     if not math.isfinite(args.regularization) or not 0.0 <= args.regularization <= 1.0:

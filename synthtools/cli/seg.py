@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("positional", nargs="*", metavar="IN [OUT]",
                    help="input image and, optionally, the label map (alternative to -i/-o)")
-    p.add_argument("-i", "--image", nargs="+", metavar="IN", dest="inputs",
+    p.add_argument("-i", "--image", "--i", nargs="+", metavar="IN", dest="inputs",
                    help="input image(s) (.nii.gz, .nii, .mgz, .mgh) or .txt list(s) of paths")
-    p.add_argument("-o", "--out", metavar="OUT", help="label map, int32 FreeSurfer labels (file or folder)")
+    p.add_argument("-o", "--out", "--o", metavar="OUT", help="label map, int32 FreeSurfer labels (file or folder)")
     p.add_argument("--vol", metavar="CSV",
                    help="table of soft volumes in mm^3 per structure and the total intracranial volume")
     p.add_argument("--post", metavar="POST",
@@ -102,7 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the bundled example scan (a clinical FLAIR, CC-BY) as the input")
     add_batch_options(p)
     add_standard_options(p, threads_flags=("-t", "--threads"), quiet=True)
+    add_freesurfer_flags(p)
     return p
+
+
+def add_freesurfer_flags(p: argparse.ArgumentParser) -> None:
+    """mri_synthseg's flags without a synthtools equivalent (issue 35):
+    accepted with their meaning here, or refused on one line."""
+    from .compat import refuse
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (the default without -g; as mri_synthseg)")
+    p.add_argument("--fast", action="store_true",
+                   help="as mri_synthseg: skip the optional steps, i.e. --no-flip --no-refine --atlases 0")
+    p.add_argument("--robust", action="store_true",
+                   help="accepted (mri_synthseg's model for clinical scans): the shipped model is trained on "
+                   "the whole resolution/contrast range; for FreeSurfer's robust weights give "
+                   "--model synthseg_robust_2.0.h5")
+    p.add_argument("--ct", action="store_true",
+                   help="CT in Hounsfield units: clip intensities to [0, 80] before segmenting (as mri_synthseg)")
+    p.add_argument("--keepgeom", action="store_true",
+                   help="accepted: labels are on the input's grid by default (see --keep-conformed)")
+    p.add_argument("--addctab", action="store_true",
+                   help="accepted: .mgz label maps always embed the colour table")
+    refuse(p, "--parc", reason="no cortical parcellation model is shipped (32 whole-brain structures)")
+    refuse(p, "--v1", reason="SynthSeg 1.0 is not shipped")
+    refuse(p, "--autocrop", reason="use --crop N to bound the network's field of view")
+    refuse(p, "--noaddctab", reason=".mgz label maps always embed the colour table")
+    refuse(p, "--photo", reason="Photo-SynthSeg (dissection photographs) is not shipped", takes_value=True)
+
+
+def apply_freesurfer_flags(args: argparse.Namespace) -> None:
+    """Resolve the accepted mri_synthseg flags into our options (UsageError on a conflict)."""
+    from .compat import note
+    if args.cpu and args.gpu:
+        raise UsageError("--cpu and -g/--gpu contradict each other: give one")
+    if args.keepgeom and args.keep_conformed:
+        raise UsageError("--keepgeom and --keep-conformed contradict each other: give one")
+    if args.fast:
+        args.flip, args.refine, args.atlases = False, False, 0
+    if args.robust:
+        note(PROG, "--robust: using the shipped model (trained on the whole resolution and contrast range); "
+                   "FreeSurfer's robust weights: --model synthseg_robust_2.0.h5")
 
 
 # ------------------------------------------------------ inputs, outputs --
@@ -270,6 +309,8 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
 
     progress = Progress(PROG, args.quiet)
     vol = load_volume(job.input)
+    if args.ct:  # issue 35: mri_synthseg --ct, Hounsfield units clipped to the brain's range
+        vol.data = np.clip(vol.data, 0.0, 80.0)
     # A slab too thin for whole-brain labels: refuse rather than paint cortex on the scalp.
     check_field_of_view(vol.shape, vol.affine, job.input, model_min_extent(model.meta), "segmentation")
     progress("read the image")
@@ -329,6 +370,7 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.check:  # issue 33
         from ..freesurfer_cli import run_check
         return run_check(PROG, args)
+    apply_freesurfer_flags(args)  # issue 35
     inputs = collect_inputs(args, PROG, "label map")
     args.crop = _crop(args.crop)
     shard = resolve_shard_option(args.shard)

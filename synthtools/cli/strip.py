@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_options(p)
     # -t as mri_synthstrip; -n as the NiPreps SynthStrip interface sends it.
     add_standard_options(p, threads_flags=("-t", "-n", "--threads"))
+    from .. import __version__  # issue 35: mri_synthstrip's -v is --version
+    p.add_argument("-v", action="version", version=f"%(prog)s (synthtools) {__version__}",
+                   help="same as --version (as mri_synthstrip)")
     return p
 
 
