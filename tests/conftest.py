@@ -13,7 +13,7 @@ import torch
 
 from synthtools.nets.unet import UNet
 from synthtools.weights import save_model
-from training.generator.labels import SYNTHSEG_LABELS
+from synthtools.training.generator.labels import SYNTHSEG_LABELS
 
 # Head phantom, in mm from the head centre: brain ellipsoid radii, then a CSF
 # gap and a skull shell around it (distinct radii so axis flips show).

@@ -20,8 +20,8 @@ from synthtools.conform import conform
 from synthtools.io import Volume, load_volume
 from synthtools.seg import segment
 from synthtools.weights import load_model, models_dir
-from training.atlases import crop_to_brain, synthseg_labels
-from training.generator.labels import SYNTHSEG_LABELS
+from synthtools.training.atlases import crop_to_brain, synthseg_labels
+from synthtools.training.generator.labels import SYNTHSEG_LABELS
 
 LABELS = np.array(SYNTHSEG_LABELS)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -319,7 +319,7 @@ def test_matplotlib_is_a_runtime_dependency():
 def test_plots_are_not_skipped_silently(monkeypatch, tmp_path):
     """Without matplotlib the sweep and training-curve plots raise instead of
     returning without their PNG."""
-    from training import loop, sweep
+    from synthtools.training import loop, sweep
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError):

@@ -88,7 +88,7 @@ def test_twins_share_a_gaussian_so_the_prior_alone_splits_them():
     """Left/right twins (one group) get the same likelihood everywhere: their
     posterior ratio is their prior ratio, whatever the image says."""
     from synthtools.seg import twin_groups
-    from training.generator.labels import SYNTHSEG_LABELS
+    from synthtools.training.generator.labels import SYNTHSEG_LABELS
     groups = twin_groups(SYNTHSEG_LABELS)
     ch = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
     assert groups[ch[41]] == groups[ch[2]] == ch[2] and groups[ch[16]] == ch[16]

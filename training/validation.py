@@ -165,7 +165,7 @@ def seg_dice(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
 def aseg_scores(pred: np.ndarray, ref: np.ndarray) -> tuple[dict[int, float], float, float]:
     """Against a FreeSurfer aseg: Dice per SynthSeg label present, their mean,
     and the mean over the large structures."""
-    from training.generator.labels import SYNTHSEG_LABELS
+    from .generator.labels import SYNTHSEG_LABELS
     d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
     return d, float(np.mean(list(d.values()))), float(np.mean([d[k] for k in LARGE if k in d]))
 

@@ -2,7 +2,7 @@
 registration networks (``synthtools``): centred grids, grid sampling at voxel
 coordinates, scaling-and-squaring integration of stationary velocity fields,
 warping images by displacement fields and Jacobian determinants. One
-implementation: ``training.generator.spatial`` imports these.
+implementation: ``synthtools.training.generator.spatial`` imports these.
 
 Conventions: fields are channel-first (B, N, *S) with components in
 tensor-axis order; displacements and velocities are in voxels of the grid
