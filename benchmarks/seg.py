@@ -21,8 +21,8 @@ Methods, both scored on the target's own grid:
          atlases=N).labels (``--model``, default the shipped 'synthseg'), the
          whole image as given, with the CLI's defaults: the left/right
          test-time flip, the model's default number N of atlases
-         (synthtools/atlas.py) and the intensity refinement
-         (synthtools/refine.py). Reported beside them: the same without
+         (synthtools/seg/atlas.py) and the intensity refinement
+         (synthtools/seg/refine.py). Reported beside them: the same without
          atlases (a second run), and the network's own labels (the first
          run's network posteriors, no atlas, no refinement);
   ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
@@ -31,7 +31,7 @@ Methods, both scored on the target's own grid:
          ``genericLabel`` interpolation. We have no second real scan with an
          aseg, so the atlas is ``label_maps/training_seg_01`` (an aseg-style
          whole-head map, 1 mm) rendered as a T1-like image with the fixed
-         intensities of ``synthtools.atlas.T1_INTENSITY`` (blurred by 1 voxel)
+         intensities of ``synthtools.seg.atlas.T1_INTENSITY`` (blurred by 1 voxel)
          and reduced to the brain. The atlas is skull-stripped, so for the
          whole-head BrainWeb targets the peer gets the target multiplied by
          the dataset's intracranial mask: generous to the peer, which never
@@ -115,8 +115,8 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_name)
     setup = time.perf_counter() - t0
-    from synthtools.atlas import default_atlases
-    from synthtools.seg import _map_to_native
+    from synthtools.seg.atlas import default_atlases
+    from synthtools.seg.segmenter import _map_to_native
     atlases = default_atlases(model)
     res, network, plain = {}, {}, {}
     for c in cases:
@@ -153,7 +153,7 @@ def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
     import nibabel as nib
     import numpy as np
 
-    from synthtools.atlas import atlas_image
+    from synthtools.seg.atlas import atlas_image
     from synthtools.training.atlases import synthseg_labels
     img = nib.load(str(root / ATLAS_MAP))
     seg = synthseg_labels(np.rint(np.asanyarray(img.dataobj)).astype(np.int32))
@@ -243,7 +243,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Dice per label, vxm_T1 (last column: ours against the aseg in the training protocol):",
                   "", "| label | ours | no atlases | network only | ANTs | ours, protocol |",
                   "|---|---|---|---|---|---|"]
-        from synthtools.lut import names_for
+        from synthtools.seg.lut import names_for
         for k, v in r["label_dice"].items():
             lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {p.get(k, float('nan')):.3f} | "
                          f"{n.get(k, float('nan')):.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} | "

@@ -264,7 +264,7 @@ def segment(image: ImageInput, *, flip: bool = True, refine: bool = True, bias_f
     posteriors (C float32 volumes of the input's size); ``model``: default
     the shipped ``synthseg``; ``device``, ``threads``: as :func:`strip`.
     """
-    from .atlas import atlas_files, default_atlases
+    from .seg.atlas import atlas_files, default_atlases
     from .seg import qc_scores, segment as segment_volume, total_intracranial
 
     _set_threads(threads)

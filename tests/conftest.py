@@ -75,7 +75,7 @@ def random_strip_model(tmp_path_factory) -> Path:
 
 def seg_metadata() -> dict:
     """Segmentation model metadata, as the recipe writes it, at 4 mm for speed."""
-    from synthtools.lut import names_for
+    from synthtools.seg.lut import names_for
     return {
         "task": "segment",
         "input": {"voxsize": 4.0, "orientation": "LIA", "multiple": 2,

@@ -1,4 +1,4 @@
-"""The multi-atlas prior of synthseg (synthtools.atlas) and the atlas
+"""The multi-atlas prior of synthseg (synthtools.seg.atlas) and the atlas
 builder (training/atlases.py): soft labels, the prior's arithmetic, label
 transfer through a registration, and the ``--atlases`` option."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_same_geometry  # noqa: E402  (tests/ is on sys.path)
-from synthtools.atlas import AtlasPrior, MovedAtlas, apply_prior, atlas_files, atlas_image, move_atlases, soft_labels
+from synthtools.seg.atlas import AtlasPrior, MovedAtlas, apply_prior, atlas_files, atlas_image, move_atlases, soft_labels
 from synthtools.morph.transforms import Warp
 from synthtools.cli import seg as cli
 from synthtools.conform import conform

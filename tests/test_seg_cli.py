@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under,  # noqa: E402  (tests/ is on sys.path)
                       head_phantom)
-from synthtools import lut
+from synthtools.seg import lut
 from synthtools.cli import seg as cli
 from synthtools.conform import axcodes
 from synthtools.io import Volume

@@ -1,4 +1,4 @@
-"""Build the segmentation model's atlases (:mod:`synthtools.atlas`) from
+"""Build the segmentation model's atlases (:mod:`synthtools.seg.atlas`) from
 training label maps: SynthSeg 2.0 labels (lesions folded into white matter,
 extra-cerebral labels dropped), cropped to the brain's bounding box plus a
 margin, uint8, the affine shifted to the crop (world positions unchanged)::
