@@ -94,7 +94,7 @@ def folding(warp) -> float:
     import torch
 
     from synthtools.morph.transforms import to_dense
-    from synthtools.nets.warp import jacobian_determinant
+    from synthtools.warp import jacobian_determinant
     coords = torch.from_numpy(to_dense(warp, warp.grid)).movedim(0, -1)   # moving RAS mm per fixed voxel
     det = jacobian_determinant(coords) * np.sign(np.linalg.det(warp.grid.affine[:3, :3]))
     return float((det <= 0).double().mean())

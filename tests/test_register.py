@@ -20,7 +20,7 @@ from synthtools.morph.refine import PATCHES
 from synthtools.morph.register import register_deform, register_linear
 from synthtools.nets.registration import (BarycenterAffine, SVFNet, barycenters, fit_affine, fit_rigid,
                                           fit_symmetric_affine)
-from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, jacobian_determinant, warp_image
+from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, jacobian_determinant, warp_image
 from synthtools.weights import Model, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,7 +14,7 @@ from synthtools.io import Volume, load_volume
 from synthtools.morph.register import register_deform
 from synthtools.morph.svf_fit import _box_mean, _gradient_penalty, _upsample, fit_svf, local_ncc2, svf_displacement
 from synthtools.morph.transforms import Warp, as_geometry, to_dense
-from synthtools.nets.warp import identity_grid, integrate_svf, jacobian_determinant, warp_image
+from synthtools.warp import identity_grid, integrate_svf, jacobian_determinant, warp_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (40, 44, 36)

@@ -117,7 +117,7 @@ class MovedAtlas:
     def channels_at(self, world: torch.Tensor, background: int) -> np.ndarray:
         """Channel index (nearest atlas voxel) at world points (N, 3) float32,
         mm; ``background`` outside the atlas."""
-        from ..nets.warp import sample
+        from ..warp import sample
         to_grid = torch.as_tensor(np.linalg.inv(self.warp.grid.affine), dtype=torch.float32)
         to_atlas = torch.as_tensor(np.linalg.inv(self.affine), dtype=torch.float32)
         disp = torch.from_numpy(self.warp.disp).movedim(-1, 0)[None]      # (1, 3, *grid), mm

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
-from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
+from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
 
 from ..generator.dataset import LabelMapDataset
