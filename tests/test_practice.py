@@ -20,7 +20,7 @@ from synthtools.io import load_volume  # noqa: E402
 from synthtools.nets.unet import UNet  # noqa: E402
 from synthtools.training.cli import main  # noqa: E402
 from synthtools.training.generator.dataset import sample_seed  # noqa: E402
-from synthtools.training.generator.noise import randint  # noqa: E402
+from synthtools.training.generator.rng import randint  # noqa: E402
 from synthtools.training.generator.synth import generator  # noqa: E402
 from synthtools.training.loop import train  # noqa: E402
 from synthtools.training.recipes import get_recipe, load_config  # noqa: E402

@@ -20,7 +20,8 @@ import torch
 from synthtools.warp import (centered_grid, integrate_svf, jacobian_determinant,  # noqa: F401
                                   mm_to_voxel, sample)
 
-from .noise import coarse_shape, randint, resize, smooth_noise, uniform
+from .noise import coarse_shape, resize, smooth_noise
+from .rng import randint, uniform
 
 
 # ----------------------------------------------------------------- grids

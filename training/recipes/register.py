@@ -46,7 +46,7 @@ from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_
 from synthtools.weights import Model, read_metadata, resolve
 
 from ..generator.dataset import LabelMapDataset
-from ..generator.noise import randint, uniform
+from ..generator.rng import randint, uniform
 from ..generator.pairs import correspondence, same_anatomy_pair
 from ..generator.spatial import nearest, sample_transform
 from ..generator.synth import Sample, SynthConfig, Synthesizer

@@ -11,7 +11,7 @@ import torch
 from synthtools.nets.unet import UNet
 
 from ..generator.labels import SYNTHSEG_LABELS
-from ..generator.noise import uniform
+from ..generator.rng import uniform
 from ..generator.synth import SynthConfig, Synthesizer
 from ..validation import SEG_CASES, score_consistency, score_seg
 from .base import Recipe
