@@ -159,7 +159,7 @@ def test_cli_joint_with_the_shipped_models_writes_fixed_grid_outputs(tmp_path, c
 
     from synthtools.conform import resample
     from synthtools.data import example_scan
-    from synthtools.morph.transforms import read_transform
+    from synthtools.morph.formats import read_transform
     sys.path.insert(0, str(Path(__file__).parent))
     from test_morph_transforms import rotation, synthmorph
     fixed = load_volume(example_scan())
