@@ -175,7 +175,6 @@ def run_lesjak(root: Path, model, threads: int, peers: str) -> dict | None:
     masks = [load_volume(f, dtype=None) for f in masks_f]
     points = [brain_points(np.asarray(m.data) > 0.5, m.affine) for m in masks]
     common = [lesjak_common_to_scan(s, root) for s in LESJAK_SCANS]   # common RAS -> scan RAS
-    true_poses = [np.linalg.inv(c) for c in common]                     # scan RAS -> common RAS
     idx = {s: k for k, s in enumerate(LESJAK_SCANS)}
     out: dict = {"inputs": LESJAK_SCANS}
 
@@ -320,7 +319,7 @@ def run_time(root: Path, model) -> dict | None:
 # ----------------------------------------------------------------- report --
 
 def markdown(d: dict) -> str:
-    L = [f"# Longitudinal template benchmark (issue 32)", "",
+    L = ["# Longitudinal template benchmark (issue 32)", "",
          f"{d['date']}, {d['cpu']}, {d['threads']} threads, torch {d['torch']}, model `{d['model']}`. "
          "Produced by `benchmarks/longitudinal.py` (method in its docstring). Errors: mean displacement (mm) "
          "in the brain of the pair's first image.", ""]

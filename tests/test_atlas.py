@@ -112,6 +112,7 @@ def test_builder_keeps_world_positions_and_folds_labels():
     np.testing.assert_allclose(crop_affine @ [*ijk, 1], affine @ [12, 10, 8, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_atlas_registered_to_its_own_image_gives_back_its_labels():
     """An atlas moved onto its own synthetic image (2 mm network grid, as
@@ -146,6 +147,7 @@ def seg_model_with_atlas(random_seg_model, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_segment_with_atlas_keeps_labels_and_geometry(seg_model_with_atlas, tmp_path, capsys):
     model = load_model(seg_model_with_atlas)
@@ -177,6 +179,7 @@ def test_atlases_option_out_of_range_is_one_line_error(tiny_seg_model, tmp_path,
     assert not (tmp_path / "s.nii.gz").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_no_brain_for_the_atlases_falls_back_with_a_warning(tmp_path, capsys):
     """An image the registration finds no brain in (uniform noise) is still

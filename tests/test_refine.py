@@ -1,7 +1,6 @@
 """Intensity refinement of segmentation posteriors (synthtools.seg.refine)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

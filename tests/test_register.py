@@ -597,6 +597,7 @@ def test_dilate_cube_equals_max_pooling(radius):
     assert torch.equal(dilate_cube(mask, radius), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["rigid", "affine"])
 def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     """The shipped model on the bundled clinical FLAIR (4 mm slices): the
@@ -623,6 +624,7 @@ def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     assert err.max() < 0.75, err
 
 
+@pytest.mark.slow
 def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
     """In joint mode the affine step drops its last (native-grid) level:
     the deformable fit absorbs that residual. ``native_level=False`` equals

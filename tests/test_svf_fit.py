@@ -146,6 +146,7 @@ def test_register_deform_with_the_shipped_affine_model_recovers_a_world_warp():
     assert reg.inverse is not None and reg.inverse.grid.same_grid(as_geometry(moving))
 
 
+@pytest.mark.slow
 def test_cli_joint_with_the_shipped_models_writes_fixed_grid_outputs(tmp_path, capsys):
     """``synthmorph register`` (default mode joint, no --model) on the bundled
     scan and a re-posed, inverted-contrast copy: the moved image is on the
