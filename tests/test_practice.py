@@ -4,7 +4,6 @@ diagnostic, range sweeps and pilot presets -- all on tiny volumes and nets."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_training import tiny_cfg  # noqa: E402
-from conftest import write_label_map  # noqa: E402
+from conftest import write_label_map  # noqa: E402  (tests/ is on sys.path)
+from helpers import tiny_cfg  # noqa: E402
 
 from synthtools.io import load_volume  # noqa: E402
 from synthtools.nets.unet import UNet  # noqa: E402

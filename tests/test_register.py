@@ -6,7 +6,6 @@ and the Lesjak reference convention (skipped without ../shared/data)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,9 +22,8 @@ from synthtools.nets.registration import (BarycenterAffine, SVFNet, barycenters,
 from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, jacobian_determinant, warp_image
 from synthtools.weights import Model, load_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_morph_transforms import affine_of, one_error_line, rotation, synthmorph  # noqa: E402
-from conftest import write_label_map  # noqa: E402
+from conftest import rotation, write_label_map  # noqa: E402  (tests/ is on sys.path)
+from helpers import affine_of, one_error_line, synthmorph, tiny_reg_cfg  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -400,14 +398,6 @@ def test_feature_deform_recipe_trains_from_the_affine_model_and_exports(pair, tm
 
 
 # ---------------------------------------------------------------- tiny training + CLI
-
-def tiny_reg_cfg(name, label_dir):
-    from synthtools.training.recipes import load_config
-    return load_config(name, {
-        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
-        "model.keypoints": 8, "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0,
-        "train.log_every": 1, "train.threads": 1, "validation.cases": [], "train.init": ""})
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:

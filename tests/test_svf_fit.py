@@ -153,16 +153,14 @@ def test_cli_joint_with_the_shipped_models_writes_fixed_grid_outputs(tmp_path, c
     fixed grid, the warp file reads back on the fixed grid, and the inverse
     warp on the moving grid; the moved image correlates with the fixed one
     far better than the unregistered copy."""
-    import sys
-    from pathlib import Path
 
     import nibabel as nib
 
     from synthtools.conform import resample
     from synthtools.data import example_scan
     from synthtools.morph.formats import read_transform
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_morph_transforms import rotation, synthmorph
+    from conftest import rotation
+    from helpers import synthmorph
     fixed = load_volume(example_scan())
     data = np.asarray(fixed.data, np.float32)
     centre = fixed.affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + fixed.affine[:3, 3]

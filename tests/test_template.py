@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,9 +22,8 @@ from synthtools.morph import as_geometry, read_transform
 from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, ring_edges, solve_poses,
                                        template_grid, template_image)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import rotation  # noqa: E402
-from test_morph_transforms import one_error_line, synthmorph  # noqa: E402
+from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
+from helpers import one_error_line, synthmorph  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,15 +10,8 @@ import torch
 
 from synthtools.weights import load_model
 from synthtools.training.loop import average_weights, export, lr_at, train
-from synthtools.training.recipes import get_recipe, load_config
-
-
-def tiny_cfg(name, label_dir):
-    return load_config(name, {
-        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
-        "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0, "train.log_every": 1,
-        "train.threads": 1, "train.init": "", "validation.cases": [],   # tiny nets: no shipped init fits
-        "model.deep_supervision": 0, "train.batch": 1, "recipe.ndim": 3})   # two levels leave none to supervise
+from synthtools.training.recipes import get_recipe
+from helpers import tiny_cfg  # (tests/ is on sys.path)
 
 
 @pytest.mark.parametrize("name", ["skullstrip", "segment"])
@@ -162,7 +155,7 @@ def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
 def test_best_validation_of_an_error_metric_is_the_smallest(label_dir, tmp_path):
     """Registration validates an error in mm: best.pt keeps the lowest."""
     from synthtools.training.recipes.register import LinearRecipe
-    from test_register import tiny_reg_cfg
+    from helpers import tiny_reg_cfg
     cfg = tiny_reg_cfg("rigid", label_dir)
     cfg["train"].update(val_every=2)
     recipe = get_recipe(cfg)
