@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    train = ["-m", "training.cli", "train", "skullstrip", "--steps", str(a.steps), "--set", *OVERRIDES]
+    train = ["-m", "synthtools.training.cli", "train", "skullstrip", "--steps", str(a.steps), "--set", *OVERRIDES]
     with tempfile.TemporaryDirectory() as tmp:
         one, two = Path(tmp) / "one", Path(tmp) / "two"
         wall_one = run([sys.executable, *train[:4], "-o", str(one), *train[4:], "train.batch=2", "train.threads=2"], 2)

@@ -6,7 +6,7 @@ simulated T1/T2/PD, crisp tissue classes), in both directions, same and
 cross contrast. Score: Dice of the moving image's labels moved into the
 fixed space (nearest neighbour) against the fixed image's labels, per tissue
 class (the aseg merged into BrainWeb's CSF / GM / WM with
-``training.validation.tissue_classes``). GM and WM are the headline; the
+``synthtools.training.validation.tissue_classes``). GM and WM are the headline; the
 aseg's CSF label covers little of BrainWeb's CSF class, so CSF Dice is low
 for every method and only shown. Folding: fraction of voxels of the fixed
 grid whose Jacobian determinant of the map is <= 0.
@@ -60,7 +60,7 @@ CLASSES = {"CSF": 1, "GM": 2, "WM": 3}
 def load_pairs(root: Path) -> list[dict]:
     """(moving, fixed) pairs with labels as BrainWeb classes (0 other, 1-3)."""
     from synthtools.io import load_volume
-    from training.validation import tissue_classes
+    from synthtools.training.validation import tissue_classes
     if not all((root / p).exists() for p in (*VXM, *BRAINWEB["T1"])):
         return []
 
@@ -81,7 +81,7 @@ def load_pairs(root: Path) -> list[dict]:
 
 
 def score(moved: np.ndarray, ref: np.ndarray) -> dict:
-    from training.validation import dice
+    from synthtools.training.validation import dice
     out = {c: round(dice(moved == k, ref == k), 4) for c, k in CLASSES.items()}
     out["gm_wm"] = round((out["GM"] + out["WM"]) / 2, 4)
     return out
@@ -94,7 +94,7 @@ def folding(warp) -> float:
     import torch
 
     from synthtools.morph.transforms import to_dense
-    from synthtools.nets.warp import jacobian_determinant
+    from synthtools.warp import jacobian_determinant
     coords = torch.from_numpy(to_dense(warp, warp.grid)).movedim(0, -1)   # moving RAS mm per fixed voxel
     det = jacobian_determinant(coords) * np.sign(np.linalg.det(warp.grid.affine[:3, :3]))
     return float((det <= 0).double().mean())
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     import torch
 
-    from training.validation import data_root
+    from synthtools.training.validation import data_root
     torch.set_num_threads(a.threads)
     pairs = load_pairs(data_root())
     if not pairs:

@@ -2,7 +2,7 @@
 
 Times the FULL pipeline (label map in memory -> corrupted image) of
 
-  ours        training.generator.synth.Synthesizer with the default SynthConfig
+  ours        synthtools.training.generator.synth.Synthesizer with the default SynthConfig
               (affine + SVF warp + FOV + GMM + bias + blur + noise + gamma +
               downsampling + crop), one nearest-neighbour resampling of labels;
   torchio     the closest tio.Compose (RandomAffine, RandomElasticDeformation,
@@ -58,7 +58,7 @@ RESULT_TAG = "@@GENBENCH "  # prefix of the worker's result line on stdout
 # ----------------------------------------------------------------- helpers
 
 def default_label_map() -> Path:
-    from training.validation import data_root
+    from synthtools.training.validation import data_root
     return data_root() / MAP_REL
 
 
@@ -82,8 +82,8 @@ def load_map(path) -> tuple:
     if str(path).endswith(".npz"):
         with np.load(path) as z:
             return torch.from_numpy(z["index_map"].copy()), tuple(float(v) for v in z["voxsize"])
-    from training.generator.dataset import load_index_map
-    from training.generator.labels import LabelSet
+    from synthtools.training.generator.dataset import load_index_map
+    from synthtools.training.generator.labels import LabelSet
     return load_index_map(str(path), LabelSet())
 
 
@@ -114,8 +114,8 @@ def _grid(index_map, voxsize, size: int) -> tuple[int, float]:
 
 def build_ours(index_map, voxsize, size: int):
     import torch
-    from training.generator.labels import LabelSet
-    from training.generator.synth import Synthesizer, SynthConfig, generator
+    from synthtools.training.generator.labels import LabelSet
+    from synthtools.training.generator.synth import Synthesizer, SynthConfig, generator
     stride, v = _grid(index_map, voxsize, size)
     synth = Synthesizer(SynthConfig(), num_labels=len(LabelSet()))
     out_shape, out_vox = (size,) * 3, (v,) * 3

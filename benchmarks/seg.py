@@ -1,14 +1,14 @@
 """Benchmark of whole-brain segmentation: ours against single-atlas ANTs SyN.
 
 Accuracy (default) on the real labelled validation cases
-(``training.validation.SEG_CASES``, never trained on):
+(``synthtools.training.validation.SEG_CASES``, never trained on):
 
   vxm_T1            voxelmorph test scan (skull-stripped T1, FreeSurfer aseg):
                     Dice per SynthSeg label present in the aseg, their mean,
                     the mean over the large structures, and WM/GM/CSF tissue
                     Dice (both label maps merged into tissue classes). Also
                     "*_protocol": the same against the aseg relabelled into
-                    the training protocol (training.validation.aseg_in_protocol:
+                    the training protocol (synthtools.training.validation.aseg_in_protocol:
                     choroid plexus in the lateral ventricles, corpus callosum
                     and WM hypointensities in the white matter), which no
                     SynthSeg-protocol segmenter can otherwise match;
@@ -21,8 +21,8 @@ Methods, both scored on the target's own grid:
          atlases=N).labels (``--model``, default the shipped 'synthseg'), the
          whole image as given, with the CLI's defaults: the left/right
          test-time flip, the model's default number N of atlases
-         (synthtools/atlas.py) and the intensity refinement
-         (synthtools/refine.py). Reported beside them: the same without
+         (synthtools/seg/atlas.py) and the intensity refinement
+         (synthtools/seg/refine.py). Reported beside them: the same without
          atlases (a second run), and the network's own labels (the first
          run's network posteriors, no atlas, no refinement);
   ants   ANTsPy (antspyx) ``registration(type_of_transform="SyN")`` (Mattes
@@ -31,13 +31,13 @@ Methods, both scored on the target's own grid:
          ``genericLabel`` interpolation. We have no second real scan with an
          aseg, so the atlas is ``label_maps/training_seg_01`` (an aseg-style
          whole-head map, 1 mm) rendered as a T1-like image with the fixed
-         intensities of ``synthtools.atlas.T1_INTENSITY`` (blurred by 1 voxel)
+         intensities of ``synthtools.seg.atlas.T1_INTENSITY`` (blurred by 1 voxel)
          and reduced to the brain. The atlas is skull-stripped, so for the
          whole-head BrainWeb targets the peer gets the target multiplied by
          the dataset's intracranial mask: generous to the peer, which never
          sees skull or neck (ours does).
 
-Contrast consistency (``training.validation.CONSISTENCY_SETS``, no manual
+Contrast consistency (``synthtools.training.validation.CONSISTENCY_SETS``, no manual
 labels): tissue-class Dice between our labels on the T1 and on each other
 contrast of one anatomy (SPM avg152 T1/T2/PD on one grid; Lesjak study 1
 and 2 T1W/T2W/FLAIR lined up by the dataset's own transforms), for the
@@ -80,7 +80,7 @@ def score(pred, ref, kind: str) -> dict:
     """Dice of one prediction on the target grid (see the module docstring)."""
     import numpy as np
 
-    from training.validation import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
+    from synthtools.training.validation import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
     out = {}
     if kind == "aseg":
         for suffix, labels in (("", ref), ("_protocol", aseg_in_protocol(ref))):
@@ -97,7 +97,7 @@ def load_cases(root: Path) -> list[dict]:
     import numpy as np
 
     from synthtools.io import load_volume
-    from training.validation import SEG_CASES
+    from synthtools.training.validation import SEG_CASES
     cases = []
     for c in SEG_CASES:
         if not c.available(root):
@@ -115,8 +115,8 @@ def run_ours(model_name: str, cases: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_name)
     setup = time.perf_counter() - t0
-    from synthtools.atlas import default_atlases
-    from synthtools.seg import _map_to_native
+    from synthtools.seg.atlas import default_atlases
+    from synthtools.seg.segmenter import _map_to_native
     atlases = default_atlases(model)
     res, network, plain = {}, {}, {}
     for c in cases:
@@ -141,7 +141,7 @@ def run_consistency(model, atlases) -> dict:
     """Tissue-class Dice between our labels on different real contrasts of one
     anatomy (see the module docstring): the full pipeline and the network alone."""
     from synthtools.seg import segment
-    from training.validation import score_consistency
+    from synthtools.training.validation import score_consistency
     pipeline = score_consistency(lambda vol: segment(model, vol, flip=True, refine=True, atlases=atlases).labels)
     alone = score_consistency(lambda vol: segment(model, vol, flip=True).labels)
     return {"pipeline": {k: round(v, 4) for k, v in pipeline.items()},
@@ -153,8 +153,8 @@ def make_atlas(root: Path, tmp: Path) -> tuple[Path, Path]:
     import nibabel as nib
     import numpy as np
 
-    from synthtools.atlas import atlas_image
-    from training.atlases import synthseg_labels
+    from synthtools.seg.atlas import atlas_image
+    from synthtools.training.atlases import synthseg_labels
     img = nib.load(str(root / ATLAS_MAP))
     seg = synthseg_labels(np.rint(np.asanyarray(img.dataobj)).astype(np.int32))
     t1 = atlas_image(seg.astype(np.int32))
@@ -171,7 +171,7 @@ def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
     if missing:
         return missing
     from synthtools.io import load_volume
-    from training.validation import STRIP_CASES
+    from synthtools.training.validation import STRIP_CASES
     res = {}
     with tempfile.TemporaryDirectory(prefix="segbench-") as tmp:
         tmp = Path(tmp)
@@ -218,7 +218,7 @@ def markdown(data: dict) -> str:
              "intensity refinement); 'no atlases' the same without the atlases (`--atlases 0`); 'network only' "
              "the network's posteriors alone. '*_protocol': against the aseg relabelled into the training "
              "label protocol (choroid plexus in the lateral ventricles, corpus callosum and WM "
-             "hypointensities in the white matter; `training.validation.aseg_in_protocol`); the plain "
+             "hypointensities in the white matter; `synthtools.training.validation.aseg_in_protocol`); the plain "
              "'mean'/'large' are the issue's metric.", "",
              "| case | metric | ours | no atlases | network only | ANTs SyN atlas |", "|---|---|---|---|---|---|"]
     net, plain = ours.get("network_only", {}), ours.get("no_atlases", {})
@@ -243,7 +243,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Dice per label, vxm_T1 (last column: ours against the aseg in the training protocol):",
                   "", "| label | ours | no atlases | network only | ANTs | ours, protocol |",
                   "|---|---|---|---|---|---|"]
-        from synthtools.lut import names_for
+        from synthtools.seg.lut import names_for
         for k, v in r["label_dice"].items():
             lines.append(f"| {k} {names_for([int(k)])[0]} | {v:.3f} | {p.get(k, float('nan')):.3f} | "
                          f"{n.get(k, float('nan')):.3f} | {a.get('label_dice', {}).get(k, float('nan')):.3f} | "
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     import torch
 
-    from training.validation import data_root
+    from synthtools.training.validation import data_root
     torch.set_num_threads(a.threads)
     root = data_root()
     cases = load_cases(root)

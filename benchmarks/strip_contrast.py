@@ -1,7 +1,7 @@
 """Does the brain mask depend on the contrast? One anatomy, five sequences.
 
 BrainWeb subject04's crisp tissue model (1 mm, 12 classes) is imaged with the
-signal equations of ``training.generator.mr_contrast.signal`` under BrainWeb's
+signal equations of ``synthtools.training.generator.mr_contrast.signal`` under BrainWeb's
 own tissue parameters and five fixed textbook protocols (T1w spoiled gradient
 echo, MPRAGE, T2w and PD spin echo, FLAIR), with 3 % Rician noise. The
 anatomy is the same in every image, so a mask that follows the anatomy has
@@ -50,7 +50,7 @@ PROTOCOLS = {
 
 def tissue_image(labels: np.ndarray, sequence: str, settings: dict, rng: np.random.Generator) -> np.ndarray:
     """The class map imaged with one protocol, 3 % Rician noise (of the maximum)."""
-    from training.generator.mr_contrast import signal
+    from synthtools.training.generator.mr_contrast import signal
     t1, t2, pd = (torch.from_numpy(BRAINWEB_TISSUES[:, k]) for k in range(3))
     # Signal-less classes (air, bone, vessels) have T1 = T2 = 0: give them
     # finite times, their PD of 0 keeps them dark.
@@ -72,7 +72,7 @@ def main() -> int:
     from synthtools.io import load_volume
     from synthtools.strip import channel_of
     from synthtools.weights import load_model
-    from training.validation import data_root, dice, neck_crop
+    from synthtools.training.validation import data_root, dice, neck_crop
     root = data_root() / CASE
     if not (root / "crisp_labels_1mm_majority.nii.gz").is_file():
         raise SystemExit(f"BrainWeb subject04 not found under {root}")

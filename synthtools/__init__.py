@@ -1,6 +1,8 @@
 """synthtools: pretrained, domain-randomized neuroimaging models in pure PyTorch."""
 from __future__ import annotations
 
+from importlib import import_module as _import_module
+
 
 def _version() -> str:
     """The installed distribution's version; from a source tree, pyproject.toml's."""
@@ -23,8 +25,6 @@ def _version() -> str:
 
 
 __version__ = _version()
-
-from importlib import import_module as _import_module
 
 # --- Python API (synthtools.api): synthtools.strip(img), synthtools.segment(img),
 # synthtools.register(moving, fixed, mode=...). Imported on first use, so that

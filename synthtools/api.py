@@ -264,7 +264,7 @@ def segment(image: ImageInput, *, flip: bool = True, refine: bool = True, bias_f
     posteriors (C float32 volumes of the input's size); ``model``: default
     the shipped ``synthseg``; ``device``, ``threads``: as :func:`strip`.
     """
-    from .atlas import atlas_files, default_atlases
+    from .seg.atlas import atlas_files, default_atlases
     from .seg import qc_scores, segment as segment_volume, total_intracranial
 
     _set_threads(threads)
@@ -312,12 +312,12 @@ class RegisterOutput:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the transform: .lta or ITK .txt/.tfm (rigid/affine), .nii.gz or .mgz warp (deform/joint)."""
-        from .morph.transforms import write_transform
+        from .morph.formats import write_transform
         return write_transform(self.transform, path, fixed=self.fixed_geometry, moving=self.moving_geometry)
 
     def save_inverse(self, path: str | os.PathLike) -> str:
         """Write the inverse transform (fixed -> moving); needs ``inverse=True``."""
-        from .morph.transforms import write_transform
+        from .morph.formats import write_transform
         if self.inverse is None:
             raise ValueError("no inverse transform: call register(..., inverse=True)")
         return write_transform(self.inverse, path, fixed=self.moving_geometry, moving=self.fixed_geometry)
@@ -353,7 +353,8 @@ def register(moving: ImageInput, fixed: ImageInput, mode: str = "joint", *, init
     its first frame.
     """
     from .morph.register import register as register_volumes
-    from .morph.transforms import Affine, apply_transform, as_geometry, read_transform
+    from .morph.formats import read_transform
+    from .morph.transforms import Affine, apply_transform, as_geometry
 
     if mode not in REGISTRATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(REGISTRATION_MODES)}, got {mode!r}")

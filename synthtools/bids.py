@@ -207,7 +207,7 @@ def _existing_models(path: str) -> dict[str, Any]:
 
 def dseg_table(label_names: Mapping[int, str]) -> str:
     """The ``dseg.tsv`` label table: index, name, colour (#RRGGBB, FreeSurfer's)."""
-    from .lut import color
+    from .seg.lut import color
     rows = [(v, n, "#{:02X}{:02X}{:02X}".format(*color(v))) for v, n in sorted(label_names.items())]
     return _tsv(["index", "name", "color"], rows)
 

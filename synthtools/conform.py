@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .nets.warp import grid_sample
+from .warp import grid_sample
 
 __all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis",
            "field_of_view_mm", "check_field_of_view", "model_min_extent", "MIN_EXTENT_MM"]

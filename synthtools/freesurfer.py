@@ -234,7 +234,7 @@ def load_freesurfer_seg(path: str | os.PathLike, device: str = "cpu") -> Model:
         load_strict(net, state, "SynthSeg-robust 2.0" if robust else "SynthSeg 2.0")
     except LayoutError as exc:
         raise ModelError(f"{path}: {exc}") from None
-    from .lut import names_for
+    from .seg.lut import names_for
     meta = describe(path, "synthseg", robust=robust)
     meta.update(task="segment",
                 input={"voxsize": 1.0, "orientation": "RAS", "multiple": 32},

@@ -42,8 +42,8 @@ from scipy import ndimage
 
 from .conform import Conformed
 from .io import Volume
-from .lut import names_for
-from .seg import SegResult, _map_to_native, flip_permutation, label_values
+from .seg.lut import names_for
+from .seg.segmenter import SegResult, _map_to_native, flip_permutation, label_values
 from .weights import Model
 
 MULTIPLE = 32           # 2 ** n_levels of mri_synthseg's preprocess (n_levels=5)

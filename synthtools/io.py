@@ -375,7 +375,7 @@ def save_volume(
     uint8 for bools, int32 for 64-bit ints). The write is atomic (temp file in
     the same folder, then rename). ``mgh_tags``: raw FreeSurfer tag bytes
     appended after the MGH footer (e.g. an embedded colour table, see
-    :func:`synthtools.lut.mgh_colortable`); ignored for NIfTI. Returns the path.
+    :func:`synthtools.seg.lut.mgh_colortable`); ignored for NIfTI. Returns the path.
     """
     path = check_output_path(path)
     if not overwrite and os.path.exists(path):

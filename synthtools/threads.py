@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Mapping, MutableMapping, Sequence
+from typing import Mapping, MutableMapping
 
 __all__ = ["granted_threads", "cgroup_cpu_limit", "idle_cpus", "default_threads", "resolve_threads",
            "prepare_environment", "configure_torch", "ThreadGovernor"]

@@ -13,7 +13,7 @@ import torch
 
 from synthtools.nets.unet import UNet
 from synthtools.weights import save_model
-from training.generator.labels import SYNTHSEG_LABELS
+from synthtools.training.generator.labels import SYNTHSEG_LABELS
 
 # Head phantom, in mm from the head centre: brain ellipsoid radii, then a CSF
 # gap and a skull shell around it (distinct radii so axis flips show).
@@ -75,7 +75,7 @@ def random_strip_model(tmp_path_factory) -> Path:
 
 def seg_metadata() -> dict:
     """Segmentation model metadata, as the recipe writes it, at 4 mm for speed."""
-    from synthtools.lut import names_for
+    from synthtools.seg.lut import names_for
     return {
         "task": "segment",
         "input": {"voxsize": 4.0, "orientation": "LIA", "multiple": 2,

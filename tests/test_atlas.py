@@ -1,4 +1,4 @@
-"""The multi-atlas prior of synthseg (synthtools.atlas) and the atlas
+"""The multi-atlas prior of synthseg (synthtools.seg.atlas) and the atlas
 builder (training/atlases.py): soft labels, the prior's arithmetic, label
 transfer through a registration, and the ``--atlases`` option."""
 from __future__ import annotations
@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from conftest import assert_same_geometry  # noqa: E402  (tests/ is on sys.path)
-from synthtools.atlas import AtlasPrior, MovedAtlas, apply_prior, atlas_files, atlas_image, move_atlases, soft_labels
+from synthtools.seg.atlas import AtlasPrior, MovedAtlas, apply_prior, atlas_files, atlas_image, move_atlases, soft_labels
 from synthtools.morph.transforms import Warp
 from synthtools.cli import seg as cli
 from synthtools.conform import conform
 from synthtools.io import Volume, load_volume
 from synthtools.seg import segment
 from synthtools.weights import load_model, models_dir
-from training.atlases import crop_to_brain, synthseg_labels
-from training.generator.labels import SYNTHSEG_LABELS
+from synthtools.training.atlases import crop_to_brain, synthseg_labels
+from synthtools.training.generator.labels import SYNTHSEG_LABELS
 
 LABELS = np.array(SYNTHSEG_LABELS)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,6 +112,7 @@ def test_builder_keeps_world_positions_and_folds_labels():
     np.testing.assert_allclose(crop_affine @ [*ijk, 1], affine @ [12, 10, 8, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_atlas_registered_to_its_own_image_gives_back_its_labels():
     """An atlas moved onto its own synthetic image (2 mm network grid, as
@@ -146,6 +147,7 @@ def seg_model_with_atlas(random_seg_model, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_segment_with_atlas_keeps_labels_and_geometry(seg_model_with_atlas, tmp_path, capsys):
     model = load_model(seg_model_with_atlas)
@@ -177,6 +179,7 @@ def test_atlases_option_out_of_range_is_one_line_error(tiny_seg_model, tmp_path,
     assert not (tmp_path / "s.nii.gz").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (models_dir() / "synthseg" / "metadata.json").is_file(), reason="no shipped synthseg")
 def test_no_brain_for_the_atlases_falls_back_with_a_warning(tmp_path, capsys):
     """An image the registration finds no brain in (uniform noise) is still

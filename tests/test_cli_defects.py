@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_geometry, files_under, strip_metadata, threshold_unet  # noqa: E402
+from conftest import assert_same_geometry, files_under  # noqa: E402
 from synthtools.cli import morph as morph_cli
 from synthtools.cli import seg as seg_cli
 from synthtools.cli import strip as strip_cli
 from synthtools.io import load_volume
 from synthtools.morph import Affine, write_transform
-from synthtools.weights import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "validation"
@@ -319,7 +318,7 @@ def test_matplotlib_is_a_runtime_dependency():
 def test_plots_are_not_skipped_silently(monkeypatch, tmp_path):
     """Without matplotlib the sweep and training-curve plots raise instead of
     returning without their PNG."""
-    from training import loop, sweep
+    from synthtools.training import loop, sweep
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError):

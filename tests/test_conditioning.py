@@ -13,9 +13,9 @@ import torch
 
 from synthtools.nets.unet import UNet
 from synthtools.weights import Model, load_model, save_model
-from training.loop import lr_at, make_optimizer, train
-from training.recipes import get_recipe, load_config
-from training.recipes.segment import deep_supervision_loss, segmentation_loss
+from synthtools.training.loop import lr_at, make_optimizer, train
+from synthtools.training.recipes import get_recipe, load_config
+from synthtools.training.recipes.segment import deep_supervision_loss, segmentation_loss
 
 
 def tiny_seg_cfg(label_dir, **extra):
@@ -158,7 +158,7 @@ def test_2d_recipe_records_three_axis_fusion_in_bf16(label_dir):
 
 def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift(tmp_path):
     import nibabel as nib
-    from training.validation import ConsistencySet, score_consistency, tissue_consistency
+    from synthtools.training.validation import ConsistencySet, score_consistency, tissue_consistency
     lab = np.zeros((24, 24, 24), np.int32)
     lab[4:20, 4:20, 4:20] = 24    # CSF
     lab[6:18, 6:18, 6:18] = 3     # cortex
@@ -184,7 +184,7 @@ def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift
 def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
     """The GPU burst command, dry-run on the CPU at a tiny size: it reads
     the run's own config, resumes its checkpoint and writes it back."""
-    from training.cli import main
+    from synthtools.training.cli import main
     run = tmp_path / "run"
     cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.warmup": 2, "train.schedule": "cosine",
                                      "train.steps": 20, "train.device": "cpu"})
@@ -202,7 +202,7 @@ def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
 def test_compact_checkpoint_resumes_with_a_rewarm(label_dir, tmp_path):
     """The committed form of a run: fp16 weights and EMA, no optimizer;
     training resumes from it, rebuilding Adam and easing the rate back in."""
-    from training.loop import REWARM_STEPS, compact_checkpoint, rewarm
+    from synthtools.training.loop import REWARM_STEPS, compact_checkpoint, rewarm
     cfg = tiny_seg_cfg(label_dir, **{"train.optimizer": "adamw", "train.ema": 0.9})
     run = tmp_path / "run"
     train(get_recipe(cfg), run, steps=3, log=lambda *a: None)
@@ -235,7 +235,7 @@ def test_bundled_segment_recipe_is_the_fused_2d_design():
 def test_final_checkpoint_survives_the_dataloader_worker_dying_on_sigterm(tmp_path, monkeypatch):
     """scancel/pkill signal the whole process group: the DataLoader worker
     dies too and torch raises inside the final save; it is retried."""
-    import training.loop as loop
+    import synthtools.training.loop as loop
     calls = []
     real = loop._save_checkpoint
 

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from training.generator.dataset import LabelMapDataset
-from training.loop import state_digest, train
-from training.recipes import get_recipe, load_config
+from synthtools.training.generator.dataset import LabelMapDataset
+from synthtools.training.loop import state_digest, train
+from synthtools.training.recipes import get_recipe, load_config
 
 from conftest import write_label_map  # noqa: E402  (tests/ is on sys.path)
 
@@ -57,7 +57,7 @@ def torchrun(config: Path, run: Path, steps: int) -> subprocess.CompletedProcess
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(config), "-o", str(run), "--steps", str(steps)]
+           "-m", "synthtools.training.cli", "train", str(config), "-o", str(run), "--steps", str(steps)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -261,7 +261,7 @@ def test_synthseg_layout_tables_load_through_the_keras_path(robust, tmp_path):
 
 
 def test_synthseg_label_list_is_the_shipped_models():
-    from training.generator.labels import SYNTHSEG_LABELS as OURS
+    from synthtools.training.generator.labels import SYNTHSEG_LABELS as OURS
     assert list(SYNTHSEG_LABELS) == sorted(OURS) and len(SYNTHSEG_LABELS) == 33
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.generator import corrupt, noise, spatial
-from training.generator.labels import LabelSet, load_priors_mapping, synthetic_label_map, SYNTHSEG_LABELS
-from training.generator.synth import SynthConfig, Synthesizer, generator
-from training.validation import data_root
+from synthtools.training.generator import corrupt, noise, spatial
+from synthtools.training.generator.labels import LabelSet, load_priors_mapping, synthetic_label_map, SYNTHSEG_LABELS
+from synthtools.training.generator.synth import SynthConfig, Synthesizer, generator
+from synthtools.training.validation import data_root
 
 
 def spheres(shape=(40, 44, 36), values=(0, 1, 2, 3, 4)) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_real_label_map_sample_at_2mm():
     path = data_root() / "label_maps" / "training_seg_01.nii.gz"
     if not path.exists():
         pytest.skip("shared label maps not available")
-    from training.generator.dataset import load_index_map
+    from synthtools.training.generator.dataset import load_index_map
     ls = LabelSet()
     idx, vox = load_index_map(str(path), ls)
     out = Synthesizer(SynthConfig(), num_labels=len(ls))(idx, vox, generator(0), out_shape=(64, 64, 64),
@@ -164,7 +164,7 @@ def test_real_label_map_sample_at_2mm():
 
 
 def test_same_anatomy_pair_ground_truth_aligns_labels():
-    from training.generator.pairs import same_anatomy_pair, two_anatomy_pair
+    from synthtools.training.generator.pairs import same_anatomy_pair, two_anatomy_pair
     idx = spheres((40, 44, 36), values=(0, 1, 2, 3, 4, 5))
     cfg = SynthConfig(affine=spatial.RandomAffine(translation=(-5, 5), rotation=(-15, 15)),
                       warp=spatial.RandomWarp(strength=(0, 4), points=(2, 4)))
@@ -197,8 +197,8 @@ def test_same_anatomy_pair_ground_truth_aligns_labels():
 
 
 def test_ct_like_gmm_makes_bone_brightest_and_brain_narrow():
-    from training.generator.intensity import RandomGMM
-    from training.generator.labels import GENERATION_LABELS
+    from synthtools.training.generator.intensity import RandomGMM
+    from synthtools.training.generator.labels import GENERATION_LABELS
     values = torch.as_tensor(GENERATION_LABELS)
     gmm = RandomGMM(ct_prob=1.0, values=GENERATION_LABELS)
     brain = (values > 0) & (values < 500)
@@ -217,9 +217,9 @@ def test_ct_like_gmm_makes_bone_brightest_and_brain_narrow():
 
 
 def test_mr_physics_gmm_gives_the_contrasts_of_real_sequences():
-    from training.generator.intensity import RandomGMM
-    from training.generator.labels import GENERATION_LABELS
-    from training.generator.mr_contrast import TISSUE, random_settings, signal
+    from synthtools.training.generator.intensity import RandomGMM
+    from synthtools.training.generator.labels import GENERATION_LABELS
+    from synthtools.training.generator.mr_contrast import TISSUE, random_settings, signal
     values = torch.as_tensor(GENERATION_LABELS)
     idx = {v: int((values == v).nonzero()) for v in (2, 3, 24, 515)}   # WM, cortex, CSF, skull
     gmm = RandomGMM(mr_prob=1.0, values=GENERATION_LABELS)

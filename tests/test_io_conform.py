@@ -429,7 +429,7 @@ def test_threaded_grid_sample_equals_a_single_batch_item(target, monkeypatch):
     including lengths that do not divide evenly."""
     import torch.nn.functional as F
 
-    from synthtools.nets import warp
+    from synthtools import warp
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -21,21 +21,12 @@ from synthtools.io import InputError, load_volume
 from synthtools.morph import (Affine, Geometry, Warp, apply_transform, compose, invert, read_transform,
                               to_dense, update_header, write_transform)
 from conftest import files_under  # noqa: E402  (tests/ is on sys.path)
+from helpers import affine_of, one_error_line, synthmorph  # noqa: E402
 
 LABELS = (0, 3, 17, 41)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# ---------------------------------------------------------------- helpers --
-
-def affine_of(lin: np.ndarray, center, shape) -> np.ndarray:
-    """vox2ras with linear part ``lin`` whose grid centre lies at ``center``."""
-    aff = np.eye(4)
-    aff[:3, :3] = lin
-    aff[:3, 3] = np.asarray(center) - lin @ ((np.asarray(shape) - 1) / 2)
-    return aff
 
 
 FIXED_SHAPE = (20, 22, 18)
@@ -83,24 +74,6 @@ def smooth_warp(grid: Geometry, amplitude=3.0) -> Warp:
     disp = amplitude * np.stack([np.sin(idx[..., 1]), np.cos(idx[..., 2]), np.sin(idx[..., 0] + idx[..., 2])], -1)
     return Warp(disp.astype(np.float32), grid)
 
-
-def synthmorph(*args, capsys=None) -> tuple[int, str]:
-    try:
-        cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:  # pragma: no cover
-        raise AssertionError("main() returned instead of exiting")
-    err = capsys.readouterr().err if capsys is not None else ""
-    return code, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("synthmorph: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ diagnostic, range sweeps and pilot presets -- all on tiny volumes and nets."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,18 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_training import tiny_cfg  # noqa: E402
-from conftest import write_label_map  # noqa: E402
+from conftest import write_label_map  # noqa: E402  (tests/ is on sys.path)
+from helpers import tiny_cfg  # noqa: E402
 
 from synthtools.io import load_volume  # noqa: E402
 from synthtools.nets.unet import UNet  # noqa: E402
-from training.cli import main  # noqa: E402
-from training.generator.dataset import sample_seed  # noqa: E402
-from training.generator.noise import randint  # noqa: E402
-from training.generator.synth import generator  # noqa: E402
-from training.loop import train  # noqa: E402
-from training.recipes import get_recipe, load_config  # noqa: E402
+from synthtools.training.cli import main  # noqa: E402
+from synthtools.training.generator.dataset import sample_seed  # noqa: E402
+from synthtools.training.generator.rng import randint  # noqa: E402
+from synthtools.training.generator.synth import generator  # noqa: E402
+from synthtools.training.loop import train  # noqa: E402
+from synthtools.training.recipes import get_recipe, load_config  # noqa: E402
 
 QUIET = dict(log=lambda *a, **k: None)
 INTENSITY = {0: 0.0, 502: 40.0, 24: 15.0, 3: 60.0, 42: 60.0, 2: 100.0, 41: 100.0}
@@ -60,7 +58,7 @@ def pairs(tmp_path):
 # ---------------------------------------------------------------- mixed data
 
 def test_real_steps_interleave_exactly():
-    from training.realdata import is_real_step
+    from synthtools.training.realdata import is_real_step
     assert [i for i in range(12) if is_real_step(i, 0.25)] == [3, 7, 11]
     assert sum(is_real_step(i, 0.3) for i in range(1000)) == 300
     assert all(is_real_step(i, 1.0) for i in range(10))
@@ -106,8 +104,8 @@ def test_mixed_and_real_only_training(label_dir, pairs, tmp_path, ratio):
 # ---------------------------------------------------------------- validation by domain
 
 def test_group_means():
-    from training.realdata import case_group, with_group_means
-    from training.validation import STRIP_CASES
+    from synthtools.training.realdata import case_group, with_group_means
+    from synthtools.training.validation import STRIP_CASES
     m = with_group_means({"a": 0.8, "b": 0.6, "c_mean": 0.5, "c_large": 0.9, "d_CSF": 0.2, "d_GM": 0.4},
                          {"a": "T1", "b": "T1", "c": "T2", "d": "T2", "missing": "CT"})
     assert m["mean_T1"] == pytest.approx(0.7) and m["mean_T2"] == pytest.approx((0.5 + 0.3) / 2)
@@ -118,8 +116,8 @@ def test_group_means():
 
 
 def test_validation_scores_real_pairs_per_domain(label_dir, pairs, tmp_path):
-    from training.loop import plot_log
-    from training.realdata import read_pairs, score_seg_pairs
+    from synthtools.training.loop import plot_log
+    from synthtools.training.realdata import read_pairs, score_seg_pairs
     cfg = tiny_cfg("skullstrip", label_dir)
     cfg["validation"]["real_pairs"] = str(pairs / "val.csv")
     recipe = get_recipe(cfg)
@@ -144,7 +142,7 @@ def test_validation_scores_real_pairs_per_domain(label_dir, pairs, tmp_path):
 # ---------------------------------------------------------------- invariance
 
 def test_invariance_identical_and_inverted():
-    from training.diagnostics import invariance
+    from synthtools.training.diagnostics import invariance
     torch.manual_seed(0)
     net = UNet(3, 1, 1, features=(4, 8, 8), convs=1).eval()
     g = torch.meshgrid(*[torch.linspace(-1, 1, 24)] * 3, indexing="ij")
@@ -179,7 +177,7 @@ def test_invariance_cli(tmp_path, pairs):
 # ---------------------------------------------------------------- sweeps
 
 def test_sweep_two_values(label_dir, pairs, tmp_path, capsys):
-    from training.presets import dump_toml
+    from synthtools.training.presets import dump_toml
     cfg = tiny_cfg("skullstrip", label_dir)
     cfg["validation"]["real_pairs"] = str(pairs / "val.csv")
     config = tmp_path / "tiny.toml"
@@ -232,7 +230,7 @@ def test_presets(tmp_path):
 
 def test_toml_roundtrip():
     import tomllib
-    from training.presets import dump_toml
+    from synthtools.training.presets import dump_toml
     cfg = {"a": {"x": 1, "y": [1.5, 2], "s": "q\"t", "b": True, "n": None, "sub": {"z": [0, 1]}}, "c": {"k": -1e-3}}
     back = tomllib.loads(dump_toml(cfg, "header\nline two"))
     del cfg["a"]["n"]
@@ -259,7 +257,7 @@ def test_2d_skullstrip_trains(label_dir, pairs, tmp_path):
     # The exported 2D model runs through the ordinary tool path, slice by slice.
     from synthtools.strip import strip
     from synthtools.weights import load_model
-    from training.loop import export
+    from synthtools.training.loop import export
     model = load_model(export(recipe, tmp_path / "run2d", tmp_path / "m2d", "m2d"))
     vol = load_volume(pairs / "s1_image.nii.gz")
     res = strip(model, vol)

@@ -1,11 +1,10 @@
-"""Intensity refinement of segmentation posteriors (synthtools.refine)."""
+"""Intensity refinement of segmentation posteriors (synthtools.seg.refine)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from synthtools.refine import refine_posteriors
+from synthtools.seg.refine import refine_posteriors
 
 
 def _line(boundary_prior: float = 60.0):
@@ -72,7 +71,7 @@ def test_prior_power_weighs_the_prior_against_the_image():
 def test_fit_on_a_subsample_and_in_place(monkeypatch):
     """A large image's model is fitted on a regular subsample and written into
     the prior's memory: the answer stays that of the full fit."""
-    import synthtools.refine as refine
+    import synthtools.seg.refine as refine
     prior, image, truth = _line(boundary_prior=175.0)
     full = refine_posteriors(prior, image)
     monkeypatch.setattr(refine, "FIT_VOXELS", 60)      # every 5th voxel
@@ -88,7 +87,7 @@ def test_twins_share_a_gaussian_so_the_prior_alone_splits_them():
     """Left/right twins (one group) get the same likelihood everywhere: their
     posterior ratio is their prior ratio, whatever the image says."""
     from synthtools.seg import twin_groups
-    from training.generator.labels import SYNTHSEG_LABELS
+    from synthtools.training.generator.labels import SYNTHSEG_LABELS
     groups = twin_groups(SYNTHSEG_LABELS)
     ch = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
     assert groups[ch[41]] == groups[ch[2]] == ch[2] and groups[ch[16]] == ch[16]
@@ -150,7 +149,7 @@ def test_posteriors_hold_no_subnormal_floats():
     """Classes far from a voxel's intensity get a floor of e^-80 relative to
     the winner, not subnormal floats (float32 products over them ran many
     times slower); the argmax is unchanged by the floor."""
-    from synthtools.refine import _normalised_exp_
+    from synthtools.seg.refine import _normalised_exp_
     logp = torch.tensor([[0.0, -50.0, -95.0, -300.0], [-1.0, -2.0, -200.0, -90.0]])
     post = _normalised_exp_(logp.clone())
     tiny = torch.finfo(torch.float32).tiny

@@ -6,7 +6,6 @@ and the Lesjak reference convention (skipped without ../shared/data)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +19,11 @@ from synthtools.morph.refine import PATCHES
 from synthtools.morph.register import register_deform, register_linear
 from synthtools.nets.registration import (BarycenterAffine, SVFNet, barycenters, fit_affine, fit_rigid,
                                           fit_symmetric_affine)
-from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, jacobian_determinant, warp_image
+from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, jacobian_determinant, warp_image
 from synthtools.weights import Model, load_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_morph_transforms import affine_of, one_error_line, rotation, synthmorph  # noqa: E402
-from conftest import write_label_map  # noqa: E402
+from conftest import rotation, write_label_map  # noqa: E402  (tests/ is on sys.path)
+from helpers import affine_of, one_error_line, synthmorph, tiny_reg_cfg  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +149,7 @@ def test_svf_network_integrates_to_a_diffeomorphism():
 
 
 def test_generator_uses_the_same_warp_helpers():
-    from training.generator import spatial
+    from synthtools.training.generator import spatial
     assert spatial.integrate_svf is integrate_svf and spatial.jacobian_determinant is jacobian_determinant
 
 
@@ -299,7 +297,7 @@ def test_svf_network_keeps_its_activation_scale():
 
 
 def test_displacement_error_is_the_mm_distance_to_the_true_position():
-    from training.recipes.register import displacement_error
+    from synthtools.training.recipes.register import displacement_error
     target = identity_grid((6, 7, 8))[0].movedim(-1, 0)[None] + torch.tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1, 1)
     mask = torch.zeros(1, 1, 6, 7, 8, dtype=torch.bool)
     mask[..., 1:4, :, :] = True
@@ -315,8 +313,8 @@ def test_displacement_error_is_the_mm_distance_to_the_true_position():
 
 
 def test_supervised_deform_pairs_carry_the_true_correspondence(tmp_path):
-    from training.recipes import get_recipe
-    from training.recipes.register import soft_dice
+    from synthtools.training.recipes import get_recipe
+    from synthtools.training.recipes.register import soft_dice
     write_label_map(tmp_path / "a.nii.gz")
     cfg = tiny_reg_cfg("deform_warmup", tmp_path)
     cfg["recipe"]["shape"] = [48, 48, 48]      # the whole head: nothing moves in from outside the grid
@@ -341,8 +339,8 @@ def test_supervised_deform_pairs_carry_the_true_correspondence(tmp_path):
 
 
 def test_supervised_deform_warmup_trains_and_its_loss_falls_on_one_pair(tmp_path):
-    from training.loop import train
-    from training.recipes import get_recipe
+    from synthtools.training.loop import train
+    from synthtools.training.recipes import get_recipe
     write_label_map(tmp_path / "a.nii.gz")
     cfg = tiny_reg_cfg("deform_warmup", tmp_path)
     cfg["train"]["lr"] = 1e-3
@@ -381,8 +379,8 @@ def test_feature_svf_network_keeps_its_encoder_frozen_and_matches_svf_interface(
 
 
 def test_feature_deform_recipe_trains_from_the_affine_model_and_exports(pair, tmp_path):
-    from training.loop import export, train
-    from training.recipes import get_recipe
+    from synthtools.training.loop import export, train
+    from synthtools.training.recipes import get_recipe
     write_label_map(tmp_path / "a.nii.gz")
     cfg = tiny_reg_cfg("deform_features", tmp_path)
     cfg["train"]["init"] = "synthmorph-affine"
@@ -401,19 +399,11 @@ def test_feature_deform_recipe_trains_from_the_affine_model_and_exports(pair, tm
 
 # ---------------------------------------------------------------- tiny training + CLI
 
-def tiny_reg_cfg(name, label_dir):
-    from training.recipes import load_config
-    return load_config(name, {
-        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
-        "model.keypoints": 8, "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0,
-        "train.log_every": 1, "train.threads": 1, "validation.cases": [], "train.init": ""})
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Each recipe trained 3 steps and exported: {name: model folder}."""
-    from training.loop import export, train
-    from training.recipes import get_recipe
+    from synthtools.training.loop import export, train
+    from synthtools.training.recipes import get_recipe
     root = tmp_path_factory.mktemp("reg_models")
     maps = root / "maps"
     maps.mkdir()
@@ -555,7 +545,7 @@ def test_lesjak_reference_convention():
     """The dataset's common-space brain mask, pulled into a raw grid with
     the composed reference, reproduces that scan's derived mask exactly."""
     from synthtools.morph.transforms import apply_transform, as_geometry
-    from training.validation import LJ, REG_CASES, data_root, lesjak_common_to_scan, reference_transform
+    from synthtools.training.validation import LJ, REG_CASES, data_root, lesjak_common_to_scan, reference_transform
     root = data_root()
     scan = "study2_T2W"
     files = [root / f"{LJ}common_space/brainmask.nii.gz", root / f"{LJ}derived/{scan}_brainmask_derived.nii.gz"]
@@ -597,6 +587,7 @@ def test_dilate_cube_equals_max_pooling(radius):
     assert torch.equal(dilate_cube(mask, radius), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["rigid", "affine"])
 def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     """The shipped model on the bundled clinical FLAIR (4 mm slices): the
@@ -623,6 +614,7 @@ def test_shipped_model_recovers_a_known_pose_across_contrast(mode):
     assert err.max() < 0.75, err
 
 
+@pytest.mark.slow
 def test_joint_mode_skips_only_the_native_refinement_level(monkeypatch):
     """In joint mode the affine step drops its last (native-grid) level:
     the deformable fit absorbs that residual. ``native_level=False`` equals

@@ -19,13 +19,13 @@ import pytest
 
 from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under,  # noqa: E402  (tests/ is on sys.path)
                       head_phantom)
-from synthtools import lut
+from synthtools.seg import lut
 from synthtools.cli import seg as cli
 from synthtools.conform import axcodes
 from synthtools.io import Volume
 from synthtools.seg import QC_GROUPS, flip_permutation, segment
 from synthtools.weights import load_model
-from training.generator.labels import LEFT_RIGHT, SYNTHSEG_LABELS
+from synthtools.training.generator.labels import LEFT_RIGHT, SYNTHSEG_LABELS
 
 LABELS = np.array(SYNTHSEG_LABELS)
 STRUCTURES = [lut.name(v) for v in SYNTHSEG_LABELS[1:]]
@@ -387,7 +387,7 @@ def test_help_exits_zero(capsys):
 def test_aseg_in_protocol_relabels_by_hemisphere():
     """Choroid plexus joins its ventricle; corpus callosum / WM hypointensities
     join the white matter of their own side; nothing else changes."""
-    from training.validation import aseg_in_protocol, aseg_scores
+    from synthtools.training.validation import aseg_in_protocol, aseg_scores
     ref = np.zeros((20, 8, 8), np.int32)
     ref[2:8] = 2            # left WM at low i
     ref[12:18] = 41         # right WM at high i

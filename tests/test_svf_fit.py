@@ -14,7 +14,7 @@ from synthtools.io import Volume, load_volume
 from synthtools.morph.register import register_deform
 from synthtools.morph.svf_fit import _box_mean, _gradient_penalty, _upsample, fit_svf, local_ncc2, svf_displacement
 from synthtools.morph.transforms import Warp, as_geometry, to_dense
-from synthtools.nets.warp import identity_grid, integrate_svf, jacobian_determinant, warp_image
+from synthtools.warp import identity_grid, integrate_svf, jacobian_determinant, warp_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (40, 44, 36)
@@ -146,22 +146,21 @@ def test_register_deform_with_the_shipped_affine_model_recovers_a_world_warp():
     assert reg.inverse is not None and reg.inverse.grid.same_grid(as_geometry(moving))
 
 
+@pytest.mark.slow
 def test_cli_joint_with_the_shipped_models_writes_fixed_grid_outputs(tmp_path, capsys):
     """``synthmorph register`` (default mode joint, no --model) on the bundled
     scan and a re-posed, inverted-contrast copy: the moved image is on the
     fixed grid, the warp file reads back on the fixed grid, and the inverse
     warp on the moving grid; the moved image correlates with the fixed one
     far better than the unregistered copy."""
-    import sys
-    from pathlib import Path
 
     import nibabel as nib
 
     from synthtools.conform import resample
     from synthtools.data import example_scan
-    from synthtools.morph.transforms import read_transform
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_morph_transforms import rotation, synthmorph
+    from synthtools.morph.formats import read_transform
+    from conftest import rotation
+    from helpers import synthmorph
     fixed = load_volume(example_scan())
     data = np.asarray(fixed.data, np.float32)
     centre = fixed.affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + fixed.affine[:3, 3]

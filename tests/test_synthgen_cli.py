@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training.cli import main
+from synthtools.training.cli import main
 
 
 def label_file(path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +19,11 @@ from scipy.linalg import logm
 from synthtools.conform import resample
 from synthtools.io import InputError, Volume
 from synthtools.morph import as_geometry, read_transform
-from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, resample_input,
-                                       ring_edges, solve_poses, template_grid, template_image)
+from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, ring_edges, solve_poses,
+                                       template_grid, template_image)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import rotation  # noqa: E402
-from test_morph_transforms import one_error_line, synthmorph  # noqa: E402
+from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
+from helpers import one_error_line, synthmorph  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,6 +168,7 @@ def test_copies_of_one_image_give_identity_transforms(model):
         assert brain_disp(q, np.eye(4)) < 0.05
 
 
+@pytest.mark.slow
 @needs_data
 def test_known_motion_permutation_and_inverse_consistency(model):
     moves = [np.eye(4), rigid((8, -5, 6), (6, -8, 5)), rigid((-6, 7, -4), (-7, 4, 9))]
@@ -198,6 +197,7 @@ def test_known_motion_permutation_and_inverse_consistency(model):
     assert min(grid.shape) > 40 and np.allclose(np.abs(np.diag(grid.affine)[:3]), 2.5, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_template_outputs_and_atomic_writes(tmp_path, capsys):
     moves = [np.eye(4), rigid((5, -4, 3), (4, -3, 6))]
@@ -232,6 +232,7 @@ def test_cli_template_outputs_and_atomic_writes(tmp_path, capsys):
     assert not any(n.startswith(".") or "tmp" in n for n in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 @needs_data
 def test_register_middle_moves_both_images_halfway(tmp_path, capsys):
     move = rigid((6, -4, 5), (5, -6, 4))

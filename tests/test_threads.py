@@ -153,7 +153,7 @@ def test_governor_follows_the_cpus_other_processes_leave(monkeypatch):
 
 def test_training_governor_obeys_its_switches(monkeypatch):
     import torch
-    from training.loop import thread_governor
+    from synthtools.training.loop import thread_governor
     monkeypatch.setattr(threads, "granted_threads", lambda *a, **k: 2)
     monkeypatch.delenv("SYNTHTOOLS_LOAD_AWARE", raising=False)
     cpu = torch.device("cpu")

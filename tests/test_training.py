@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from synthtools.weights import load_model
-from training.loop import average_weights, export, lr_at, train
-from training.recipes import get_recipe, load_config
-
-
-def tiny_cfg(name, label_dir):
-    return load_config(name, {
-        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
-        "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0, "train.log_every": 1,
-        "train.threads": 1, "train.init": "", "validation.cases": [],   # tiny nets: no shipped init fits
-        "model.deep_supervision": 0, "train.batch": 1, "recipe.ndim": 3})   # two levels leave none to supervise
+from synthtools.training.loop import average_weights, export, lr_at, train
+from synthtools.training.recipes import get_recipe
+from helpers import tiny_cfg  # (tests/ is on sys.path)
 
 
 @pytest.mark.parametrize("name", ["skullstrip", "segment"])
@@ -83,8 +76,8 @@ def test_exported_weight_average_lies_between_the_two_checkpoints(label_dir, tmp
 
 
 def test_sample_targets(label_dir):
-    from training.generator.dataset import load_index_map
-    from training.generator.synth import generator
+    from synthtools.training.generator.dataset import load_index_map
+    from synthtools.training.generator.synth import generator
     rs = get_recipe(tiny_cfg("skullstrip", label_dir))
     idx, vox = load_index_map(str(label_dir / "a.nii.gz"), rs.labels)
     s = rs.make_sample(idx, vox, generator(0))
@@ -110,7 +103,7 @@ def test_sanity_mode_overfits_one_sample(label_dir, tmp_path):
 
 
 def test_preflight_stops_on_garbage(label_dir):
-    from training.loop import GeneratorCheckError, preflight
+    from synthtools.training.loop import GeneratorCheckError, preflight
     cfg = tiny_cfg("skullstrip", label_dir)
     cfg["generator"] = {"fov": {"proportion": [1.0, 1.0]}}   # crops everything away
     with pytest.raises(GeneratorCheckError, match="no brain"):
@@ -119,7 +112,7 @@ def test_preflight_stops_on_garbage(label_dir):
 
 
 def test_ema_is_the_running_average_of_the_weights():
-    from training.loop import EMA
+    from synthtools.training.loop import EMA
     net = torch.nn.Linear(2, 1)
     with torch.no_grad():
         net.weight.fill_(0.0)
@@ -137,7 +130,7 @@ def test_ema_is_the_running_average_of_the_weights():
 def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
     """best.pt holds the weights of the best validation (here the 2nd of 3),
     export ships them by default, and a resumed run still knows that score."""
-    from training.loop import shipped_state
+    from synthtools.training.loop import shipped_state
     cfg = tiny_cfg("skullstrip", label_dir)
     cfg["train"].update(val_every=2, ema=0.9)
     recipe = get_recipe(cfg)
@@ -161,8 +154,8 @@ def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
 
 def test_best_validation_of_an_error_metric_is_the_smallest(label_dir, tmp_path):
     """Registration validates an error in mm: best.pt keeps the lowest."""
-    from training.recipes.register import LinearRecipe
-    from test_register import tiny_reg_cfg
+    from synthtools.training.recipes.register import LinearRecipe
+    from helpers import tiny_reg_cfg
     cfg = tiny_reg_cfg("rigid", label_dir)
     cfg["train"].update(val_every=2)
     recipe = get_recipe(cfg)
@@ -180,7 +173,7 @@ def test_partial_init_transfers_matching_tensors_only():
     tensor of the same name and shape is copied, the head keeps its own
     initialisation; without ``partial`` the mismatch is an error."""
     from synthtools.nets.unet import UNet
-    from training.loop import load_init
+    from synthtools.training.loop import load_init
     torch.manual_seed(0)
     src = UNet(3, 1, 2, features=[4, 8], convs=1)
     dst = UNet(3, 1, 33, features=[4, 8], convs=1)
@@ -199,7 +192,7 @@ def test_partial_init_transfers_matching_tensors_only():
 
 def test_init_accepts_a_shipped_model_name(tmp_path):
     from synthtools.weights import resolve
-    from training.loop import init_file
+    from synthtools.training.loop import init_file
     assert init_file("synthstrip") == resolve("synthstrip") / "weights.pt"
     f = tmp_path / "w.pt"
     f.write_bytes(b"")
@@ -212,7 +205,7 @@ def test_dice_plus_ce_revives_a_channel_the_softmax_has_shut():
     """A structure whose logit sits far below the others gets almost no soft
     Dice gradient (the softmax is saturated), but a full cross-entropy one:
     the reason for ``recipe.loss = "dice+ce"``."""
-    from training.recipes.segment import segmentation_loss
+    from synthtools.training.recipes.segment import segmentation_loss
     target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
     target[0, 2:5, 2:5, 2:5] = 2
     grads = {}
@@ -237,7 +230,7 @@ def test_widened_unet_computes_what_the_narrow_one_did():
     """A wider U-Net started from a narrow one's weights gives the same
     output (any input), and its new channels get gradients at once."""
     from synthtools.nets.unet import UNet
-    from training.loop import load_init
+    from synthtools.training.loop import load_init
     torch.manual_seed(0)
     # float64: the check is exact up to rounding, not up to float32's 1e-7 of ~1e3 outputs
     narrow = UNet(3, 1, 5, features=(4, 6, 8), convs=2).double()
@@ -300,7 +293,7 @@ def _ball(radius: float, n: int = 48) -> np.ndarray:
 
 
 def test_surface_distance_95_measures_the_gap_between_boundaries_in_mm():
-    from training.validation import surface_distance_95
+    from synthtools.training.validation import surface_distance_95
     inner, outer = _ball(12), _ball(15)
     # Concentric spheres 3 voxels apart: 3 voxels, plus the voxel staircase.
     gap = surface_distance_95(inner, outer, (1, 1, 1))

@@ -1,9 +1,9 @@
-"""Build the segmentation model's atlases (:mod:`synthtools.atlas`) from
+"""Build the segmentation model's atlases (:mod:`synthtools.seg.atlas`) from
 training label maps: SynthSeg 2.0 labels (lesions folded into white matter,
 extra-cerebral labels dropped), cropped to the brain's bounding box plus a
 margin, uint8, the affine shifted to the crop (world positions unchanged)::
 
-    python -m training.atlases --maps ../shared/data/label_maps --n 6 --dest models/synthseg
+    python -m synthtools.training.atlases --maps ../shared/data/label_maps --n 6 --dest models/synthseg
 
 prints the metadata entry to merge into the model's ``metadata.json``.
 """

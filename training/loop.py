@@ -409,7 +409,7 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
     the rest (typically the output head); returns the names kept new.
     ``widen``: ``model`` is a wider U-Net than the one of ``weights``; embed
     them so that it starts computing exactly the same output
-    (:mod:`training.widen`). Otherwise any mismatch is an error, so a wrong
+    (:mod:`synthtools.training.widen`). Otherwise any mismatch is an error, so a wrong
     file cannot slip through."""
     if widen:
         from .widen import widen_unet_state

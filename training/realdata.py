@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .generator.dataset import LabelMapDataset, sample_seed
-from .generator.noise import randint
+from .generator.rng import randint
 from .generator.synth import generator
 
 

@@ -165,7 +165,7 @@ def seg_dice(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
 def aseg_scores(pred: np.ndarray, ref: np.ndarray) -> tuple[dict[int, float], float, float]:
     """Against a FreeSurfer aseg: Dice per SynthSeg label present, their mean,
     and the mean over the large structures."""
-    from training.generator.labels import SYNTHSEG_LABELS
+    from .generator.labels import SYNTHSEG_LABELS
     d = seg_dice(pred, ref, SYNTHSEG_LABELS[1:])
     return d, float(np.mean(list(d.values()))), float(np.mean([d[k] for k in LARGE if k in d]))
 
@@ -341,14 +341,14 @@ def lesjak_common_to_scan(scan: str, root: Path | None = None) -> np.ndarray:
 
     The ITK files follow ITK's registration convention: ``X_to_Y.txt``
     registers moving X to fixed Y and stores the pull-back Y -> X (which
-    :func:`synthtools.morph.transforms.read_transform` returns as our
+    :func:`synthtools.morph.formats.read_transform` returns as our
     fixed -> moving matrix). So ``studyN_FLAIR_to_common_space`` maps common
     -> FLAIR and ``studyN_C_intrastudy_to_FLAIR`` maps FLAIR -> C, and common
     -> C is their product. Checked against the data: the dataset's common-space
     brain mask pulled into every raw grid this way reproduces the
     ``derived/*_brainmask_derived`` masks exactly (Dice 1.0 for all six
     scans; the opposite direction gives 0.87-0.90, no transform 0.93-0.95)."""
-    from synthtools.morph.transforms import read_transform
+    from synthtools.morph.formats import read_transform
     root = root or data_root()
     study, contrast = scan.split("_")
     m = read_transform(root / f"{LJ}raw/{study}_FLAIR_to_common_space.txt").matrix

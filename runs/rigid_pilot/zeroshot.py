@@ -20,7 +20,7 @@ import reg  # noqa: E402
 from synthtools.morph.register import register_linear  # noqa: E402
 from synthtools.nets.registration import BarycenterAffine  # noqa: E402
 from synthtools.weights import Model, load_model  # noqa: E402
-from training.validation import data_root  # noqa: E402
+from synthtools.training.validation import data_root  # noqa: E402
 
 torch.set_num_threads(2)
 passes = int(sys.argv[1])

@@ -215,7 +215,7 @@ def _subject_tables(out_dir: str, subjects: list[str]) -> int:
 
 
 def _model_labels() -> dict[int, str]:
-    from ..lut import names_for
+    from ..seg.lut import names_for
     out = _model_meta(MODEL_OF["seg"])["output"]
     names = out.get("names") or names_for(out["labels"])
     return {int(v): str(n) for v, n in zip(out["labels"], names)}

@@ -36,7 +36,7 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ..io import InputError, check_input_path, check_output_path
-from ..morph.transforms import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
+from ..morph.formats import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
 from .common import (Job, Parser, Progress, UsageError, add_batch_options, add_standard_options, check_writable_file,
                      choose_device, device_text, file_identity, info, load_task_model, resolve_shard_option, run_jobs,
                      run_tool, say_error, say_warning)
@@ -227,7 +227,7 @@ def _check_coverage(trans, vol, grid, image: str) -> None:
 
 def read_transform_error(path: str) -> InputError:
     """The error read_transform gives for ``path`` (its unknown extension)."""
-    from ..morph.transforms import read_transform
+    from ..morph.formats import read_transform
     try:
         read_transform(path)
     except InputError as exc:
@@ -237,7 +237,8 @@ def read_transform_error(path: str) -> InputError:
 
 def run_apply(argv: Sequence[str]) -> int:
     from ..io import load_volume, save_volume
-    from ..morph.transforms import Warp, apply_transform, as_geometry, read_transform, update_header
+    from ..morph.formats import read_transform
+    from ..morph.transforms import Warp, apply_transform, as_geometry, update_header
 
     args = apply_parser().parse_intermixed_args(argv)
     pairs = list(args.pairs)
@@ -331,7 +332,8 @@ def _freesurfer_register_flags(args: argparse.Namespace) -> None:
 
 
 def run_register(argv: Sequence[str]) -> int:
-    from ..morph.transforms import Affine, read_transform
+    from ..morph.formats import read_transform
+    from ..morph.transforms import Affine
 
     args = register_parser().parse_intermixed_args(argv)
     _freesurfer_register_flags(args)  # issue 35
@@ -430,7 +432,8 @@ def _register_and_write(args, mode: str, models: dict, init) -> int:
     from ..morph.register import register
     from ..morph.similarity import identity_similarity, similarity
     from ..morph.svf_fit import EmptyMaskError
-    from ..morph.transforms import apply_transform, as_geometry, update_header, write_transform
+    from ..morph.formats import write_transform
+    from ..morph.transforms import apply_transform, as_geometry, update_header
 
     progress = Progress(PROG, args.quiet)
     try:
@@ -549,7 +552,7 @@ def _output_folder(path: str, option: str, protect: Sequence[str]) -> str:
 def run_template(argv: Sequence[str]) -> int:
     from ..io import load_volume, save_volume
     from ..morph.template import build_template, check_inputs, resample_input, template_grid, template_image
-    from ..morph.transforms import write_transform
+    from ..morph.formats import write_transform
 
     args = template_parser().parse_intermixed_args(argv)
     if len(args.inputs) < 2:
@@ -610,7 +613,7 @@ def _register_middle(args, model) -> int:
     there), -t/-T the pull-backs halfway -> moving and halfway -> fixed."""
     from ..io import load_volume, save_volume
     from ..morph.template import halfway, resample_input, template_grid
-    from ..morph.transforms import write_transform
+    from ..morph.formats import write_transform
 
     try:
         moving = load_volume(args.moving, allow_4d=True, dtype=None)

@@ -223,7 +223,7 @@ def load_seg_model(args: argparse.Namespace, device: str):
 
 
 def _names(model) -> list[str]:
-    from ..lut import names_for
+    from ..seg.lut import names_for
 
     out = model.meta["output"]
     return [str(n) for n in out.get("names") or names_for(out["labels"])]
@@ -257,7 +257,7 @@ def _read_header(path: str) -> list[str] | None:
 def check_tables(args: argparse.Namespace, model) -> None:
     """An existing --vol/--qc table must have our columns: rows are appended;
     ``--atlases`` must be within what the model ships (resolved here)."""
-    from ..atlas import atlas_files, default_atlases
+    from ..seg.atlas import atlas_files, default_atlases
     from ..weights import ModelError
     try:
         available = len(atlas_files(model))
@@ -302,7 +302,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     """Segment one input and write its outputs; on any failure, none remain."""
     from ..conform import check_field_of_view, model_min_extent
     from ..io import load_volume, save_volume
-    from ..lut import color, mgh_colortable, write_lut
+    from ..seg.lut import color, mgh_colortable, write_lut
     from ..seg import qc_scores, segment, total_intracranial
     if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published pre/post-processing
         from ..freesurfer_seg import segment  # noqa: F811 (rebinds the name on purpose)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nets.warp import sample
+from ..warp import sample
 
 __all__ = ["refine_linear", "patch_ncc2", "patch_centres", "brain_mask", "dilate_cube"]
 

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..nets.warp import identity_grid, integrate_svf, sample
+from ..warp import identity_grid, integrate_svf, sample
 
 __all__ = ["fit_svf", "svf_displacement", "local_ncc2", "LEVELS", "EmptyMaskError"]
 

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .unet import UNet, _conv, levels, run_levels
-from .warp import centered_vox2mm, integrate_svf
+from ..warp import centered_vox2mm, integrate_svf
 
 __all__ = ["barycenters", "fit_affine", "fit_rigid", "fit_symmetric_affine", "BarycenterAffine", "SVFNet"]
 

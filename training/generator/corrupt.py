@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .noise import coarse_shape, normalize, randint, resize, separable_blur, smooth_noise, uniform
+from .noise import coarse_shape, normalize, resize, separable_blur, smooth_noise
+from .rng import randint, uniform
 
 
 def _apply(prob: float, gen: torch.Generator) -> bool:

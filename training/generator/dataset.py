@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .labels import LabelSet
-from .noise import randint
+from .rng import randint
 from .synth import generator
 
 

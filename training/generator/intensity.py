@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .mr_contrast import mr_means
-from .noise import uniform
+from .rng import uniform
 
 
 @dataclass

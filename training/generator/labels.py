@@ -115,7 +115,7 @@ def synthetic_label_map(shape: Sequence[int], gen: torch.Generator, num_labels: 
     """Anatomy-agnostic label map: argmax over J ~ U(num_labels) smooth noise
     channels (SynthMorph's shapes). Returns a uint8 index map of ``shape``;
     warp it with the spatial step like any other map."""
-    from .noise import randint
+    from .rng import randint
     j = randint(gen, *num_labels)
     noise = smooth_noise(kind, shape, gen, channels=j, max_points=max_points, device=device)
     return noise[0].argmax(0).to(torch.uint8)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .noise import randint, uniform
+from .rng import randint, uniform
 
 # Nominal (T1 ms, T2 ms, PD), brain values near published 1.5 T figures.
 TISSUE = {

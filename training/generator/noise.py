@@ -14,19 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .rng import randint, uniform
+
 Shape = Sequence[int]
-
-
-def randint(gen: torch.Generator, low: int, high: int) -> int:
-    """One integer uniformly from [low, high] (both inclusive)."""
-    return int(torch.randint(int(low), int(high) + 1, (1,), generator=gen))
-
-
-def uniform(gen: torch.Generator, low: float, high: float, n: int | None = None):
-    """Uniform sample(s) from [low, high]; a float when ``n`` is None."""
-    u = torch.rand(1 if n is None else n, generator=gen, dtype=torch.float64)
-    u = low + (high - low) * u
-    return float(u) if n is None else u.tolist()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ import torch
 
 # Grids, sampling and SVF integration live in synthtools (the registration
 # networks use them too); re-exported here for the generator's callers.
-from synthtools.nets.warp import (centered_grid, integrate_svf, jacobian_determinant,  # noqa: F401
+from synthtools.warp import (centered_grid, integrate_svf, jacobian_determinant,  # noqa: F401
                                   mm_to_voxel, sample)
 
-from .noise import coarse_shape, randint, resize, smooth_noise, uniform
+from .noise import coarse_shape, resize, smooth_noise
+from .rng import randint, uniform
 
 
 # ----------------------------------------------------------------- grids

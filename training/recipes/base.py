@@ -15,7 +15,7 @@ from synthtools.weights import Model
 
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
-from ..generator.noise import randint
+from ..generator.rng import randint
 from ..validation import data_root
 
 TRAINING_DATA = "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)"

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
-from synthtools.nets.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
+from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
 
 from ..generator.dataset import LabelMapDataset
-from ..generator.noise import randint, uniform
+from ..generator.rng import randint, uniform
 from ..generator.pairs import correspondence, same_anatomy_pair
 from ..generator.spatial import nearest, sample_transform
 from ..generator.synth import Sample, SynthConfig, Synthesizer

@@ -11,7 +11,7 @@ import torch
 from synthtools.nets.unet import UNet
 
 from ..generator.labels import SYNTHSEG_LABELS
-from ..generator.noise import uniform
+from ..generator.rng import uniform
 from ..generator.synth import SynthConfig, Synthesizer
 from ..validation import SEG_CASES, score_consistency, score_seg
 from .base import Recipe
@@ -116,7 +116,7 @@ class SegmentRecipe(Recipe):
         return deep_supervision_loss(model(batch["image"]), batch["target"], self.loss_kind)
 
     def output_metadata(self) -> dict[str, Any]:
-        from synthtools.lut import names_for
+        from synthtools.seg.lut import names_for
         return {"type": "softmax", "labels": list(SYNTHSEG_LABELS), "names": names_for(SYNTHSEG_LABELS)}
 
     def validate(self, net: torch.nn.Module) -> dict[str, float]:

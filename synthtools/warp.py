@@ -1,8 +1,9 @@
-"""Dense spatial maths shared by the generator (``training``) and the
-registration networks (``synthtools``): centred grids, grid sampling at voxel
+"""Dense spatial maths, no network: centred grids, grid sampling at voxel
 coordinates, scaling-and-squaring integration of stationary velocity fields,
 warping images by displacement fields and Jacobian determinants. One
-implementation: ``training.generator.spatial`` imports these.
+implementation for resampling (:mod:`synthtools.conform`), the registration
+networks and fits (:mod:`synthtools.nets.registration`, :mod:`synthtools.morph`)
+and the generator (:mod:`synthtools.training.generator.spatial` re-exports these).
 
 Conventions: fields are channel-first (B, N, *S) with components in
 tensor-axis order; displacements and velocities are in voxels of the grid

@@ -12,7 +12,7 @@ grid. The fractions averaged over atlases multiply the network's posteriors:
     prior_c = p_c * (alpha + f_c) / sum_k p_k * (alpha + f_k)
 
 ``alpha`` keeps a label the atlases miss possible where the network is sure
-of it. The intensity refinement (:mod:`synthtools.refine`) then runs on
+of it. The intensity refinement (:mod:`synthtools.seg.refine`) then runs on
 this prior as it does on the network's alone. Measured gains are in
 ``runs/README.md`` ("Atlas prior", session 17).
 
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .io import Volume, load_volume
-from .morph.transforms import Warp
-from .weights import Model, ModelError, load_model
+from ..io import Volume, load_volume
+from ..morph.transforms import Warp
+from ..weights import Model, ModelError, load_model
+from .coords import world_coords
 
 __all__ = ["T1_INTENSITY", "DEFAULT_ALPHA", "atlas_files", "default_atlases", "atlas_image", "soft_labels",
            "AtlasPrior", "MovedAtlas", "move_atlases", "apply_prior"]
@@ -116,7 +117,7 @@ class MovedAtlas:
     def channels_at(self, world: torch.Tensor, background: int) -> np.ndarray:
         """Channel index (nearest atlas voxel) at world points (N, 3) float32,
         mm; ``background`` outside the atlas."""
-        from .nets.warp import sample
+        from ..warp import sample
         to_grid = torch.as_tensor(np.linalg.inv(self.warp.grid.affine), dtype=torch.float32)
         to_atlas = torch.as_tensor(np.linalg.inv(self.affine), dtype=torch.float32)
         disp = torch.from_numpy(self.warp.disp).movedim(-1, 0)[None]      # (1, 3, *grid), mm
@@ -147,8 +148,7 @@ class AtlasPrior:
         """(N, C) float32 fraction of atlases giving each channel at the True
         voxels of ``region`` (C order) of the grid ``affine``: only those
         points are mapped, not the whole native grid."""
-        from .seg import _world_coords
-        world = _world_coords(region, affine)
+        world = world_coords(region, affine)
         out = np.zeros((len(world), self.fractions.shape[0]), np.float32)
         rows = np.arange(len(world))
         for atlas in self.atlases:   # one (row, channel) pair per row: plain fancy indexing adds correctly
@@ -161,8 +161,8 @@ def move_atlases(target: Volume, values: Sequence[int], files: Sequence[Path],
                  alpha: float = DEFAULT_ALPHA) -> AtlasPrior:
     """Register each atlas of ``files`` to ``target`` (the network's
     conformed image) and move its soft labels onto that grid."""
-    from .morph.register import joint_fixed_side, register
-    from .morph.transforms import apply_transform, as_geometry
+    from ..morph.register import joint_fixed_side, register
+    from ..morph.transforms import apply_transform, as_geometry
     model = load_model(registration) if isinstance(registration, str) else registration
     models = {"linear": model, "deform": model}
     side = joint_fixed_side(model, target)     # the target's features: once for all atlases

@@ -15,7 +15,7 @@ Model metadata (written by the training recipe)::
      "output": {"type": "softmax", "labels": [0, 2, 3, ...], "names": [...]},
      "inference": {"bf16": false},
      "atlas": {"files": ["atlas_01.nii.gz", ...], "default": 3, "alpha": 0.05,
-               "registration": "synthmorph-affine"}}       # optional (synthtools.atlas)
+               "registration": "synthmorph-affine"}}       # optional (synthtools.seg.atlas)
 
 ``output.labels`` gives the FreeSurfer value of each output channel.
 """
@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .conform import Conformed, conform, lr_axis
-from .infer import normalize_intensities, predict
-from .io import Volume
+from ..conform import Conformed, conform, lr_axis
+from ..infer import normalize_intensities, predict
+from ..io import Volume
+from ..weights import Model
+from .coords import world_coords
 from .lut import names_for, twin
 from .refine import refine_posteriors
-from .weights import Model
 
 __all__ = ["SegResult", "GridSummary", "segment", "volumes", "total_intracranial", "qc_scores",
            "QC_GROUPS", "flip_permutation", "crop_conformed", "label_values"]
@@ -122,7 +123,7 @@ class SegResult:
     _native_image: np.ndarray | None = field(default=None, repr=False)
     _bias_field: bool = field(default=True, repr=False)
     _prior: torch.Tensor | None = field(default=None, repr=False)   # conformed prior to refine lazily
-    _atlas: Any = field(default=None, repr=False)                   # synthtools.atlas.AtlasPrior
+    _atlas: Any = field(default=None, repr=False)                   # synthtools.seg.atlas.AtlasPrior
 
     @property
     def atlases_used(self) -> int:
@@ -312,7 +313,7 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     ``image`` on the voxels whose background posterior is below
     ``REFINE_BELOW`` (outside them the background wins anyway), with a bias
     field unless ``bias_field`` is False. ``atlas``: a
-    :class:`synthtools.atlas.AtlasPrior` whose atlases' labels at the native
+    :class:`synthtools.seg.atlas.AtlasPrior` whose atlases' labels at the native
     voxels multiply the prior there first (``prob`` is then the network's
     alone)."""
     n = prob.shape[0]
@@ -333,7 +334,7 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
     if atlas is not None:   # (N, C) rows: apply_prior works on (C, ...), so on the transposed views
         from .atlas import apply_prior
         apply_prior(torch.from_numpy(prior).T, atlas.native_fractions(region, conf.native_affine).T, atlas.alpha)
-    coords = _world_coords(region, conf.native_affine) if bias_field else None
+    coords = world_coords(region, conf.native_affine) if bias_field else None
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
                                 background=bg, inplace=True, groups=twin_groups(values), coords=coords,
                                 prior_power=PRIOR_POWER).numpy()
@@ -354,20 +355,10 @@ def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray,
     bg = _background_channel(values)
     out = prob.clone()
     region = prob[bg] < REFINE_BELOW
-    coords = _world_coords(region.numpy(), conf.affine) if bias_field else None
+    coords = world_coords(region.numpy(), conf.affine) if bias_field else None
     out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg,
                                        groups=twin_groups(values), coords=coords, prior_power=PRIOR_POWER).T
     return out
-
-
-def _world_coords(region: np.ndarray, affine: np.ndarray) -> torch.Tensor:
-    """(N, 3) float32 world coordinates (mm) of the True voxels of ``region``, in C order."""
-    ijk = np.nonzero(region)
-    lin = np.asarray(affine, np.float64)
-    xyz = np.empty((len(ijk[0]), 3), dtype=np.float32)
-    for r in range(3):   # one output column at a time: no (N, 3) float64 temporaries
-        xyz[:, r] = lin[r, 0] * ijk[0] + lin[r, 1] * ijk[1] + lin[r, 2] * ijk[2] + lin[r, 3]
-    return torch.from_numpy(xyz)
 
 
 # ---------------------------------------------------------------- main --
@@ -431,7 +422,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     network, atlas = prob, None
     if atlases:
         from .atlas import apply_prior
-        from .morph.svf_fit import EmptyMaskError
+        from ..morph.svf_fit import EmptyMaskError
         try:
             atlas = _atlas_prior(model, conf, values, atlases, atlas_alpha)
             prob = apply_prior(prob.clone(), atlas.fractions, atlas.alpha)
@@ -457,7 +448,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
 
 def _atlas_prior(model: Model, conf: Conformed, values: np.ndarray, n: int, alpha: float | None):
     """The model's first ``n`` atlases moved onto ``conf``'s image
-    (:func:`synthtools.atlas.move_atlases`)."""
+    (:func:`synthtools.seg.atlas.move_atlases`)."""
     from .atlas import DEFAULT_ALPHA, atlas_files, move_atlases
     files = atlas_files(model)
     if n < 0 or n > len(files):

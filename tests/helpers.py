@@ -1,0 +1,54 @@
+"""Helpers shared by several test files (fixtures shared by all live in conftest.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+from synthtools.cli import morph as morph_cli
+
+
+# ---------------------------------------------------------------- training configs --
+
+def tiny_cfg(name, label_dir):
+    from synthtools.training.recipes import load_config
+    return load_config(name, {
+        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
+        "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0, "train.log_every": 1,
+        "train.threads": 1, "train.init": "", "validation.cases": [],   # tiny nets: no shipped init fits
+        "model.deep_supervision": 0, "train.batch": 1, "recipe.ndim": 3})   # two levels leave none to supervise
+
+
+def tiny_reg_cfg(name, label_dir):
+    from synthtools.training.recipes import load_config
+    return load_config(name, {
+        "recipe.voxsize": 8.0, "recipe.shape": [16, 16, 16], "model.features": [4, 8], "model.convs": 1,
+        "model.keypoints": 8, "train.workers": 0, "train.label_maps": str(label_dir), "train.val_every": 0,
+        "train.log_every": 1, "train.threads": 1, "validation.cases": [], "train.init": ""})
+
+
+# ---------------------------------------------------------------- synthmorph --
+
+def affine_of(lin: np.ndarray, center, shape) -> np.ndarray:
+    """vox2ras with linear part ``lin`` whose grid centre lies at ``center``."""
+    aff = np.eye(4)
+    aff[:3, :3] = lin
+    aff[:3, 3] = np.asarray(center) - lin @ ((np.asarray(shape) - 1) / 2)
+    return aff
+
+
+def synthmorph(*args, capsys=None) -> tuple[int, str]:
+    try:
+        morph_cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:  # pragma: no cover
+        raise AssertionError("main() returned instead of exiting")
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("synthmorph: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
