@@ -57,6 +57,8 @@ COPY pyproject.toml README.md ./
 COPY synthtools synthtools
 COPY training training
 COPY models models
+# The project itself (with the BIDS App's pybids), pinned by this source tree.
+# hadolint ignore=DL3013
 RUN python -m pip install --no-cache-dir ".[bids]" \
     && synthstrip --help > /dev/null && synthgen --help > /dev/null \
     && synthtools-bids --help > /dev/null && python -c "import bids"
