@@ -26,6 +26,40 @@ def _version() -> str:
 
 __version__ = _version()
 
+
+def _map_checkout_folders() -> None:
+    """In a source checkout, ``training/`` and ``models/`` sit beside this
+    package (the layout the project keeps) and install as
+    ``synthtools.training`` / ``synthtools.models``. When this folder is
+    imported straight from the checkout (``python -m pytest`` at the
+    repository root puts it first on ``sys.path``, ahead of an installed
+    wheel), give those two names the sibling folders, as the wheel does."""
+    import os
+    import sys
+    from importlib.util import spec_from_file_location
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    folders = {f"{__name__}.{name}": os.path.join(root, name) for name in ("training", "models")
+               if not os.path.isdir(os.path.join(here, name))
+               and os.path.isfile(os.path.join(root, name, "__init__.py"))}
+    if not folders or not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return
+
+    class _CheckoutFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            folder = folders.get(name)
+            if folder is None:
+                return None
+            return spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                           submodule_search_locations=[folder])
+
+    sys.meta_path.append(_CheckoutFinder())
+
+
+_map_checkout_folders()
+
 # --- Python API (synthtools.api): synthtools.strip(img), synthtools.segment(img),
 # synthtools.register(moving, fixed, mode=...). Imported on first use, so that
 # `import synthtools` stays fast.

@@ -147,3 +147,19 @@ def test_no_import_cycle():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_a_checkout_imported_first_maps_training_and_models_like_the_wheel():
+    """CI installs the wheel, then runs ``python -m pytest`` at the repository
+    root, which puts the checkout's ``synthtools/`` first on ``sys.path``; its
+    ``synthtools.training`` and ``synthtools.models`` must then be the sibling
+    folders (no site-packages here: ``-S``, nothing installed is seen)."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import synthtools.training.recipes, synthtools.models; "
+            "print(synthtools.training.recipes.__file__); print(synthtools.models.__file__); "
+            "import importlib.util as u; print(u.find_spec('synthtools.benchmarks'))")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
+    recipes, models, other = out.stdout.split()
+    assert Path(recipes) == ROOT / "training" / "recipes" / "__init__.py"
+    assert Path(models) == ROOT / "models" / "__init__.py"
+    assert other == "None"      # only those two folders are mapped
