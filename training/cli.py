@@ -185,7 +185,8 @@ def cmd_eval(a) -> None:
     net = recipe.build_model()
     net.load_state_dict(state["model"])
     net.eval()
-    torch.set_num_threads(int(cfg["train"].get("threads", 2)))
+    from .config import TRAIN
+    torch.set_num_threads(int(cfg["train"].get("threads", TRAIN.threads)))
     with torch.no_grad():
         metrics = recipe.validate(net)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
