@@ -63,9 +63,13 @@ def test_accepted_values_keep_their_meaning():
     assert get_recipe(cfg).synth.config.noise.std == (0, 0.2)
 
 
-def test_missing_recipe_name(tmp_path):
-    (tmp_path / "c.toml").write_text("[train]\nlr = 1e-3\n")
-    assert error_of(tmp_path / "c.toml").startswith("recipe.name is missing")
+def test_recipe_name_needed_to_train_not_to_sample(tmp_path):
+    (tmp_path / "gen.toml").write_text("[generator.noise]\nstd = [0, 0.3]\n")   # synthgen sample --config
+    assert load_config(tmp_path / "gen.toml") == {"generator": {"noise": {"std": [0, 0.3]}}}
+    with pytest.raises(ConfigError, match="^recipe.name is missing"):
+        get_recipe(load_config(tmp_path / "gen.toml"))
+    with pytest.raises(ConfigError, match="^recipe.name = 'segmnet': not a recipe"):
+        get_recipe(load_config("segment", {"recipe.name": "segmnet"}))
 
 
 def test_cli_unknown_key_is_one_line_exit_2(tmp_path, capsys):
@@ -128,3 +132,19 @@ def test_no_literal_default_outside_the_schema():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             found += [f"{path.name}:{n}: {m.group(0)}" for m in LITERAL_DEFAULT.finditer(line) if m.group(1) in keys]
     assert not found, found
+
+
+def test_sample_config_typo_is_one_line(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+    lab = np.zeros((12, 12, 12), np.int16)
+    lab[3:9, 3:9, 3:9] = 2
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    (tmp_path / "gen.toml").write_text("[generator.noise]\nstd = [0, 0.3]\nporb = 0.5\n")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(tmp_path / "lab.nii.gz"), "-o", str(tmp_path / "s.nii.gz"),
+              "--config", str(tmp_path / "gen.toml")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["synthgen: error: unknown key generator.noise.porb (allowed: prob, std)"]
+    assert not (tmp_path / "s.nii.gz").exists()

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RecipeSection:
     """``[recipe]``: the task and its input space."""
-    name: str = field(default="", metadata={"required": True})   # skullstrip, segment, rigid, affine, deform
+    name: str = ""                    # skullstrip, segment, rigid, affine, deform (required to train)
     voxsize: float = 2.0              # training (and inference) voxel size, mm
     ndim: int = 3                     # 2: single-slice training, 2D U-Net
     shape: Optional[list[int]] = None  # training crop, voxels (default: the recipe's)
@@ -136,9 +136,11 @@ def section_keys(cls: type) -> dict[str, dataclasses.Field]:
 def _type_ok(value: Any, tp: Any) -> bool:
     """Whether a TOML value fits an annotation (int passes for float; a
     bool is neither int nor float; a tuple annotation takes a list)."""
+    if tp is type(None):
+        return False
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return any(_type_ok(value, a) for a in args if a is not type(None))
+    if origin is Union:   # Optional[X]: None (from --set key=None) means "absent"
+        return value is None and type(None) in args or any(_type_ok(value, a) for a in args)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
@@ -196,7 +198,9 @@ def _check_generator(where: str, table: Any) -> None:
 
 def check_config(cfg: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` (one line) at the first unknown section or
-    key, wrongly typed value, or missing ``recipe.name``."""
+    key or wrongly typed value. ``recipe.name`` is not required here: a
+    generator-only file serves ``synthgen sample --config``; training asks
+    for it (``get_recipe``)."""
     for name, table in cfg.items():
         if name in SECTIONS:
             _check_table(name, table, SECTIONS[name])
@@ -205,8 +209,6 @@ def check_config(cfg: dict[str, Any]) -> None:
         else:
             allowed = ", ".join(sorted([*SECTIONS, *GENERATOR_SECTIONS]))
             raise ConfigError(f"unknown section [{name}] (allowed: {allowed})")
-    if not (cfg.get("recipe") or {}).get("name"):
-        raise ConfigError("recipe.name is missing (skullstrip, segment, rigid, affine or deform)")
 
 
 # The defaults, for code that reads a (possibly partial) section dict:

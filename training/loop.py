@@ -538,7 +538,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if int(t[0]) != -int(t[1]):
             raise RuntimeError(f"ranks resumed from different steps ({-int(t[1])}..{int(t[0])}): "
                                f"{out} must be on a file system every node sees")
-    decay = float(cfg.get("ema", 0) or 0)
+    decay = float(cfg.get("ema", TRAIN.ema) or 0)
     # A run that starts averaging late (or an old checkpoint) starts from its weights.
     ema = EMA(model, decay, state.get("ema")) if decay else None
     best = {"score": state.get("best")}

@@ -46,7 +46,10 @@ def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
 
 
 def get_recipe(cfg: dict[str, Any]):
-    name = cfg["recipe"]["name"]
+    from ..config import ConfigError
+    name = (cfg.get("recipe") or {}).get("name")
+    if not name:
+        raise ConfigError("recipe.name is missing (skullstrip, segment, rigid, affine or deform)")
     if name == "skullstrip":
         from .skullstrip import SkullStripRecipe
         return SkullStripRecipe(cfg)
@@ -59,4 +62,4 @@ def get_recipe(cfg: dict[str, Any]):
     if name == "deform":
         from .register import DeformRecipe
         return DeformRecipe(cfg)
-    raise ValueError(f"unknown recipe {name!r}")
+    raise ConfigError(f"recipe.name = {name!r}: not a recipe (skullstrip, segment, rigid, affine or deform)")
