@@ -116,14 +116,26 @@ def cmd_preview(a) -> None:
 
 
 def _overrides(items) -> dict:
+    """``--set`` items -> {dotted key: value}: a Python literal (``1e-3``,
+    ``[0,0.2]``, ``True``), else a TOML value (``false``, as in the config
+    files), else the text itself (a string)."""
     out = {}
     for item in items or []:
         key, _, value = item.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+        out[key] = _parse_value(value)
     return out
+
+
+def _parse_value(text: str):
+    from .recipes import tomllib   # tomli before Python 3.11
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def cmd_train(a) -> None:
