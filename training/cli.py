@@ -116,14 +116,26 @@ def cmd_preview(a) -> None:
 
 
 def _overrides(items) -> dict:
+    """``--set`` items -> {dotted key: value}: a Python literal (``1e-3``,
+    ``[0,0.2]``, ``True``), else a TOML value (``false``, as in the config
+    files), else the text itself (a string)."""
     out = {}
     for item in items or []:
         key, _, value = item.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+        out[key] = _parse_value(value)
     return out
+
+
+def _parse_value(text: str):
+    from .recipes import tomllib   # tomli before Python 3.11
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def cmd_train(a) -> None:
@@ -185,7 +197,8 @@ def cmd_eval(a) -> None:
     net = recipe.build_model()
     net.load_state_dict(state["model"])
     net.eval()
-    torch.set_num_threads(int(cfg["train"].get("threads", 2)))
+    from .config import TRAIN
+    torch.set_num_threads(int(cfg["train"].get("threads", TRAIN.threads)))
     with torch.no_grad():
         metrics = recipe.validate(net)
     metrics = {k: round(v, 4) for k, v in metrics.items()}

@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader
 
 from synthtools.weights import save_model
 
+from .config import TRAIN
+
 
 def code_revision() -> str:
     try:
@@ -199,15 +201,15 @@ def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.O
     """``train.optimizer``: ``adam`` (default; no weight decay) or ``adamw``
     (decoupled ``train.weight_decay``, default 1e-4, on convolution weights
     only: normalisation scales and biases stay free)."""
-    kind = str(cfg.get("optimizer", "adam"))
+    kind = str(cfg.get("optimizer", TRAIN.optimizer))
     if kind not in OPTIMIZERS:
         raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
-    lr = float(cfg.get("lr", 1e-4))
+    lr = float(cfg.get("lr", TRAIN.lr))
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     decay = [p for p in model.parameters() if p.ndim > 1]
     free = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": float(cfg.get("weight_decay", 1e-4))},
+    groups = [{"params": decay, "weight_decay": float(cfg.get("weight_decay", TRAIN.weight_decay))},
               {"params": free, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
 
@@ -219,17 +221,17 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
     ``train.lr`` down to ``train.lr_min`` (default lr/100) at
     ``train.steps``. A function of the step alone, so a resumed run
     continues the same curve."""
-    lr = float(cfg.get("lr", 1e-4))
-    kind = str(cfg.get("schedule", "constant"))
+    lr = float(cfg.get("lr", TRAIN.lr))
+    kind = str(cfg.get("schedule", TRAIN.schedule))
     if kind not in SCHEDULES:
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
-    warmup = int(cfg.get("warmup", 0))
+    warmup = int(cfg.get("warmup", TRAIN.warmup))
     if step < warmup:
         return lr * (0.01 + 0.99 * step / warmup)
     if kind == "constant":
         return lr
     low = float(cfg.get("lr_min", lr / 100))
-    total = int(cfg.get("steps", 10_000))
+    total = int(cfg.get("steps", TRAIN.steps))
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
     return low + (lr - low) * shape
@@ -439,7 +441,7 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     ``sanity``: train on one fixed synthetic sample (written to out_dir).
     Under ``torchrun`` every rank calls this; see the module docstring."""
     cfg = recipe.cfg["train"]
-    ddp = setup_distributed(cfg.get("device", "cpu"), float(cfg.get("dist_timeout_minutes", 30)))
+    ddp = setup_distributed(cfg.get("device", TRAIN.device), float(cfg.get("dist_timeout_minutes", TRAIN.dist_timeout_minutes)))
     ok = False
     try:
         result = _train(recipe, cfg, Path(out_dir), steps, minutes, log, sanity, check, ddp)
@@ -481,10 +483,10 @@ def thread_governor(cfg: dict[str, Any], device: torch.device):
     turns it off): ``train.threads`` is the most it uses, fewer while other
     processes keep CPUs busy (checked every minute)."""
     from synthtools.threads import ThreadGovernor, granted_threads
-    if device.type != "cpu" or not bool(cfg.get("load_aware", True)) \
+    if device.type != "cpu" or not bool(cfg.get("load_aware", TRAIN.load_aware)) \
             or os.environ.get("SYNTHTOOLS_LOAD_AWARE", "1") == "0":
         return None
-    most = min(int(cfg.get("threads", 2)), granted_threads())
+    most = min(int(cfg.get("threads", TRAIN.threads)), granted_threads())
     return ThreadGovernor(most) if most > 1 else None
 
 
@@ -494,9 +496,9 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     out.mkdir(parents=True, exist_ok=True)
     if ddp.main and not sanity:
         save_run_config(recipe, out)
-    torch.set_num_threads(int(cfg.get("threads", 2)))
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    device = torch.device(cfg.get("device", "cpu"))
+    torch.set_num_threads(int(cfg.get("threads", TRAIN.threads)))
+    torch.manual_seed(int(cfg.get("seed", TRAIN.seed)))
+    device = torch.device(cfg.get("device", TRAIN.device))
     governor = thread_governor(cfg, device)
     if governor is not None:
         torch.set_num_threads(governor.threads)
@@ -505,7 +507,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     if device.type == "cuda" and ddp.on:
         device = torch.device("cuda", ddp.local_rank)
     model = recipe.build_model().to(device)
-    channels_last = bool(cfg.get("channels_last", True)) and getattr(model, "ndim", 3) == 3
+    channels_last = bool(cfg.get("channels_last", TRAIN.channels_last)) and getattr(model, "ndim", 3) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     opt = make_optimizer(model, cfg)
@@ -526,8 +528,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         # train.init_into: a submodule that has the init's layout (e.g. a
         # registration network's feature U-Net "unet" from a segmenter).
         target = model.get_submodule(cfg["init_into"]) if cfg.get("init_into") else model
-        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", False)),
-                            widen=bool(cfg.get("init_widen", False)))
+        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", TRAIN.init_partial)),
+                            widen=bool(cfg.get("init_widen", TRAIN.init_widen)))
         log(f"initialised from {cfg['init']}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
     if ddp.on:
         # Every rank must have read the same checkpoint (RUN on a shared file system).
@@ -536,18 +538,18 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if int(t[0]) != -int(t[1]):
             raise RuntimeError(f"ranks resumed from different steps ({-int(t[1])}..{int(t[0])}): "
                                f"{out} must be on a file system every node sees")
-    decay = float(cfg.get("ema", 0) or 0)
+    decay = float(cfg.get("ema", TRAIN.ema) or 0)
     # A run that starts averaging late (or an old checkpoint) starts from its weights.
     ema = EMA(model, decay, state.get("ema")) if decay else None
     best = {"score": state.get("best")}
     history = Log(out / "log.jsonl", step) if ddp.main else NullLog()
-    total = steps if steps is not None else int(cfg.get("steps", 10_000))
+    total = steps if steps is not None else int(cfg.get("steps", TRAIN.steps))
     deadline = time.time() + 60 * minutes if minutes else math.inf
-    every = 60 * float(cfg.get("checkpoint_minutes", 10))
-    accum = int(cfg.get("grad_accum", 1))
+    every = 60 * float(cfg.get("checkpoint_minutes", TRAIN.checkpoint_minutes))
+    accum = int(cfg.get("grad_accum", TRAIN.grad_accum))
     if accum < 1:
         raise ValueError(f"train.grad_accum must be >= 1, got {accum}")
-    clip = float(cfg.get("clip_grad", 0) or 0)   # max gradient norm; 0: no clipping
+    clip = float(cfg.get("clip_grad", TRAIN.clip_grad) or 0)   # max gradient norm; 0: no clipping
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -570,8 +572,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                 raise GeneratorCheckError(problem)
         # On a GPU the generator runs in the main process on the GPU (no workers):
         # synthesis there is cheap next to the copies it would otherwise need.
-        workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", 1))
-        batch_size = int(cfg.get("batch", 1))
+        workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", TRAIN.workers))
+        batch_size = int(cfg.get("batch", TRAIN.batch))
         if sanity:
             dataset = sanity_dataset(recipe, out, write=ddp.main)
         else:
@@ -586,8 +588,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if ddp.on:
             from torch.nn.parallel import DistributedDataParallel
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        bf16 = bool(cfg.get("bf16", True))
-        log_every, val_every = int(cfg.get("log_every", 10)), int(cfg.get("val_every", 500))
+        bf16 = bool(cfg.get("bf16", TRAIN.bf16))
+        log_every, val_every = int(cfg.get("log_every", TRAIN.log_every)), int(cfg.get("val_every", TRAIN.val_every))
         last_ckpt, t_start, running = time.time(), time.time(), []
         model.train()
         batches = iter(loader)
@@ -768,7 +770,7 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     init = recipe.cfg["train"].get("init")
     if init:   # what this run started from: a model (its metadata) or a checkpoint (its step)
         path = init_file(init)
-        meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", False))}
+        meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", TRAIN.init_partial))}
         if recipe.cfg["train"].get("init_into"):
             meta["init"]["into"] = str(recipe.cfg["train"]["init_into"])
         if recipe.cfg["train"].get("init_widen"):

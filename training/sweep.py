@@ -70,14 +70,14 @@ def run_sweep(config: str | Path, param: str, values: Sequence[Any], out: str | 
     """Train ``steps`` steps per value of ``param`` (a dotted config key) from
     the same ``init`` weights, validate each, write the summary files."""
     from .loop import train
-    from .recipes import get_recipe, load_config, set_key
+    from .recipes import get_recipe, load_config
+    # Every value is checked against the schema before the first run starts.
+    cfgs = [load_config(config, {**(overrides or {}), param: value}) for value in values]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     init_path = str(resolve_init(init)) if init else None
     results = []
-    for k, value in enumerate(values):
-        cfg = load_config(config, overrides)
-        set_key(cfg, param, value)
+    for k, (value, cfg) in enumerate(zip(values, cfgs)):
         cfg.setdefault("train", {})["val_every"] = 0   # scored once, after training
         if init_path:
             cfg["train"]["init"] = init_path

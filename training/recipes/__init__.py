@@ -16,15 +16,22 @@ CONFIGS = Path(__file__).parent / "configs"
 
 def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A TOML config from a path or a bundled config name (``skullstrip``);
-    ``overrides``: {dotted key: value} (see :func:`set_key`)."""
+    ``overrides``: {dotted key: value} (see :func:`set_key`). The result is
+    checked against the schema (``training.config``): an unknown key or a
+    wrongly typed value raises ``ConfigError`` (a ValueError, one line)."""
+    from ..config import check_config
     p = Path(path_or_name)
     if not p.is_file():
         p = CONFIGS / f"{path_or_name}.toml"
     if not p.is_file():
         raise FileNotFoundError(f"{path_or_name}: no such config file or bundled config")
-    cfg = tomllib.loads(p.read_text())
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
         set_key(cfg, key, value)
+    check_config(cfg)
     return cfg
 
 
@@ -33,11 +40,16 @@ def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
     *parents, name = key.split(".")
     for p in parents:
         cfg = cfg.setdefault(p, {})
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{key}: {p} is not a table")
     cfg[name] = value
 
 
 def get_recipe(cfg: dict[str, Any]):
-    name = cfg["recipe"]["name"]
+    from ..config import ConfigError
+    name = (cfg.get("recipe") or {}).get("name")
+    if not name:
+        raise ConfigError("recipe.name is missing (skullstrip, segment, rigid, affine or deform)")
     if name == "skullstrip":
         from .skullstrip import SkullStripRecipe
         return SkullStripRecipe(cfg)
@@ -50,4 +62,4 @@ def get_recipe(cfg: dict[str, Any]):
     if name == "deform":
         from .register import DeformRecipe
         return DeformRecipe(cfg)
-    raise ValueError(f"unknown recipe {name!r}")
+    raise ConfigError(f"recipe.name = {name!r}: not a recipe (skullstrip, segment, rigid, affine or deform)")

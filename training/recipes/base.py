@@ -13,6 +13,8 @@ import torch
 
 from synthtools.weights import Model
 
+from ..config import REAL, RECIPE, TRAIN, VALIDATION
+
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
 from ..generator.rng import randint
@@ -54,13 +56,13 @@ class Recipe:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.voxsize = float(cfg["recipe"].get("voxsize", 2.0))
-        self.ndim = int(cfg["recipe"].get("ndim", 3))
+        self.voxsize = float(cfg["recipe"].get("voxsize", RECIPE.voxsize))
+        self.ndim = int(cfg["recipe"].get("ndim", RECIPE.ndim))
         if self.ndim not in (2, 3):
             raise ValueError(f"recipe.ndim must be 2 or 3, got {self.ndim}")
         self.labels = LabelSet()
         real = cfg.get("real") or {}
-        self.real_target = str(real.get("target", "labels"))
+        self.real_target = str(real.get("target", REAL.target))
         if self.real_target not in ("labels", "mask"):
             raise ValueError(f"real.target must be 'labels' or 'mask', got {self.real_target!r}")
         self._slices: dict[int, tuple] = {}
@@ -85,7 +87,7 @@ class Recipe:
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         t = self.cfg["train"]
         real = self.cfg.get("real") or {}
-        ratio = float(real.get("ratio", 0.25)) if real.get("pairs") else 0.0
+        ratio = float(real.get("ratio", REAL.ratio)) if real.get("pairs") else 0.0
         if ratio and not hasattr(self, "targets"):
             raise NotImplementedError(f"recipe {self.name!r} cannot train on [real] pairs")
         if ratio >= 1:
@@ -94,7 +96,7 @@ class Recipe:
             files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
             if t.get("max_label_maps"):
                 files = files[: int(t["max_label_maps"])]
-        kw = dict(seed=int(t.get("seed", 0)), start=start, rank=rank, world=world)
+        kw = dict(seed=int(t.get("seed", TRAIN.seed)), start=start, rank=rank, world=world)
         if not ratio:
             return LabelMapDataset(files, self.make_sample, self.labels, **kw)
         from ..realdata import MixedDataset, read_pairs
@@ -229,7 +231,7 @@ class Recipe:
         """Case name -> group (``[validation] group_by``: contrast or site;
         real pairs: their domain)."""
         from ..realdata import case_group
-        by = str((self.cfg.get("validation") or {}).get("group_by", "contrast"))
+        by = str((self.cfg.get("validation") or {}).get("group_by", VALIDATION.group_by))
         groups = {c.name: case_group(c, by) for c in cases}
         groups.update({p.name: p.domain for p in pairs})
         return groups

@@ -45,6 +45,8 @@ from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
 from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
 
+from ..config import INFERENCE, MODEL, RECIPE
+
 from ..generator.dataset import LabelMapDataset
 from ..generator.rng import randint, uniform
 from ..generator.pairs import correspondence, same_anatomy_pair
@@ -139,24 +141,24 @@ class LinearRecipe(_RegistrationRecipe):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self.rigid = self.name == "rigid"
-        self.loss_eps = float(cfg["recipe"].get("charbonnier_mm", 1.0))
+        self.loss_eps = float(cfg["recipe"].get("charbonnier_mm", RECIPE.charbonnier_mm))
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         # Network passes at inference (synthtools.morph.register.register_linear).
         opts = self.cfg.get("inference") or {}
-        meta["inference"]["passes"] = int(opts.get("passes", 1))
+        meta["inference"]["passes"] = int(opts.get("passes", INFERENCE.passes))
         # Adam steps per level of the feature-map refinement (synthtools.morph.refine).
-        meta["inference"]["refine"] = [int(n) for n in opts.get("refine", [])]
-        meta["inference"]["refine_metric"] = str(opts.get("refine_metric", "features"))
+        meta["inference"]["refine"] = [int(n) for n in opts.get("refine", INFERENCE.refine)]
+        meta["inference"]["refine_metric"] = str(opts.get("refine_metric", INFERENCE.refine_metric))
         return meta
 
     def build_model(self) -> BarycenterAffine:
         m = self.cfg["model"]
-        return BarycenterAffine(3, 1, int(m.get("keypoints", 32)), features=m.get("features", (16, 32, 32, 64)),
-                                convs=int(m.get("convs", 2)), rigid=self.rigid,
-                                symmetric=bool(m.get("symmetric", True)),
-                                activation=str(m.get("activation", "relu")))
+        return BarycenterAffine(3, 1, int(m.get("keypoints", MODEL.keypoints)), features=m.get("features", (16, 32, 32, 64)),
+                                convs=int(m.get("convs", MODEL.convs)), rigid=self.rigid,
+                                symmetric=bool(m.get("symmetric", MODEL.symmetric)),
+                                activation=str(m.get("activation", MODEL.activation)))
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         pair = same_anatomy_pair(self.synth_fixed, self.synth_moving, index_map, voxsize, gen,
@@ -238,12 +240,12 @@ class DeformRecipe(_RegistrationRecipe):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         r = cfg["recipe"]
-        self.supervised = bool(r.get("supervised", False))
-        self.loss_eps = float(r.get("charbonnier_mm", 1.0))
+        self.supervised = bool(r.get("supervised", RECIPE.supervised))
+        self.loss_eps = float(r.get("charbonnier_mm", RECIPE.charbonnier_mm))
         # The true correspondence is known only within one label map.
-        self.same_map_prob = 1.0 if self.supervised else float(r.get("same_map_prob", 0.2))
-        self.reg_weight = float(r.get("reg_weight", 1.0))
-        self.lam_range = tuple(float(x) for x in r.get("lambda", (0.0, 1.0)))
+        self.same_map_prob = 1.0 if self.supervised else float(r.get("same_map_prob", RECIPE.same_map_prob))
+        self.reg_weight = float(r.get("reg_weight", RECIPE.reg_weight))
+        self.lam_range = tuple(float(x) for x in r.get("lambda", RECIPE.lam))
         lut = torch.zeros(len(self.labels), dtype=torch.int64)
         for cls, values in REG_CLASSES.items():
             for j, v in enumerate(self.labels.values):
@@ -258,11 +260,11 @@ class DeformRecipe(_RegistrationRecipe):
         model: shipped name or folder) FeatureSVFNet on that model's feature
         maps (load its weights with ``train.init`` and ``init_into = "encoder"``)."""
         m = self.cfg["model"]
-        opts = dict(features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", 2)),
-                    steps=int(m.get("steps", 7)), hidden=int(m.get("hidden", 32)))
+        opts = dict(features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", MODEL.convs)),
+                    steps=int(m.get("steps", MODEL.steps)), hidden=int(m.get("hidden", MODEL.hidden)))
         if m.get("encoder"):
             encoder = read_metadata(resolve(str(m["encoder"])))["architecture"]
-            return FeatureSVFNet(encoder, scale=int(m.get("encoder_scale", 2)), **opts)
+            return FeatureSVFNet(encoder, scale=int(m.get("encoder_scale", MODEL.encoder_scale)), **opts)
         return SVFNet(3, 1, **opts)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:

@@ -10,6 +10,8 @@ import torch
 
 from synthtools.nets.unet import UNet
 
+from ..config import MODEL, RECIPE, VALIDATION
+
 from ..generator.labels import SYNTHSEG_LABELS
 from ..generator.rng import uniform
 from ..generator.synth import SynthConfig, Synthesizer
@@ -74,8 +76,8 @@ class SegmentRecipe(Recipe):
         self.shape = self.grid_shape((80, 80, 80))
         if self.real_target == "mask":
             raise ValueError("real.target = 'mask' is for skull-stripping; segmentation needs label maps")
-        self.flip_prob = float(r.get("flip_prob", 0.5))
-        self.loss_kind = str(r.get("loss", "dice"))
+        self.flip_prob = float(r.get("flip_prob", RECIPE.flip_prob))
+        self.loss_kind = str(r.get("loss", RECIPE.loss))
         if self.loss_kind not in LOSSES:
             raise ValueError(f"recipe.loss must be one of {LOSSES}, got {self.loss_kind!r}")
         values = self.labels.synthseg_lut()
@@ -90,8 +92,8 @@ class SegmentRecipe(Recipe):
     def build_model(self) -> UNet:
         m = self.cfg["model"]
         return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", 2)), norm=m.get("norm"),
-                    deep_supervision=int(m.get("deep_supervision", 0)))
+                    convs=int(m.get("convs", MODEL.convs)), norm=m.get("norm"),
+                    deep_supervision=int(m.get("deep_supervision", MODEL.deep_supervision)))
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
@@ -136,6 +138,6 @@ class SegmentRecipe(Recipe):
             lut = self.labels.synthseg_lut().numpy()
             metrics.update(score_seg_pairs(predict, pairs, lambda lab: lut[self.labels.to_index(lab)]))
         metrics = with_group_means(metrics, self.validation_groups(cases, pairs))
-        if (self.cfg.get("validation") or {}).get("consistency", True) and cases:
+        if (self.cfg.get("validation") or {}).get("consistency", VALIDATION.consistency) and cases:
             metrics.update(score_consistency(predict))
         return metrics

@@ -18,6 +18,8 @@ from scipy import ndimage
 from synthtools.nets.unet import UNet
 from synthtools.strip import brain_sdt, mask_from_sdt
 
+from ..config import MODEL, RECIPE
+
 from ..generator.synth import SynthConfig, Synthesizer
 from ..validation import STRIP_CASES, score_strip
 from .base import Recipe
@@ -43,8 +45,8 @@ class SkullStripRecipe(Recipe):
         super().__init__(cfg)
         r = cfg["recipe"]
         self.shape = self.grid_shape((96, 96, 96))
-        self.band = float(r.get("band", 5.0))
-        self.boundaries = [str(b) for b in r.get("boundaries", ["csf" if r.get("csf", True) else "nocsf"])]
+        self.band = float(r.get("band", RECIPE.band))
+        self.boundaries = [str(b) for b in r.get("boundaries", ["csf" if r.get("csf", RECIPE.csf) else "nocsf"])]
         if not self.boundaries or set(self.boundaries) - {"csf", "nocsf"} or len(set(self.boundaries)) < len(self.boundaries):
             raise ValueError(f"recipe.boundaries must list 'csf' and/or 'nocsf' once, got {self.boundaries}")
         self.luts = [self.labels.brain_lut(csf=b == "csf") for b in self.boundaries]
@@ -57,7 +59,7 @@ class SkullStripRecipe(Recipe):
     def build_model(self) -> UNet:
         m = self.cfg["model"]
         return UNet(self.ndim, 1, len(self.boundaries), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", 2)))
+                    convs=int(m.get("convs", MODEL.convs)))
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
