@@ -293,7 +293,7 @@ def _ball(radius: float, n: int = 48) -> np.ndarray:
 
 
 def test_surface_distance_95_measures_the_gap_between_boundaries_in_mm():
-    from synthtools.training.validation import surface_distance_95
+    from synthtools.metrics import surface_distance_95
     inner, outer = _ball(12), _ball(15)
     # Concentric spheres 3 voxels apart: 3 voxels, plus the voxel staircase.
     gap = surface_distance_95(inner, outer, (1, 1, 1))

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from synthtools.evaluation import data_root
 from synthtools.weights import Model
 
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
 from ..generator.rng import randint
-from ..validation import data_root
 
 TRAINING_DATA = "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)"
 
