@@ -6,7 +6,7 @@ simulated T1/T2/PD, crisp tissue classes), in both directions, same and
 cross contrast. Score: Dice of the moving image's labels moved into the
 fixed space (nearest neighbour) against the fixed image's labels, per tissue
 class (the aseg merged into BrainWeb's CSF / GM / WM with
-``synthtools.training.validation.tissue_classes``). GM and WM are the headline; the
+``synthtools.metrics.tissue_classes``). GM and WM are the headline; the
 aseg's CSF label covers little of BrainWeb's CSF class, so CSF Dice is low
 for every method and only shown. Folding: fraction of voxels of the fixed
 grid whose Jacobian determinant of the map is <= 0.
@@ -60,7 +60,7 @@ CLASSES = {"CSF": 1, "GM": 2, "WM": 3}
 def load_pairs(root: Path) -> list[dict]:
     """(moving, fixed) pairs with labels as BrainWeb classes (0 other, 1-3)."""
     from synthtools.io import load_volume
-    from synthtools.training.validation import tissue_classes
+    from synthtools.metrics import tissue_classes
     if not all((root / p).exists() for p in (*VXM, *BRAINWEB["T1"])):
         return []
 
@@ -81,7 +81,7 @@ def load_pairs(root: Path) -> list[dict]:
 
 
 def score(moved: np.ndarray, ref: np.ndarray) -> dict:
-    from synthtools.training.validation import dice
+    from synthtools.metrics import dice
     out = {c: round(dice(moved == k, ref == k), 4) for c, k in CLASSES.items()}
     out["gm_wm"] = round((out["GM"] + out["WM"]) / 2, 4)
     return out
@@ -174,7 +174,7 @@ def run_speed(threads: int, repeats: int) -> dict:
     import nibabel as nib
 
     from reg import random_transform
-    from strip import make_head, timed_median
+    from benchmarks.common import make_head, timed_median
     from synthtools.conform import resample
     with tempfile.TemporaryDirectory(prefix="deformspeed-") as tmp:
         tmp = Path(tmp)
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     import torch
 
-    from synthtools.training.validation import data_root
+    from synthtools.evaluation import data_root
     torch.set_num_threads(a.threads)
     pairs = load_pairs(data_root())
     if not pairs:

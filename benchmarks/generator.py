@@ -58,7 +58,7 @@ RESULT_TAG = "@@GENBENCH "  # prefix of the worker's result line on stdout
 # ----------------------------------------------------------------- helpers
 
 def default_label_map() -> Path:
-    from synthtools.training.validation import data_root
+    from synthtools.evaluation import data_root
     return data_root() / MAP_REL
 
 

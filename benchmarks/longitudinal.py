@@ -12,7 +12,7 @@ Parts (each skipped when its data is absent):
            of every input resampled (nearest) into the template, mean Dice
            between every two inputs; bias (below).
   lesjak   Lesjak p01 T1W/T2W/FLAIR, 2 sessions, 6 inputs in one template:
-           the 5 pairs of ``synthtools.training.validation.REG_CASES`` against the
+           the 5 pairs of ``synthtools.evaluation.REG_CASES`` against the
            dataset's own transforms, next to our pairwise rigid mode (the
            same ``register_linear`` as ``synthmorph register -m rigid``) on
            the same pairs; the dataset's brain masks resampled into the
@@ -166,7 +166,7 @@ def run_lesjak(root: Path, model, threads: int, peers: str) -> dict | None:
     from synthtools.io import load_volume
     from synthtools.morph.register import register_linear
     from synthtools.morph.template import build_template, resample_input, template_grid
-    from synthtools.training.validation import LJ, REG_CASES, lesjak_common_to_scan
+    from synthtools.evaluation import LJ, REG_CASES, lesjak_common_to_scan
     raw = [root / f"{LJ}raw/{s}.nii.gz" for s in LESJAK_SCANS]
     masks_f = [root / f"{LJ}derived/{s}_brainmask_derived.nii.gz" for s in LESJAK_SCANS]
     if not all(f.is_file() for f in raw + masks_f):
@@ -294,7 +294,7 @@ def run_time(root: Path, model) -> dict | None:
     from synthtools.io import load_volume
     from synthtools.morph.register import register_linear
     from synthtools.morph.template import build_template
-    from synthtools.training.validation import LJ
+    from synthtools.evaluation import LJ
     raw = [root / f"{LJ}raw/{s}.nii.gz" for s in LESJAK_SCANS]
     if not all(f.is_file() for f in raw):
         return None
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     import torch
 
     from synthtools.weights import load_model
-    from synthtools.training.validation import data_root
+    from synthtools.evaluation import data_root
     torch.set_num_threads(a.threads)
     model = load_model(a.model)
     root = data_root()

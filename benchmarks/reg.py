@@ -2,9 +2,9 @@
 
 Error of a pull-back transform T (fixed RAS -> moving RAS): the mean distance
 (mm) between where T and the reference send the fixed image's brain voxels
-(``synthtools.training.validation.displacement_error``). Cases (none is ever trained on):
+(``synthtools.metrics.displacement_error``). Cases (none is ever trained on):
 
-  lesjak_*   the real Lesjak p01 pairs of ``synthtools.training.validation.REG_CASES``:
+  lesjak_*   the real Lesjak p01 pairs of ``synthtools.evaluation.REG_CASES``:
              T2W/FLAIR -> T1W within session 1 and session 2 -> session 1 per
              contrast (2D clinical scans, 3-4 mm slices, defaced whole heads),
              against the dataset's own ITK transforms;
@@ -109,7 +109,7 @@ def load_pairs(root: Path, mode: str, max_rot: float, max_shift: float) -> list[
     from synthtools.conform import resample
     from synthtools.io import Volume, load_volume
     from synthtools.morph.transforms import Affine
-    from synthtools.training.validation import LJ, REG_CASES, reference_transform
+    from synthtools.evaluation import LJ, REG_CASES, reference_transform
     pairs = []
     for c in REG_CASES:
         if not c.available(root):
@@ -138,7 +138,7 @@ def load_pairs(root: Path, mode: str, max_rot: float, max_shift: float) -> list[
 
 def error_mm(t, pair: dict) -> float:
     from synthtools.morph.transforms import as_geometry
-    from synthtools.training.validation import displacement_error
+    from synthtools.metrics import displacement_error
     return round(displacement_error(t, pair["ref"], as_geometry(pair["fixed"]), pair["mask"]), 3)
 
 
@@ -207,7 +207,7 @@ def run_speed(model: str, mode: str, threads: int, repeats: int) -> dict:
     warm-up."""
     import nibabel as nib
 
-    from strip import make_head, timed_median
+    from benchmarks.common import make_head, timed_median
     from synthtools.conform import resample
     with tempfile.TemporaryDirectory(prefix="regspeed-") as tmp:
         tmp = Path(tmp)
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     import torch
 
-    from synthtools.training.validation import data_root
+    from synthtools.evaluation import data_root
     torch.set_num_threads(a.threads)
     pairs = load_pairs(data_root(), a.mode, a.max_rot, a.max_shift)
     if not pairs:

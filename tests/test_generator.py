@@ -9,7 +9,7 @@ import torch
 from synthtools.training.generator import corrupt, noise, spatial
 from synthtools.training.generator.labels import LabelSet, load_priors_mapping, synthetic_label_map, SYNTHSEG_LABELS
 from synthtools.training.generator.synth import SynthConfig, Synthesizer, generator
-from synthtools.training.validation import data_root
+from synthtools.evaluation import data_root
 
 
 def spheres(shape=(40, 44, 36), values=(0, 1, 2, 3, 4)) -> torch.Tensor:

@@ -104,8 +104,9 @@ def test_mixed_and_real_only_training(label_dir, pairs, tmp_path, ratio):
 # ---------------------------------------------------------------- validation by domain
 
 def test_group_means():
-    from synthtools.training.realdata import case_group, with_group_means
-    from synthtools.training.validation import STRIP_CASES
+    from synthtools.metrics import with_group_means
+    from synthtools.training.realdata import case_group
+    from synthtools.evaluation import STRIP_CASES
     m = with_group_means({"a": 0.8, "b": 0.6, "c_mean": 0.5, "c_large": 0.9, "d_CSF": 0.2, "d_GM": 0.4},
                          {"a": "T1", "b": "T1", "c": "T2", "d": "T2", "missing": "CT"})
     assert m["mean_T1"] == pytest.approx(0.7) and m["mean_T2"] == pytest.approx((0.5 + 0.3) / 2)

@@ -545,7 +545,7 @@ def test_lesjak_reference_convention():
     """The dataset's common-space brain mask, pulled into a raw grid with
     the composed reference, reproduces that scan's derived mask exactly."""
     from synthtools.morph.transforms import apply_transform, as_geometry
-    from synthtools.training.validation import LJ, REG_CASES, data_root, lesjak_common_to_scan, reference_transform
+    from synthtools.evaluation import LJ, REG_CASES, data_root, lesjak_common_to_scan, reference_transform
     root = data_root()
     scan = "study2_T2W"
     files = [root / f"{LJ}common_space/brainmask.nii.gz", root / f"{LJ}derived/{scan}_brainmask_derived.nii.gz"]

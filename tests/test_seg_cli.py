@@ -387,7 +387,7 @@ def test_help_exits_zero(capsys):
 def test_aseg_in_protocol_relabels_by_hemisphere():
     """Choroid plexus joins its ventricle; corpus callosum / WM hypointensities
     join the white matter of their own side; nothing else changes."""
-    from synthtools.training.validation import aseg_in_protocol, aseg_scores
+    from synthtools.metrics import aseg_in_protocol, aseg_scores
     ref = np.zeros((20, 8, 8), np.int32)
     ref[2:8] = 2            # left WM at low i
     ref[12:18] = 41         # right WM at high i

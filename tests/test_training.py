@@ -280,27 +280,3 @@ def test_batch_norm_unet_round_trips_and_ignores_the_batch(tmp_path):
         UNet(3, 1, 3, features=(4, 8), norm="group")
 
 
-def _cube(half: int, n: int = 40) -> np.ndarray:
-    m = np.zeros((n, n, n), bool)
-    c = n // 2
-    m[c - half:c + half + 1, c - half:c + half + 1, c - half:c + half + 1] = True
-    return m
-
-
-def _ball(radius: float, n: int = 48) -> np.ndarray:
-    r = np.linalg.norm(np.indices((n, n, n)) - (n - 1) / 2, axis=0)
-    return r <= radius
-
-
-def test_surface_distance_95_measures_the_gap_between_boundaries_in_mm():
-    from synthtools.training.validation import surface_distance_95
-    inner, outer = _ball(12), _ball(15)
-    # Concentric spheres 3 voxels apart: 3 voxels, plus the voxel staircase.
-    gap = surface_distance_95(inner, outer, (1, 1, 1))
-    assert 3.0 <= gap <= 4.0
-    assert surface_distance_95(outer, inner, (2, 2, 2)) == pytest.approx(2 * gap)  # mm, not voxels
-    assert surface_distance_95(inner, inner, (1, 1, 1)) == 0.0
-    # A one-slice shift across 4 mm slices: the faces across them move 4 mm.
-    cube = _cube(10)
-    assert surface_distance_95(cube, np.roll(cube, 1, axis=2), (1, 1, 4)) == pytest.approx(4.0)
-    assert surface_distance_95(cube, np.zeros_like(cube), (1, 1, 1)) == float("inf")

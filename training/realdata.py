@@ -1,7 +1,7 @@
 """Real labelled scans next to the synthetic stream: CSV lists of
 (image, labels[, domain, name]) pairs, the mixed real + synthetic dataset,
-scoring of a user's own labelled sets, and validation metrics grouped by
-contrast, site or domain.
+scoring of a user's own labelled sets, and the groups (contrast, site or
+domain) their scores are averaged over (:func:`synthtools.metrics.with_group_means`).
 
 CSV format: one pair per line, ``image,labels`` for training
 (``[real] pairs``) and ``image,labels,domain[,name]`` for validation
@@ -25,6 +25,9 @@ import numpy as np
 from .generator.dataset import LabelMapDataset, sample_seed
 from .generator.rng import randint
 from .generator.synth import generator
+
+# Recipes of training runs started before the metrics moved import it from here.
+from synthtools.metrics import with_group_means  # noqa: E402, F401
 
 
 @dataclass(frozen=True)
@@ -132,30 +135,6 @@ def case_group(case, by: str = "contrast") -> str:
     return group_name(case.contrast)
 
 
-def case_score(metrics: dict[str, float], name: str) -> float | None:
-    """One Dice per case: the case's value, its ``_mean`` (label maps), or
-    the mean of its tissue classes (BrainWeb)."""
-    if name in metrics:
-        return metrics[name]
-    if f"{name}_mean" in metrics:
-        return metrics[f"{name}_mean"]
-    vals = [metrics[f"{name}_{c}"] for c in ("CSF", "GM", "WM") if f"{name}_{c}" in metrics]
-    return float(np.mean(vals)) if vals else None
-
-
-def with_group_means(metrics: dict[str, float], groups: dict[str, str]) -> dict[str, float]:
-    """``metrics`` plus ``mean_<group>``: the mean case score per group
-    (``groups``: case name -> group) over the cases that were scored."""
-    per: dict[str, list[float]] = {}
-    for name, g in groups.items():
-        s = case_score(metrics, name)
-        if s is not None:
-            per.setdefault(g, []).append(s)
-    out = dict(metrics)
-    out.update({f"mean_{g}": float(np.mean(v)) for g, v in sorted(per.items())})
-    return out
-
-
 def _reference_on(image, labels) -> np.ndarray:
     """Label data on the image's grid (nearest neighbour when grids differ)."""
     if labels.shape == image.shape and np.allclose(labels.affine, image.affine, atol=1e-3):
@@ -167,7 +146,7 @@ def _reference_on(image, labels) -> np.ndarray:
 def score_strip_pairs(predict_mask: Callable, pairs: Sequence[RealPair], brain: Callable) -> dict[str, float]:
     """Dice per pair of a function Volume -> native brain mask; ``brain``
     turns the pair's label data into the reference mask."""
-    from .validation import dice
+    from synthtools.metrics import dice
     out = {}
     for pair in pairs:
         img, lab = load_pair(pair)
@@ -179,7 +158,7 @@ def score_seg_pairs(predict_labels: Callable, pairs: Sequence[RealPair], to_synt
     """Mean Dice (and over large structures) per pair; ``to_synthseg`` maps
     the pair's generation labels to SynthSeg 2.0 values."""
     from .generator.labels import SYNTHSEG_LABELS
-    from .validation import LARGE, seg_dice
+    from synthtools.metrics import LARGE, seg_dice
     out = {}
     for pair in pairs:
         img, lab = load_pair(pair)

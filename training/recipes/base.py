@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from synthtools.evaluation import data_root
 from synthtools.weights import Model
 
 from ..config import REAL, RECIPE, TRAIN, VALIDATION
@@ -18,7 +19,6 @@ from ..config import REAL, RECIPE, TRAIN, VALIDATION
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
 from ..generator.rng import randint
-from ..validation import data_root
 
 TRAINING_DATA = "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)"
 

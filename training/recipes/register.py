@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from synthtools.evaluation import REG_CASES, score_reg
 from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
 from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
@@ -52,7 +53,6 @@ from ..generator.rng import randint, uniform
 from ..generator.pairs import correspondence, same_anatomy_pair
 from ..generator.spatial import nearest, sample_transform
 from ..generator.synth import Sample, SynthConfig, Synthesizer
-from ..validation import REG_CASES, score_reg
 from .base import Recipe
 
 # Deformable-loss classes: SynthSeg 2.0 structures merged into 8 large brain

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from synthtools.evaluation import SEG_CASES, score_consistency, score_seg
 from synthtools.nets.unet import UNet
 
 from ..config import MODEL, RECIPE, VALIDATION
@@ -15,7 +16,6 @@ from ..config import MODEL, RECIPE, VALIDATION
 from ..generator.labels import SYNTHSEG_LABELS
 from ..generator.rng import uniform
 from ..generator.synth import SynthConfig, Synthesizer
-from ..validation import SEG_CASES, score_consistency, score_seg
 from .base import Recipe
 
 
@@ -127,9 +127,10 @@ class SegmentRecipe(Recipe):
         consistency of our own labels (``consistency_*``; ``[validation]
         consistency = false`` skips it). Consistency does not rank
         checkpoints: an empty segmentation would be perfectly consistent."""
+        from synthtools.metrics import with_group_means
         from synthtools.seg import segment
 
-        from ..realdata import score_seg_pairs, with_group_means
+        from ..realdata import score_seg_pairs
         model = self.as_model(net)
         predict = lambda v: segment(model, v).labels  # noqa: E731
         cases, pairs = self.validation_cases(SEG_CASES), self.validation_pairs()

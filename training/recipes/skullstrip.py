@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from synthtools.evaluation import STRIP_CASES, score_strip
 from synthtools.nets.unet import UNet
 from synthtools.strip import brain_sdt, mask_from_sdt
 
 from ..config import MODEL, RECIPE
 
 from ..generator.synth import SynthConfig, Synthesizer
-from ..validation import STRIP_CASES, score_strip
 from .base import Recipe
 
 
@@ -91,7 +91,9 @@ class SkullStripRecipe(Recipe):
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         """Dice per built-in case and per ``[validation] real_pairs`` pair,
         plus ``mean_<group>`` per contrast/site/domain."""
-        from ..realdata import score_strip_pairs, with_group_means
+        from synthtools.metrics import with_group_means
+
+        from ..realdata import score_strip_pairs
         model = self.as_model(net)
 
         def by_case(volume, brain):   # the output matching the reference's convention, if learnt
