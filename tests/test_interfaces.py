@@ -93,6 +93,37 @@ def test_nipreps_synthstrip_interface_runs_our_cli(threads, scan):
     check_strip_outputs(Path(out.out_file), Path(out.out_mask), scan)
 
 
+@pytest.mark.slow
+@needs_scan
+@needs_clis
+def test_nipreps_interface_with_freesurfer_installed_runs_its_model(scan, tmp_path, monkeypatch):
+    """FreeSurfer installed: the wrapper's default ``--model`` is
+    $FREESURFER_HOME/models/synthstrip.1.pt, and our CLI runs FreeSurfer's own
+    network from that file (the published architecture in FreeSurfer's
+    checkpoint format; random weights here, so only the outputs' geometry and
+    the provenance are checked, not the mask)."""
+    pytest.importorskip("nipype")
+    pytest.importorskip("nipreps.synthstrip.wrappers.nipype")
+    import torch
+    from synthtools.nets.freesurfer import SynthStripNet
+    home = tmp_path / "freesurfer"
+    (home / "models").mkdir(parents=True)
+    torch.save({"model_state_dict": SynthStripNet().state_dict(), "epoch": 1}, home / "models" / "synthstrip.1.pt")
+    monkeypatch.setenv("FREESURFER_HOME", str(home))
+    wrappers = importlib.reload(importlib.import_module("nipreps.synthstrip.wrappers.nipype"))
+
+    class SynthStrip(wrappers.SynthStrip):
+        _cmd = "synthstrip"
+
+    node = SynthStrip(in_file=scan.name, num_threads=1)
+    assert f"--model {home / 'models' / 'synthstrip.1.pt'}" in node.cmdline
+    result = node.run()
+    assert "placeholder" not in result.runtime.stderr and "shipped model" not in result.runtime.stderr
+    out = result.outputs
+    for path in (out.out_file, out.out_mask):
+        assert_same_geometry(Path(path), scan)
+
+
 # ---------------------------------------------------- our nipype workflow --
 
 @needs_scan
