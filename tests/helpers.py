@@ -46,9 +46,22 @@ def synthmorph(*args, capsys=None) -> tuple[int, str]:
     return code, err
 
 
-def one_error_line(err: str) -> str:
+def run_cli(cli, *args, capsys) -> tuple[int, str, str]:
+    """Run a CLI module's ``main`` in-process: exit code, stdout, stderr."""
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:  # pragma: no cover
+        raise AssertionError("main() returned instead of exiting")
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str, prog: str = "synthmorph") -> str:
+    """The single ``PROG: error: ...`` line of ``err`` (no traceback)."""
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("synthmorph: error: "), err
+    assert lines[0].startswith(f"{prog}: error: "), err
     assert "Traceback" not in err
     return lines[0]

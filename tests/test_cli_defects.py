@@ -21,6 +21,7 @@ from synthtools.cli import seg as seg_cli
 from synthtools.cli import strip as strip_cli
 from synthtools.io import load_volume
 from synthtools.morph import Affine, write_transform
+from helpers import run_cli as run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "validation"
@@ -32,18 +33,6 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available (../shared/data)")
     return path
-
-
-def run(cli, *args, capsys) -> tuple[int, str, str]:
-    """Run a CLI in-process: exit code, stdout, stderr."""
-    try:
-        cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:  # pragma: no cover
-        raise AssertionError("main() returned instead of exiting")
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def error_line(err: str, prog: str) -> str:

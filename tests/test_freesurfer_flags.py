@@ -13,15 +13,7 @@ from synthtools.cli import seg as seg_cli
 from synthtools.cli import strip as strip_cli
 from synthtools.io import load_volume
 from synthtools.morph import Affine, write_transform
-
-
-def run(cli, *args, capsys) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from helpers import run_cli as run  # noqa: E402
 
 
 @pytest.mark.parametrize("flags, what", [

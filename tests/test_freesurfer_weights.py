@@ -38,6 +38,7 @@ from synthtools.freesurfer_seg import align_to_ras, pad_to, resample_1mm
 from synthtools.freesurfer_strip import fit_shape, reorient, target_shape
 from synthtools.nets.freesurfer import SYNTHSEG_LABELS, SynthStripNet, load_strict
 from synthtools.weights import ModelError, save_model
+from helpers import run_cli  # noqa: E402
 
 h5py = pytest.importorskip("h5py", reason="h5py is the optional extra synthtools[freesurfer]")
 HERE = Path(__file__).resolve().parent
@@ -549,14 +550,6 @@ def test_synthseg_resampling_grid_keeps_world_positions():
 
 
 # ------------------------------------------------------------ CLI, end to end --
-
-def run_cli(module, *args, capsys) -> tuple[int, str, str]:
-    try:
-        module.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_synthstrip_with_a_freesurfer_checkpoint(strip_pt, head_path, tmp_path, capsys):

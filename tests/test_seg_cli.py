@@ -26,6 +26,7 @@ from synthtools.io import Volume
 from synthtools.seg import QC_GROUPS, flip_permutation, segment
 from synthtools.weights import load_model
 from synthtools.training.generator.labels import LEFT_RIGHT, SYNTHSEG_LABELS
+import helpers  # noqa: E402
 
 LABELS = np.array(SYNTHSEG_LABELS)
 STRUCTURES = [lut.name(v) for v in SYNTHSEG_LABELS[1:]]
@@ -47,11 +48,7 @@ def data(path) -> np.ndarray:
 
 
 def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("synthseg: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return helpers.one_error_line(err, "synthseg")
 
 
 def read_csv(path) -> list[list[str]]:

@@ -23,6 +23,7 @@ from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under, strip_
 from synthtools.nets.unet import UNet
 from synthtools.strip import mask_from_sdt
 from synthtools.weights import save_model
+import helpers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,11 +48,7 @@ def data(path) -> np.ndarray:
 
 
 def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("synthstrip: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return helpers.one_error_line(err, "synthstrip")
 
 
 # ------------------------------------------------ mask_from_sdt, directly --
