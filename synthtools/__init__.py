@@ -55,7 +55,7 @@ def _map_checkout_folders() -> None:
             return spec_from_file_location(name, os.path.join(folder, "__init__.py"),
                                            submodule_search_locations=[folder])
 
-    sys.meta_path.append(_CheckoutFinder())
+    sys.meta_path.insert(0, _CheckoutFinder())   # ahead of an editable install of another checkout
 
 
 _map_checkout_folders()
