@@ -280,3 +280,44 @@ def test_batch_norm_unet_round_trips_and_ignores_the_batch(tmp_path):
         UNet(3, 1, 3, features=(4, 8), norm="group")
 
 
+
+
+def test_segment_export_carries_the_shipped_atlases(label_dir, tmp_path):
+    """A retrained segmentation network ships with atlases, so `synthseg` runs
+    the whole pipeline (atlas prior) on it, not the network alone."""
+    from synthtools.seg.atlas import atlas_files, default_atlases
+    from synthtools.training.atlases import copy_atlases
+    recipe = get_recipe(tiny_cfg("segment", label_dir))
+    train(recipe, tmp_path / "run", steps=1, log=lambda *a: None)
+    dest = export(recipe, tmp_path / "run", tmp_path / "model", "seg", atlases_from="synthseg")
+    shipped = load_model("synthseg")
+    model = load_model(dest)
+    assert [f.name for f in atlas_files(model)] == [f.name for f in atlas_files(shipped)]
+    assert default_atlases(model) == default_atlases(shipped) > 0
+    assert all(f.read_bytes() == g.read_bytes() for f, g in zip(atlas_files(model), atlas_files(shipped)))
+    assert model.meta["atlas"]["copied_from"] == "synthseg"
+    # Without it: no atlases (the CLI's default is then --atlases 0).
+    assert "atlas" not in load_model(export(recipe, tmp_path / "run", tmp_path / "bare", "seg")).meta
+    # Atlases whose labels the model cannot output are refused, in one line.
+    with pytest.raises(ValueError, match="not outputs of this model"):
+        copy_atlases("synthseg", tmp_path / "other", labels=[0, 2, 3])
+    assert not (tmp_path / "other").exists()
+
+
+def test_synthgen_export_cli_atlases(label_dir, tmp_path, capsys):
+    from helpers import one_error_line
+    from synthtools.training.cli import main
+    recipe = get_recipe(tiny_cfg("segment", label_dir))
+    run = tmp_path / "run"
+    train(recipe, run, steps=1, log=lambda *a: None)
+    cfg = run / "config.toml"
+    main(["export", str(run), "--config", str(cfg), "--dest", str(tmp_path / "m"), "--which", "last"])
+    assert load_model(tmp_path / "m").meta["atlas"]["copied_from"] == "synthseg"   # the default for segment
+    main(["export", str(run), "--config", str(cfg), "--dest", str(tmp_path / "n"), "--atlases-from", "none"])
+    assert "atlas" not in load_model(tmp_path / "n").meta
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), "--config", str(cfg), "--dest", str(tmp_path / "x"), "--atlases-from", "nosuch"])
+    assert e.value.code == 2
+    assert "nosuch: no such model" in one_error_line(capsys.readouterr().err, "synthgen")
+    assert not (tmp_path / "x").exists()   # nothing half-written

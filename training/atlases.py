@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -51,6 +52,30 @@ def build(maps: Path, n: int, dest: Path) -> list[str]:
         nib.save(out, str(dest / name))
         names.append(name)
     return names
+
+
+def copy_atlases(source: str | Path, dest: Path, labels) -> dict:
+    """Copy a model's atlases (files + its metadata ``atlas`` block) into the
+    model folder ``dest``, for a model whose output ``labels`` (FreeSurfer
+    values) cover every atlas label: the atlases depend on the label
+    protocol, not on the network, so a retrained network keeps them. Returns
+    the ``atlas`` block for ``dest``'s metadata; ValueError (one line) if the
+    source has no atlases or uses labels the model lacks."""
+    from synthtools.weights import read_metadata, resolve
+    folder = resolve(source)
+    spec = read_metadata(folder).get("atlas")
+    if not spec or not spec.get("files"):
+        raise ValueError(f"{source}: model has no atlases to copy")
+    known = {int(v) for v in labels}
+    for name in spec["files"]:
+        values = np.unique(np.asanyarray(nib.load(str(folder / name)).dataobj)).astype(int)
+        extra = sorted(set(values.tolist()) - known)
+        if extra:
+            raise ValueError(f"{folder / name}: labels {extra} are not outputs of this model")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in spec["files"]:
+        shutil.copyfile(folder / name, dest / name)
+    return dict(spec, copied_from=str(source))
 
 
 def main(argv=None) -> int:

@@ -177,11 +177,20 @@ def cmd_compact(a) -> None:
 
 
 def cmd_export(a) -> None:
+    from synthtools.weights import ModelError
+
     from .loop import export
     from .recipes import get_recipe, load_config
     recipe = get_recipe(load_config(a.config, _overrides(a.set)))
-    print(export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which,
-                 average=a.average, average_weight=a.average_weight))
+    # A segmentation network ships with the shipped model's atlases unless told otherwise.
+    atlases = a.atlases_from or ("synthseg" if recipe.task == "segment" else None)
+    try:
+        folder = export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which,
+                        average=a.average, average_weight=a.average_weight,
+                        atlases_from=None if atlases == "none" else atlases)
+    except ModelError as e:   # --atlases-from names no model
+        _fail(str(e))
+    print(folder)
 
 
 def cmd_eval(a) -> None:
@@ -337,6 +346,9 @@ def main(argv=None) -> None:
                    help="ship the weight average with this checkpoint (best.pt or checkpoint.pt of the same lineage)")
     e.add_argument("--average-weight", type=float, default=0.5,
                    help="weight of --average's checkpoint in the average (0-1; default 0.5)")
+    e.add_argument("--atlases-from", metavar="MODEL",
+                   help="copy this model's segmentation atlases into the export ('none': no atlases; "
+                        "default for segmentation recipes: the shipped synthseg)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="score a run's checkpoint on all real validation cases")
     v.add_argument("rundir", help="run folder written by synthgen train")

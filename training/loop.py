@@ -745,11 +745,14 @@ def average_weights(own: dict, other: dict, other_weight: float) -> dict:
 
 
 def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str = "best",
-           average: str | Path | None = None, average_weight: float = 0.5) -> Path:
+           average: str | Path | None = None, average_weight: float = 0.5,
+           atlases_from: str | Path | None = None) -> Path:
     """Write shipped weights (fp16, no optimizer) + metadata from a run:
     ``which`` = ``best`` (best validation, else last) or ``last``. With
     ``average`` (a checkpoint file: best.pt / checkpoint.pt of a run of the
-    same lineage), ship ``(1 - average_weight) * run + average_weight * it``."""
+    same lineage), ship ``(1 - average_weight) * run + average_weight * it``.
+    ``atlases_from`` (a model name or folder): copy its segmentation atlases
+    and their metadata, so the exported model runs the whole pipeline."""
     out = Path(out_dir)
     state = shipped_state(out, which)
     model = recipe.build_model()
@@ -784,6 +787,9 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     if soup:
         meta["averaged_with"] = soup
     _add_lineage(meta, out / "lineage.json")
+    if atlases_from:
+        from .atlases import copy_atlases
+        meta["atlas"] = copy_atlases(atlases_from, Path(dest), meta["output"].get("labels", []))
     folder = save_model(model, meta, dest)
     # The training record travels with the weights: loss + validation curves.
     plot_log(out / "log.jsonl", out / "log.png")
