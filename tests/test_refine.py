@@ -156,3 +156,35 @@ def test_posteriors_hold_no_subnormal_floats():
     assert bool((post >= tiny).all())
     torch.testing.assert_close(post.sum(1), torch.ones(2))
     assert post.argmax(1).tolist() == [0, 0]
+
+
+def test_known_background_voxels_keep_the_background_model_off_tissue():
+    """A sharp prior leaves few background voxels in the refined region, some
+    of them tissue at the brain's edge (prior 0.6 background): the background
+    histogram fitted on them alone reaches into the tissue's intensities and
+    keeps those voxels. Counting the voxels known to be background (outside
+    the region: dark air) restores its real distribution, and the image
+    takes the edge voxels back; an empty sample changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.cat([torch.zeros(20), torch.ones(150), 2 * torch.ones(150)]).long()
+    image = torch.tensor([0.05, 0.3, 0.8])[truth] + 0.03 * torch.randn(320, generator=g)
+    prior = torch.tensor([[0.9, 0.05, 0.05]] * 20 + [[0.6, 0.35, 0.05]] * 50 + [[0.1, 0.85, 0.05]] * 100
+                         + [[0.05, 0.05, 0.9]] * 150)
+    edge = slice(20, 70)
+    alone = refine_posteriors(prior, image)
+    known = refine_posteriors(prior, image, background_sample=0.02 + 0.01 * torch.randn(2000, generator=g))
+    assert (alone.argmax(1)[edge] == 1).float().mean() < 0.8
+    assert (known.argmax(1)[edge] == 1).float().mean() > 0.98
+    assert (known.argmax(1) == truth).float().mean() > 0.99
+    assert torch.equal(refine_posteriors(prior, image, background_sample=torch.empty(0)), alone)
+
+
+def test_a_models_refine_background_choice_is_read_and_checked():
+    from synthtools.seg.segmenter import refine_background
+    from synthtools.weights import Model, ModelError
+    def model(inference):
+        return Model(torch.nn.Identity(), {"inference": inference}, path="m")
+    assert refine_background(model({})) == "region"   # the shipped network's setting
+    assert refine_background(model({"refine_background": "all"})) == "all"
+    with pytest.raises(ModelError, match="refine_background must be one of region, all"):
+        refine_background(model({"refine_background": "everything"}))

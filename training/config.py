@@ -116,6 +116,7 @@ class InferenceSection:
     passes: int = 1                         # registration: passes
     refine: list[int] = field(default=())   # registration: refinement iterations per level
     refine_metric: str = "features"
+    refine_background: Optional[str] = None  # segmentation: "region" or "all" (synthtools.seg.segmenter)
 
 
 SECTIONS: dict[str, type] = {"recipe": RecipeSection, "model": ModelSection, "train": TrainSection,

@@ -61,11 +61,14 @@ def _normalised_exp_(logp: torch.Tensor) -> torch.Tensor:
     return logp.div_(logp.sum(1, keepdim=True))
 
 
-def _background_table(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _background_table(x: torch.Tensor, weights: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
     """log density (per unit intensity) of the background on ``HIST_BINS``
-    bins of [0, 1]: a weighted histogram smoothed by a Gaussian of one bin."""
+    bins of [0, 1]: a weighted histogram smoothed by a Gaussian of one bin.
+    ``known``: (HIST_BINS,) counts of voxels known to be background, added."""
     idx = (x * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
     hist = torch.bincount(idx, weights=weights.double(), minlength=HIST_BINS).float()
+    if known is not None:
+        hist += known
     taps = torch.arange(-4, 5, dtype=torch.float32)
     kernel = torch.exp(-0.5 * taps ** 2)   # SD one bin: histogram noise off, shape kept
     hist = torch.nn.functional.conv1d(hist[None, None], (kernel / kernel.sum())[None, None], padding=4)[0, 0]
@@ -127,7 +130,7 @@ def _fit_log_field(log_y: torch.Tensor, post: torch.Tensor, mean: torch.Tensor, 
 
 def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: int = 0, iters: int = 20,
                       inplace: bool = False, groups=None, coords: torch.Tensor | None = None,
-                      prior_power: float = 1.0) -> torch.Tensor:
+                      prior_power: float = 1.0, background_sample: torch.Tensor | None = None) -> torch.Tensor:
     """Posteriors (N, C) float32 of N voxels given the network's ``prior``
     (N, C), summing to 1 per voxel, and the voxels' ``intensity`` (N,) in any
     unit. ``background``: the channel modelled by a histogram instead of a
@@ -143,6 +146,8 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
     non-positive values, e.g. CT in Hounsfield units: no coil, no field).
     ``prior_power`` (> 0): the prior enters as prior^power (renormalised);
     below 1 the image counts for more against a prior that is too sure.
+    ``background_sample`` (M,): intensities of voxels known to be background
+    (outside the refined region), counted in the background's histogram.
 
     The intensity model is fitted on at most ``FIT_VOXELS`` voxels (a regular
     subsample: ~20 parameters need no more); the posteriors of all voxels are
@@ -179,6 +184,10 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
         basis = fit_basis[::sub].double()
         log_ys = ys.clamp_min(1e-3 * hi).log()
     xs = ((ys - lo) / scale).clamp_(0, 1)
+    known = None
+    if background_sample is not None and background_sample.numel():
+        bs = ((background_sample.float()[::step] - lo) / scale).clamp_(0, 1)
+        known = torch.bincount((bs * HIST_BINS).long().clamp_(0, HIST_BINS - 1), minlength=HIST_BINS).float()
     for _ in range(iters):
         # M step: each structure's (group's) intensity mean and variance under the current posteriors.
         w = _tied(post.sum(0), groups).clamp_min(1e-3)
@@ -189,7 +198,7 @@ def refine_posteriors(prior: torch.Tensor, intensity: torch.Tensor, background: 
             coef = _fit_log_field(log_ys[::sub], post[::sub], lo + scale * mean, scale ** 2 * var, background,
                                   basis)
             xs = ((ys * torch.exp(-(fit_basis @ coef)) - lo) / scale).clamp_(0, 1)
-        table = _background_table(xs, post[:, background])
+        table = _background_table(xs, post[:, background], known)
         # E step (log domain: no underflow).
         post = _normalised_exp_(_log_posterior(xs, log_prior, mean, var, background, table))
     del log_prior, post

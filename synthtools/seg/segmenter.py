@@ -31,7 +31,7 @@ import torch
 from ..conform import Conformed, conform, lr_axis
 from ..infer import normalize_intensities, predict
 from ..io import Volume
-from ..weights import Model
+from ..weights import Model, ModelError
 from .coords import world_coords
 from .lut import names_for, twin
 from .refine import refine_posteriors
@@ -50,6 +50,16 @@ REFINE_BELOW = 0.999
 # mean T1 0.909 / 0.914 / 0.917 / 0.919 / 0.920 (T2, PD alike); without atlases 0.6 changes the
 # vxm mean by -0.0002 and lifts its large structures +0.005 and BrainWeb +0.002-0.003.
 PRIOR_POWER = 0.6
+
+# Which voxels the refinement's background histogram is fitted on (a model's
+# metadata "inference.refine_background"): "region", the refined voxels only,
+# weighted by their background posterior (the shipped network's setting);
+# "all", also every voxel outside the region, where the background wins
+# anyway. A sharp network leaves few background voxels in the region, mostly
+# at the brain's edge, and their histogram then reaches into CSF/grey matter
+# intensities; the outside voxels restore the background's real distribution.
+# Measured in runs/README.md (session 24).
+REFINE_BACKGROUND = ("region", "all")
 
 # Channels resampled to the native grid per step: bounds the temporary
 # native array to CHUNK * X * Y * Z float32 (268 MB for 256^3).
@@ -124,6 +134,7 @@ class SegResult:
     _bias_field: bool = field(default=True, repr=False)
     _prior: torch.Tensor | None = field(default=None, repr=False)   # conformed prior to refine lazily
     _atlas: Any = field(default=None, repr=False)                   # synthtools.seg.atlas.AtlasPrior
+    _background: str = field(default="region", repr=False)          # see REFINE_BACKGROUND
 
     @property
     def atlases_used(self) -> int:
@@ -138,7 +149,7 @@ class SegResult:
         if self._conformed_posteriors is None:
             with torch.inference_mode():   # as in segment(): its tensors are inference tensors
                 self._conformed_posteriors = _refine_conformed(self.conformed, self._prior, self.label_values,
-                                                               self._bias_field)
+                                                               self._bias_field, self._background)
             self._prior = None
         return self._conformed_posteriors
 
@@ -153,7 +164,8 @@ class SegResult:
         if self._posteriors is None and self._native_image is not None:
             self._posteriors = _refine_native(self.conformed, self.network_posteriors, self.label_values,
                                               keep=True, image=self._native_image,
-                                              bias_field=self._bias_field, atlas=self._atlas)[2]
+                                              bias_field=self._bias_field, atlas=self._atlas,
+                                              background=self._background)[2]
         elif self._posteriors is None:
             self._posteriors = _map_to_native(self.conformed, self.conformed_posteriors,
                                               self.label_values, keep=True)[2]
@@ -307,15 +319,15 @@ def _map_to_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
 
 
 def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep: bool, image: np.ndarray,
-                   bias_field: bool = True, chunk: int = CHUNK,
-                   atlas=None) -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
+                   bias_field: bool = True, chunk: int = CHUNK, atlas=None,
+                   background: str = "region") -> tuple[np.ndarray, GridSummary, np.ndarray | None]:
     """:func:`_map_to_native`, then :func:`refine_posteriors` with the native
     ``image`` on the voxels whose background posterior is below
     ``REFINE_BELOW`` (outside them the background wins anyway), with a bias
     field unless ``bias_field`` is False. ``atlas``: a
     :class:`synthtools.seg.atlas.AtlasPrior` whose atlases' labels at the native
     voxels multiply the prior there first (``prob`` is then the network's
-    alone)."""
+    alone). ``background``: see :data:`REFINE_BACKGROUND`."""
     n = prob.shape[0]
     shape = tuple(conf.native_shape)
     bg = _background_channel(values)
@@ -335,9 +347,11 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
         from .atlas import apply_prior
         apply_prior(torch.from_numpy(prior).T, atlas.native_fractions(region, conf.native_affine).T, atlas.alpha)
     coords = world_coords(region, conf.native_affine) if bias_field else None
+    known = torch.from_numpy(image[outside].astype(np.float32)) if background == "all" else None
     refined = refine_posteriors(torch.from_numpy(prior), torch.from_numpy(image[region].astype(np.float32)),
                                 background=bg, inplace=True, groups=twin_groups(values), coords=coords,
-                                prior_power=PRIOR_POWER).numpy()
+                                prior_power=PRIOR_POWER, background_sample=known).numpy()
+    del known
     del coords
     sums += refined.sum(0, dtype=np.float64)
     arg = np.full(shape, bg, dtype=np.uint8 if n <= 256 else np.int32)
@@ -350,14 +364,16 @@ def _refine_native(conf: Conformed, prob: torch.Tensor, values: np.ndarray, keep
 
 
 def _refine_conformed(conf: Conformed, prob: torch.Tensor, values: np.ndarray,
-                      bias_field: bool = True) -> torch.Tensor:
+                      bias_field: bool = True, background: str = "region") -> torch.Tensor:
     """The network-grid posteriors refined with the conformed image (a copy)."""
     bg = _background_channel(values)
     out = prob.clone()
     region = prob[bg] < REFINE_BELOW
     coords = world_coords(region.numpy(), conf.affine) if bias_field else None
+    known = conf.data[~region] if background == "all" else None
     out[:, region] = refine_posteriors(prob[:, region].T.contiguous(), conf.data[region], background=bg,
-                                       groups=twin_groups(values), coords=coords, prior_power=PRIOR_POWER).T
+                                       groups=twin_groups(values), coords=coords, prior_power=PRIOR_POWER,
+                                       background_sample=known).T
     return out
 
 
@@ -438,12 +454,23 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
                          conformed=conf, _conformed_posteriors=prob, _posteriors=post, network_posteriors=network,
                          _atlas=atlas)
     image = np.asarray(data, dtype=np.float32)
+    background = refine_background(model)
     arg, summary, post = _refine_native(conf, network, values, keep=posteriors, image=image, bias_field=bias_field,
-                                        atlas=atlas)
+                                        atlas=atlas, background=background)
     progress("intensity refinement on the native grid")
     return SegResult(label_values=values, names=names, labels=values[arg], native=summary, conformed=conf,
                      _posteriors=post, network_posteriors=network, _native_image=image, _bias_field=bias_field,
-                     _prior=prob, _atlas=atlas)
+                     _prior=prob, _atlas=atlas, _background=background)
+
+
+def refine_background(model: Model) -> str:
+    """The model's :data:`REFINE_BACKGROUND` choice (metadata
+    ``inference.refine_background``; "region" when absent)."""
+    choice = (model.meta.get("inference") or {}).get("refine_background") or "region"
+    if choice not in REFINE_BACKGROUND:
+        raise ModelError(f"{model.path}: inference.refine_background must be one of "
+                         f"{', '.join(REFINE_BACKGROUND)}, got {choice!r}")
+    return choice
 
 
 def _atlas_prior(model: Model, conf: Conformed, values: np.ndarray, n: int, alpha: float | None):
