@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .conform import conform, lr_axis
 from .infer import normalize_intensities, predict
 from .io import Volume
+from .space import ModelSpace
 from .weights import Model
 
 
@@ -43,13 +43,12 @@ def brain_sdt(model: Model, volume: Volume, frame: int | None = None, channel: i
     ``flip``: average with the prediction on the left-right mirrored image
     (mirrored back); the brain boundary has no left/right labels to swap."""
     data = volume.data if frame is None else volume.data[..., frame]
-    space = model.meta["input"]
-    conf = conform((data, volume.affine), voxsize=space["voxsize"], orientation=space["orientation"],
-                   multiple=space["multiple"])
+    space = ModelSpace.of(model)
+    conf = space.conform(data, volume.affine)
     x = normalize_intensities(conf.data)
     sdt = predict(model, x[None])[channel]
     if flip:
-        axis = lr_axis(space["orientation"])
+        axis = space.lr_axis
         sdt = 0.5 * (sdt + predict(model, x.flip(axis)[None])[channel].flip(axis))
     band = float(model.meta["output"].get("band_mm", 5.0))
     # Outside the conformed FOV the brain is absent: fill with the far value.
