@@ -5,7 +5,7 @@ Accuracy mode (default) scores, on the real validation cases of
 BrainWeb T1/T2/PD, the ROBEX atlas, the SPM avg152 templates, a CT
 template), the brain mask of
 
-  ours            synthtools.strip.strip(model, volume, border, flip) with the
+  ours            synthtools.skullstrip.strip(model, volume, border, flip) with the
                   model of ``--model`` (default: the shipped 'synthstrip'),
                   with the left-right test-time flip unless ``--no-flip`` (as
                   the synthstrip command);
@@ -168,7 +168,7 @@ def _torch_threads(n: int) -> str:
 def build_ours(args):
     _torch_threads(args.threads)
     import synthtools
-    from synthtools.strip import channel_of, strip
+    from synthtools.skullstrip import channel_of, strip
     from synthtools.weights import load_model
     model = load_model(args.model, "cpu")
     # The output whose brain definition matches the reference (synthstrip

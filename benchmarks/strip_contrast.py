@@ -70,7 +70,7 @@ def main() -> int:
     limit_threads(args.threads)
     from benchmarks.strip import build_deepbet, build_ours
     from synthtools.io import load_volume
-    from synthtools.strip import channel_of
+    from synthtools.skullstrip import channel_of
     from synthtools.weights import load_model
     from synthtools.evaluation import data_root
     from synthtools.metrics import dice, neck_crop

@@ -67,8 +67,9 @@ __all__ = ["__version__", "strip", "segment", "register", "StripOutput", "Segmen
 
 
 def __getattr__(name: str):
-    # 'strip' is also the submodule synthtools.strip; that module is callable
-    # (it forwards to synthtools.api.strip), so both meanings work.
+    # 'strip' is also the submodule synthtools.strip (the skullstrip internals,
+    # re-exported); that module is callable (it forwards to synthtools.api.strip),
+    # so both meanings work whichever is imported first.
     if name == "strip":
         return _import_module(".strip", __name__)
     if name in __all__[1:]:

@@ -14,7 +14,7 @@ by default (a folder or a loaded :class:`synthtools.weights.Model` may be
 given), loaded once per process and device.
 
 The functions run the same internals as the command-line tools
-(:func:`synthtools.strip.strip`, :func:`synthtools.seg.segment`,
+(:func:`synthtools.skullstrip.strip`, :func:`synthtools.seg.segment`,
 :func:`synthtools.morph.register.register`). Errors: an unusable image
 raises :class:`synthtools.io.InputError`, an unusable model
 :class:`synthtools.weights.ModelError`, a bad argument ``ValueError``; each
@@ -203,7 +203,7 @@ def strip(image: ImageInput, *, border: float = 1.0, no_csf: bool = False, flip:
     ``synthstrip``; ``device``: "cpu" or "cuda"; ``threads``: torch CPU
     threads (global setting; None leaves it).
     """
-    from .strip import channel_of, strip as strip_volume
+    from .skullstrip import channel_of, strip as strip_volume
 
     if not math.isfinite(border):
         raise ValueError(f"border must be a finite number of mm, got {border}")

@@ -20,11 +20,12 @@ import torch
 
 from .warp import grid_sample
 
-__all__ = ["Conformed", "conform", "resample", "orientation_affine", "axcodes", "lr_axis",
-           "field_of_view_mm", "check_field_of_view", "model_min_extent", "MIN_EXTENT_MM"]
+__all__ = ["Conformed", "conform", "resample", "orientation_affine", "orientation_matrix", "axcodes", "lr_axis",
+           "field_of_view_mm", "check_field_of_view", "MIN_EXTENT_MM"]
 
 # Smallest field of view (mm, along every axis) a whole-brain model accepts
-# unless its metadata says otherwise (``input.min_extent_mm``). An adult
+# unless its metadata says otherwise (``input.min_extent_mm``,
+# :attr:`synthtools.space.ModelSpace.min_extent_mm`). An adult
 # brain spans 140-170 mm per axis; thick-slice clinical scans cover it with
 # 20-40 slices of 3-5 mm. Below 50 mm (a partial slab) the networks see too
 # little anatomy: a 5-slice slab registered with a ~180 degree rotation and
@@ -64,12 +65,6 @@ def check_field_of_view(shape: Sequence[int], affine: np.ndarray, path: str | No
                          f"{min_mm:g} mm along every axis: a partial slab cannot be placed in the brain)")
 
 
-def model_min_extent(meta: dict) -> float:
-    """The smallest field of view (mm) a model accepts: its metadata's
-    ``input.min_extent_mm``, else :data:`MIN_EXTENT_MM`."""
-    return float(meta.get("input", {}).get("min_extent_mm", MIN_EXTENT_MM))
-
-
 def axcodes(affine: np.ndarray) -> str:
     """Orientation code of a voxel->world affine, e.g. 'LIA' or 'RAS'."""
     return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
@@ -80,14 +75,15 @@ def lr_axis(orientation: str) -> int:
     return [c in "LR" for c in orientation.upper()].index(True)
 
 
-def _orientation_matrix(orientation: str) -> np.ndarray:
+def orientation_matrix(orientation: str) -> np.ndarray:
+    """3x3 matrix whose columns are the unit world (RAS) directions of the
+    voxel axes of an orientation code; ValueError (one line) for a bad code."""
     code = str(orientation).upper()
     if len(code) != 3 or any(c not in _LETTER_DIRECTION for c in code):
         raise ValueError(f"orientation must be 3 letters from L/R, A/P, S/I, got {orientation!r}")
     pairs = [{"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}[c] for c in code]
     if sorted(pairs) != [0, 1, 2]:
         raise ValueError(f"orientation {orientation!r} must use each of L/R, A/P, S/I once")
-    # Columns: unit world direction of each voxel axis.
     return np.array([_LETTER_DIRECTION[c] for c in code], dtype=np.float64).T
 
 
@@ -111,7 +107,7 @@ def orientation_affine(
     ``shape`` in voxels; the grid centre (voxel (shape-1)/2) lands on
     ``center_world`` (mm).
     """
-    direction = _orientation_matrix(orientation)
+    direction = orientation_matrix(orientation)
     vs = _voxsize3(voxsize)
     lin = direction * vs[None, :]
     center_vox = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
@@ -289,7 +285,7 @@ def conform(
         raise ValueError(f"data must be (X, Y, Z) or (X, Y, Z, frames), got shape {tuple(data.shape)}")
     native_shape = tuple(int(n) for n in data.shape[-3:])
     vs = _voxsize3(voxsize)
-    direction = _orientation_matrix(orientation)
+    direction = orientation_matrix(orientation)
 
     # Centre of the native grid (mm); the grid is symmetric about it.
     center = affine[:3, :3] @ ((np.array(native_shape) - 1.0) / 2.0) + affine[:3, 3]

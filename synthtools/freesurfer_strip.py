@@ -29,7 +29,7 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
 from .conform import Conformed
 from .io import Volume
-from .strip import StripResult, mask_from_sdt
+from .skullstrip import StripResult, mask_from_sdt
 from .weights import Model
 
 OUTSIDE_MM = 100.0     # the published fill of the distance outside the network's grid
@@ -144,7 +144,7 @@ def brain_sdt(model: Model, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def strip(model: Model, volume: Volume, border: float = 1.0, channel: int = 0,
           flip: bool = False) -> StripResult:
-    """:func:`synthtools.strip.strip` for a FreeSurfer SynthStrip model: 4D
+    """:func:`synthtools.skullstrip.strip` for a FreeSurfer SynthStrip model: 4D
     images frame by frame; ``channel`` and ``flip`` are accepted for the
     same call and ignored (one output; the published script does not flip)."""
     data = volume.data

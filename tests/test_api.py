@@ -53,6 +53,29 @@ def test_package_exports_are_lazy_and_callable():
     assert {"strip", "segment", "register"} <= set(eval(out.stdout))
 
 
+def test_strip_name_keeps_both_meanings_in_either_import_order():
+    """``synthtools.strip(img)`` is the API and ``from synthtools.strip import
+    ...`` the skull-stripping internals (re-exported from synthtools.skullstrip),
+    whichever is imported first."""
+    code = ("import synthtools, synthtools.api as api, synthtools.skullstrip as s; import sys; "
+            "from synthtools.strip import brain_sdt, strip; "
+            "assert brain_sdt is s.brain_sdt and strip is s.strip; "
+            "assert callable(synthtools.strip) and synthtools.strip is sys.modules['synthtools.strip']; "
+            "assert synthtools.api.strip is api.strip")
+    for first in ("import synthtools.strip", "import synthtools.api"):
+        out = subprocess.run([sys.executable, "-c", f"{first}; {code}"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+
+
+def test_strip_module_call_is_the_api(tiny_strip_model, head_path):
+    import synthtools.strip as module
+    from synthtools import api
+    a = module(str(head_path), model=tiny_strip_model, flip=False)
+    b = api.strip(str(head_path), model=tiny_strip_model, flip=False)
+    assert np.array_equal(np.asanyarray(a.mask.dataobj), np.asanyarray(b.mask.dataobj))
+    assert np.asanyarray(a.mask.dataobj).any()
+
+
 # -------------------------------------------------------------------- strip --
 
 def test_strip_keeps_geometry_and_matches_the_cli(make_head, tiny_strip_model, tmp_path):

@@ -256,7 +256,7 @@ def test_2d_skullstrip_trains(label_dir, pairs, tmp_path):
     m = recipe.validate(net.eval())   # slice-wise inference on the 3D validation scans
     assert "p1" in m and "mean_siteA" in m
     # The exported 2D model runs through the ordinary tool path, slice by slice.
-    from synthtools.strip import strip
+    from synthtools.skullstrip import strip
     from synthtools.weights import load_model
     from synthtools.training.loop import export
     model = load_model(export(recipe, tmp_path / "run2d", tmp_path / "m2d", "m2d"))

@@ -259,7 +259,7 @@ def test_deform_result_is_the_composition_of_affine_and_network_warp():
     from synthtools.conform import resample
     from synthtools.infer import normalize_intensities
     from synthtools.morph import Geometry, compose, invert
-    from synthtools.morph.register import _conform
+    from synthtools.space import ModelSpace
     torch.manual_seed(0)
     net = SVFNet(features=(4, 8), convs=1).eval()
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_deform_result_is_the_composition_of_affine_and_network_warp():
     moving = Volume(head(MOVING_AFF, (36, 30, 24)), MOVING_AFF)
     m = known_affine(3).numpy()
     reg = register_deform(model, moving, fixed, Affine(m), 0.4, inverse=True)
-    cf = _conform(model, fixed.data, fixed.affine)
+    cf = ModelSpace.of(model).conform(fixed.data, fixed.affine)
     mov = resample(moving.data, np.linalg.inv(m) @ moving.affine, cf.affine, cf.shape)
     with torch.no_grad():
         v = net(normalize_intensities(torch.from_numpy(mov))[None, None], normalize_intensities(cf.data)[None, None],

@@ -21,7 +21,7 @@ from synthtools.cli import strip as cli
 from conftest import (BAD_INPUT_CASES, assert_same_geometry, files_under, strip_metadata,  # noqa: E402
                       threshold_unet)  # (tests/ is on sys.path)
 from synthtools.nets.unet import UNet
-from synthtools.strip import mask_from_sdt
+from synthtools.skullstrip import mask_from_sdt
 from synthtools.weights import save_model
 import helpers  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_flip_makes_the_distance_map_mirror_equivariant(random_strip_model):
     """With the test-time flip, mirroring the head left-right (same grid)
     mirrors the distance map exactly; a random network alone does not."""
     from synthtools.io import Volume
-    from synthtools.strip import brain_sdt
+    from synthtools.skullstrip import brain_sdt
     from synthtools.weights import load_model
     from conftest import head_phantom  # noqa: E402
     model = load_model(random_strip_model)

@@ -218,8 +218,9 @@ def cmd_eval(a) -> None:
 
 
 def _model_or_run(a):
-    """(network, input-space metadata) of a model (name or folder) or of a
-    run folder's checkpoint (needs --config)."""
+    """(network, :class:`synthtools.space.ModelSpace`) of a model (name or
+    folder) or of a run folder's checkpoint (needs --config)."""
+    from synthtools.space import ModelSpace
     from synthtools.weights import ModelError, load_model
     run = Path(a.model)
     if (run / "checkpoint.pt").is_file():
@@ -230,14 +231,15 @@ def _model_or_run(a):
         net = recipe.build_model()
         from .loop import shipped_state
         net.load_state_dict(shipped_state(run, "last")["model"])
-        return net.eval(), recipe.metadata()["input"]
+        return net.eval(), recipe.model_space()
     try:
         model = load_model(a.model)
+        space = ModelSpace.of(model)
     except ModelError as e:
         _fail(str(e))
     if not hasattr(model.net, "features"):
         _fail(f"{a.model}: the network has no features() (not a U-Net)")
-    return model.net.float().eval(), model.meta["input"]
+    return model.net.float().eval(), space
 
 
 def cmd_invariance(a) -> None:

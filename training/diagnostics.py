@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from synthtools.space import ModelSpace
 
 
 @dataclass
@@ -104,13 +107,12 @@ def features(net: torch.nn.Module, x: torch.Tensor, chunk: int = 16) -> list[tor
         return [torch.cat(layer, dim=-1) for layer in zip(*parts)]
 
 
-def prepare_pair(meta_input: dict, vol_a, vol_b) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Both scans on the first's conformed grid (model input space), each
-    normalised like inference; returns (a, b, grid affine)."""
-    from synthtools.conform import conform, resample
+def prepare_pair(space: ModelSpace, vol_a, vol_b) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Both scans on the first's conformed grid (the model's input space),
+    each normalised like inference; returns (a, b, grid affine)."""
+    from synthtools.conform import resample
     from synthtools.infer import normalize_intensities
-    conf = conform(vol_a, voxsize=meta_input["voxsize"], orientation=meta_input["orientation"],
-                   multiple=meta_input.get("multiple", 16))
+    conf = space.conform(vol_a.data, vol_a.affine)
     b = resample(np.asarray(vol_b.data, np.float32), vol_b.affine, conf.affine, conf.shape, order=1)
     return normalize_intensities(conf.data), normalize_intensities(torch.as_tensor(b)), conf.affine
 

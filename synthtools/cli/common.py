@@ -403,8 +403,11 @@ def load_task_model(name: str, device: str, *, task: str, task_text: str, user_g
     meta = model.meta
     if meta.get("task") != task:
         raise InputError(f"model {model.path}: not a {task_text} model (task {meta.get('task')!r})")
-    if not all(k in meta.get("input", {}) for k in ("voxsize", "orientation", "multiple")):
-        raise InputError(f"model {model.path}: metadata lacks the input space (voxsize, orientation, multiple)")
+    from ..space import ModelSpace
+    try:
+        ModelSpace.of(model)      # every tool conforms with it: check it before any image is read
+    except ModelError as exc:
+        raise InputError(str(exc)) from None
     return model
 
 

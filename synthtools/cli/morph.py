@@ -427,20 +427,21 @@ def _load_models(args, mode: str, device: str) -> dict:
 
 def _register_and_write(args, mode: str, models: dict, init) -> int:
     """Load both images, register, write every requested output."""
-    from ..conform import check_field_of_view, model_min_extent
+    from ..conform import check_field_of_view
     from ..io import load_volume, save_volume
     from ..morph.register import register
     from ..morph.similarity import identity_similarity, similarity
     from ..morph.svf_fit import EmptyMaskError
     from ..morph.formats import write_transform
     from ..morph.transforms import apply_transform, as_geometry, update_header
+    from ..space import ModelSpace
 
     progress = Progress(PROG, args.quiet)
     try:
         moving = load_volume(args.moving, allow_4d=True, dtype=None)
         fixed = load_volume(args.fixed, allow_4d=True, dtype=None)
         # Too little anatomy for the networks: refuse rather than return a wild transform.
-        min_mm = max(model_min_extent(m.meta) for m in models.values())
+        min_mm = max(ModelSpace.of(m).min_extent_mm for m in models.values())
         for vol, path in ((moving, args.moving), (fixed, args.fixed)):
             check_field_of_view(vol.shape, vol.affine, path, min_mm, "registration")
     except InputError as exc:

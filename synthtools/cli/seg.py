@@ -300,10 +300,11 @@ def _has_row(path: str, subject: str) -> bool:
 
 def process(job: Job, model, args: argparse.Namespace) -> None:
     """Segment one input and write its outputs; on any failure, none remain."""
-    from ..conform import check_field_of_view, model_min_extent
+    from ..conform import check_field_of_view
     from ..io import load_volume, save_volume
     from ..seg.lut import color, mgh_colortable, write_lut
     from ..seg import qc_scores, segment, total_intracranial
+    from ..space import ModelSpace
     if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published pre/post-processing
         from ..freesurfer_seg import segment  # noqa: F811 (rebinds the name on purpose)
 
@@ -312,7 +313,8 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
     if args.ct:  # issue 35: mri_synthseg --ct, Hounsfield units clipped to the brain's range
         vol.data = np.clip(vol.data, 0.0, 80.0)
     # A slab too thin for whole-brain labels: refuse rather than paint cortex on the scalp.
-    check_field_of_view(vol.shape, vol.affine, job.input, model_min_extent(model.meta), "segmentation")
+    check_field_of_view(vol.shape, vol.affine, job.input, ModelSpace.of(model).min_extent_mm,
+                        "segmentation")
     progress("read the image")
     keep = args.keep_conformed
     result = segment(model, vol, flip=args.flip, crop=args.crop, refine=args.refine, bias_field=args.bias_field,

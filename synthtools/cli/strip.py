@@ -118,7 +118,7 @@ def load_strip_model(args: argparse.Namespace, device: str):
     """Load and sanity-check the skull-stripping model (UsageError or
     InputError if unusable). ``--no-csf`` needs a model with the no-CSF
     brain definition as an output channel (the shipped one has it)."""
-    from ..strip import channel_of
+    from ..skullstrip import channel_of
 
     def load(name, user_given):
         return load_task_model(name, device, task="skullstrip", task_text="skull-stripping",
@@ -138,7 +138,7 @@ def load_strip_model(args: argparse.Namespace, device: str):
 
 def strip_channel(model, args: argparse.Namespace) -> int:
     """The output channel for the requested brain definition (0 if the model has one)."""
-    from ..strip import channel_of
+    from ..skullstrip import channel_of
     return channel_of(model, "nocsf" if args.no_csf else "csf") or 0
 
 
@@ -156,7 +156,7 @@ def _fill_value(fill: float, dtype: np.dtype):
 def process(job: Job, model, args: argparse.Namespace) -> None:
     """Strip one input and write its outputs; on any failure, none remain."""
     from ..io import load_volume, save_volume
-    from ..strip import strip
+    from ..skullstrip import strip
     if model.meta.get("freesurfer"):  # issue 33: FreeSurfer's weights, their published preprocessing
         from ..freesurfer_strip import strip  # noqa: F811 (rebinds the name on purpose)
 

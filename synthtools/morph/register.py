@@ -27,9 +27,10 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from ..conform import conform, resample
+from ..conform import resample
 from ..infer import normalize_intensities
 from ..io import Volume
+from ..space import ModelSpace
 from ..weights import Model, cpu_has_bf16
 from .refine import PATCHES, refine_linear
 from .transforms import Affine, Geometry, Warp, as_geometry, invert
@@ -58,12 +59,6 @@ def _device(model: Model) -> torch.device:
     return next(model.net.parameters()).device
 
 
-def _conform(model: Model, data: np.ndarray, affine: np.ndarray):
-    space = model.meta["input"]
-    return conform((data, affine), voxsize=space["voxsize"], orientation=space["orientation"],
-                   multiple=space["multiple"])
-
-
 @dataclass
 class FixedSide:
     """The fixed image as a model sees it: conformed grid, normalised
@@ -79,7 +74,7 @@ def fixed_side(model: Model, fixed: Volume, bf16: bool = False) -> FixedSide:
     """``bf16``: compute both images' feature maps under bf16 autocast
     (where the CPU has it), twice as fast on CPU; for joint mode only (see
     :data:`JOINT_BF16`)."""
-    cf = _conform(model, _frame(fixed), fixed.affine)
+    cf = ModelSpace.of(model).conform(_frame(fixed), fixed.affine)
     use = bf16 and _device(model).type == "cpu" and cpu_has_bf16()
     return FixedSide(cf, normalize_intensities(cf.data), bf16=use)
 
@@ -148,7 +143,7 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
         """The moving image re-posed by ``m`` (header move), conformed: its
         frame matrix, normalised image and feature maps (None without
         ``features``: the local-NCC^2 refinement never reads them)."""
-        cm = _conform(model, _frame(moving), np.linalg.inv(m) @ moving.affine)
+        cm = ModelSpace.of(model).conform(_frame(moving), np.linalg.inv(m) @ moving.affine)
         xm = normalize_intensities(cm.data)
         am = (s @ torch.as_tensor(cm.affine, dtype=torch.float64)).float()
         return am, xm, _features(model, xm, side.bf16) if features else None
@@ -197,7 +192,7 @@ def _features(model: Model, x: torch.Tensor, bf16: bool = False) -> torch.Tensor
     it, as they are on empty background: a 256 mm field of view around a
     head costs twice the voxels of the head. ``bf16``: the network under
     bf16 autocast (the maps are float32 either way)."""
-    box = _content_box(x, int(model.meta["input"]["multiple"]))
+    box = _content_box(x, ModelSpace.of(model).multiple)
     dev = _device(model)
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         f = model.net.feature_maps(x[box][None, None].to(dev))[0].float()

@@ -50,9 +50,10 @@ from scipy.linalg import expm, logm
 from ..conform import resample
 from ..infer import normalize_intensities
 from ..io import InputError, Volume
+from ..space import ModelSpace
 from ..weights import Model
 from .refine import PATCHES, brain_mask, refine_linear
-from .register import _conform, _features, _normalised, _prepared, linear_options, model_kind
+from .register import _features, _normalised, _prepared, linear_options, model_kind
 from .transforms import Affine, Geometry, as_geometry
 
 __all__ = ["TemplateResult", "build_template", "halfway", "template_grid", "template_image", "check_inputs",
@@ -189,7 +190,7 @@ class _Side:
 
 
 def _side(model: Model, volume: Volume, pose: np.ndarray) -> _Side:
-    cf = _conform(model, np.asarray(volume.data), pose @ volume.affine)
+    cf = ModelSpace.of(model).conform(np.asarray(volume.data), pose @ volume.affine)
     x = normalize_intensities(cf.data)
     return _Side(cf, x, _features(model, x))
 

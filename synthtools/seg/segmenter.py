@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..conform import Conformed, conform, lr_axis
+from ..conform import Conformed
 from ..infer import normalize_intensities, predict
 from ..io import Volume
+from ..space import ModelSpace
 from ..weights import Model, ModelError
 from .coords import world_coords
 from .lut import names_for, twin
@@ -411,12 +412,11 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
     data = volume.data if frame is None else volume.data[..., frame]
     if data.ndim != 3:
         raise ValueError(f"a 3D image (or frame) is required, got shape {tuple(data.shape)}")
-    space = model.meta["input"]
+    space = ModelSpace.of(model)
     values = label_values(model)
-    conf = conform((data, volume.affine), voxsize=space["voxsize"], orientation=space["orientation"],
-                   multiple=space["multiple"])
+    conf = space.conform(data, volume.affine)
     if crop is not None:
-        conf = crop_conformed(conf, crop, space["multiple"])
+        conf = crop_conformed(conf, crop, space.multiple)
     conf.data = normalize_intensities(conf.data)
     progress("conformed to the model's space")
 
@@ -425,7 +425,7 @@ def segment(model: Model, volume: Volume, frame: int | None = None, *, flip: boo
         raise ValueError(f"model outputs {prob.shape[0]} channels but its metadata lists "
                          f"{len(values)} labels")
     if flip:
-        axis = lr_axis(space["orientation"])
+        axis = space.lr_axis
         mirrored = _softmax_(predict(model, conf.data.flip(axis)[None]))
         # Channel j at x is "label j": in the mirrored run that is its twin at
         # the mirror voxel. Channel by channel: flipping or permuting the

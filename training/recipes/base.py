@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from synthtools.evaluation import data_root
+from synthtools.space import ModelSpace
 from synthtools.weights import Model
 
 from ..config import REAL, RECIPE, TRAIN, VALIDATION
@@ -21,6 +22,15 @@ from ..generator.labels import LabelSet
 from ..generator.rng import randint
 
 TRAINING_DATA = "20 whole-head label maps (SynthSeg repository, BBillot/SynthSeg, Apache-2.0)"
+
+# Axis order of the label maps (shared/data README): synthetic images are drawn
+# on their grid, so a network learns these axes (the recipes mirror axis 0 as
+# left-right), and inference must conform to the same code.
+LABEL_MAP_ORIENTATION = "LIA"
+# Conformed dimensions are rounded up to this many voxels, which U-Nets of up
+# to 5 levels (4 poolings; the recipes' default has 4 levels) divide; the
+# registration recipes write their network's own multiple instead.
+UNET_MULTIPLE = 16
 
 
 def crop_or_pad(arrays: list[torch.Tensor], shape, gen: torch.Generator) -> list[torch.Tensor]:
@@ -56,7 +66,11 @@ class Recipe:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.voxsize = float(cfg["recipe"].get("voxsize", RECIPE.voxsize))
+        # The model space, built once: real training pairs are conformed with it
+        # and the exported metadata's input block is written from it.
+        self.space = ModelSpace(voxsize=float(cfg["recipe"].get("voxsize", RECIPE.voxsize)),
+                                orientation=LABEL_MAP_ORIENTATION, multiple=UNET_MULTIPLE)
+        self.voxsize = self.space.voxsize
         self.ndim = int(cfg["recipe"].get("ndim", RECIPE.ndim))
         if self.ndim not in (2, 3):
             raise ValueError(f"recipe.ndim must be 2 or 3, got {self.ndim}")
@@ -112,11 +126,11 @@ class Recipe:
         labels (``real.target = "mask"``: brain mask -> a brain label; a
         mask has one brain definition, so a skull-stripper learns it on
         every output channel)."""
-        from synthtools.conform import conform, resample
+        from synthtools.conform import resample
         from synthtools.infer import normalize_intensities
         if not hasattr(self, "targets"):
             raise NotImplementedError(f"recipe {self.name!r} cannot train on real pairs")
-        conf = conform(image, voxsize=self.voxsize, orientation="LIA", multiple=None)
+        conf = self.space.conform(image.data, image.affine, round_up=False)   # crop_or_pad fits it later
         lab = resample(np.asarray(labels.data), labels.affine, conf.affine, conf.shape, order=0)
         if self.real_target == "mask":
             brain = int(np.flatnonzero(self.labels.values == 2)[0])  # white matter: brain, not CSF
@@ -177,12 +191,15 @@ class Recipe:
     def output_metadata(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def model_space(self) -> ModelSpace:
+        """The space the exported model declares (and is run in)."""
+        return self.space
+
     def metadata(self) -> dict[str, Any]:
         """What inference needs: input space, output type, provenance."""
         return {
             "task": self.task,
-            "input": {"voxsize": self.voxsize, "orientation": "LIA", "multiple": 16,
-                      "normalization": "min to 0, 99.5th percentile to 1, clipped"},
+            "input": self.model_space().to_meta(),
             "output": self.output_metadata(),
             "inference": self.inference_metadata(),
             "data": TRAINING_DATA,

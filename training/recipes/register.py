@@ -37,12 +37,14 @@ and does learn (runs/README.md).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from synthtools.evaluation import REG_CASES, score_reg
 from synthtools.nets.registration import BarycenterAffine, FeatureSVFNet, SVFNet
+from synthtools.space import ModelSpace
 from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
 
@@ -119,9 +121,12 @@ class _RegistrationRecipe(Recipe):
     def vox2mm(self, device="cpu") -> torch.Tensor:
         return centered_vox2mm(self.shape, self.voxsize, device=device)
 
+    def model_space(self) -> ModelSpace:
+        """The recipe's space with the network's own shape multiple."""
+        return replace(self.space, multiple=self.build_model().multiple)
+
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["input"]["multiple"] = self.build_model().multiple
         meta["architecture"] = self.architecture()
         return meta
 

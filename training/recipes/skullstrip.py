@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from synthtools.evaluation import STRIP_CASES, score_strip
 from synthtools.nets.unet import UNet
-from synthtools.strip import brain_sdt, mask_from_sdt
+from synthtools.skullstrip import brain_sdt, mask_from_sdt
 
 from ..config import MODEL, RECIPE
 
