@@ -26,15 +26,21 @@ Parts (each skipped when its data is absent):
            within 0.2 mm. For the pairwise methods the "template" is the first
            session's T1W.
   time     the template of 3 inputs against one pairwise rigid registration,
-           and the template of 6 (Lesjak) against 3 (its first session), wall
-           and process CPU seconds, interleaved (the CPU may be shared).
+           and the templates of 4 and 6 (Lesjak) against 3 (its first
+           session): CPU seconds per input for N = 3, 4, 6; wall and process
+           CPU seconds, interleaved (the CPU may be shared).
 
 Peer: ANTsPy ``registration(type_of_transform="Rigid")`` (Mattes MI,
 defaults) of every Lesjak image to session 1's T1W. Output (``--out``,
 default benchmarks/results): longitudinal.md and longitudinal.json::
 
-    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2
-    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2 --parts time --reuse
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts time --reuse
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts lesjak --reuse --reuse-pairwise
+
+The last reruns only the template side of the Lesjak part: the pairwise and
+ANTs matrices (saved under ``lesjak.matrices`` and ``lesjak.ants.to_first``)
+do not depend on the template.
 """
 from __future__ import annotations
 

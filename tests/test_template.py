@@ -19,11 +19,9 @@ from scipy.linalg import logm
 from synthtools.conform import resample
 from synthtools.io import InputError, Volume
 from synthtools.morph import as_geometry, read_transform
-import torch
-
-from synthtools.morph.refine import image_pyramid, refine_to_group
-from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, group_stages, relax_fraction,
-                                       ring_edges, solve_poses, template_grid, template_image)
+from synthtools.morph.refine import PATCHES
+from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, edge_patches, partner_edges,
+                                       solve_poses, template_grid, template_image)
 
 from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
 from helpers import one_error_line, synthmorph  # noqa: E402
@@ -86,32 +84,24 @@ def test_two_inconsistent_measurements_give_inverse_consistent_midpoint():
     assert brain_disp(rel, t_ab) < brain_disp(t_ab, t_ba_inv)
 
 
-def test_ring_edges_fix_and_move_each_input_equally_often_and_stay_linear():
-    for n, span in ((2, 1), (3, 1), (4, 2), (6, 2), (9, 2)):
-        e = ring_edges(n)
-        assert len(e) == span * n and len(set(e)) == len(e) and all(i != j for i, j in e)
-        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * span)
-    assert ring_edges(2) == [(0, 1), (1, 0)]
-    assert {frozenset(p) for p in ring_edges(3)} == {frozenset(p) for p in itertools.combinations(range(3), 2)}
+def test_partner_edges_measure_every_pair_both_ways_then_stay_linear():
+    for n in range(2, 10):                      # up to 8 partners: all ordered pairs
+        assert sorted(partner_edges(n)) == sorted(itertools.permutations(range(n), 2))
+    for n in (10, 13, 40):                      # above: 8 ring neighbours each, 8n pairs
+        e = partner_edges(n)
+        assert len(e) == 8 * n and len(set(e)) == len(e) and all(i != j for i, j in e)
+        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * 8)
+        assert {frozenset(p) for p in e} == {frozenset((i, (i + k) % n)) for i in range(n) for k in range(1, 5)}
+    assert partner_edges(1) == []
 
 
-def test_group_stages_run_the_coarsest_level_first_then_the_rest_with_the_same_steps():
-    assert group_stages((40, 40, 30)) == [(40, 0, 0), (0, 40, 30)]
-    assert group_stages((20, 10)) == [(20, 0), (0, 10)]
-    assert group_stages((0, 40, 30)) == [(0, 40, 30)]          # no coarse level: one sweep
-    assert group_stages((30,)) == [(30,)]
-    for levels in ((40, 40, 30), (5, 0, 7), (3, 4, 5, 6)):
-        assert tuple(map(sum, zip(*group_stages(levels)))) == levels
-
-
-def test_relax_fraction_moves_a_linear_group_to_its_mean_in_one_sweep():
-    """Each input moved by (N - 1) / N of its offset from the mean of the
-    others lands on the mean of all (1D stand-in for the poses); N = 2: halfway."""
-    assert relax_fraction(2) == 0.5
-    for n in (2, 3, 4, 6, 9):
-        p = np.random.default_rng(n).normal(size=n)
-        moved = [p[i] + relax_fraction(n) * (np.mean(np.delete(p, i)) - p[i]) for i in range(n)]
-        assert np.allclose(moved, p.mean())
+def test_edge_patches_share_one_pairwise_budget_per_input():
+    """Each input's cubes over all its pairs add up to one pairwise
+    refinement's (the cost per input does not grow with n)."""
+    assert edge_patches(2) == PATCHES
+    for n in (3, 4, 6, 9, 10, 25):
+        per_input = edge_patches(n) * len(partner_edges(n)) / n
+        assert PATCHES - len(partner_edges(n)) / n <= per_input <= PATCHES
 
 
 def test_karcher_gauge_of_identical_poses_is_identity():
@@ -182,29 +172,6 @@ def small(contrast: str, move: np.ndarray | None = None, vs: float = 2.5) -> Vol
 
 
 @needs_data
-def test_refine_to_group_finds_the_offset_of_partners_of_other_contrasts():
-    """One image against two partners of other contrasts whose headers carry
-    the same known rigid move M (anatomy at p now at M p): the correction is
-    M (the fixed anatomy at x is the partners' at M x), whatever the contrast."""
-    move = rigid((1.5, -1.0, 2.0), (1.2, -0.8, 1.5))
-    fixed = small("T1w")
-    partners = [small(c, move) for c in ("T2w", "PDw")]
-
-    def norm(v):
-        x = torch.as_tensor(v.data)
-        return x / torch.quantile(x[::4, ::4, ::4].flatten(), 0.995)
-
-    def frame(v):
-        return torch.as_tensor(v.affine, dtype=torch.float32)
-
-    xf = norm(fixed)
-    mass = (xf > 0.1).float()[None]          # the brain cubes: where the head has signal
-    e = refine_to_group(mass, image_pyramid(xf, frame(fixed), 2),
-                        [image_pyramid(norm(v), frame(v), 2) for v in partners], rigid=True, iterations=(40, 40)).numpy()
-    assert brain_disp(e, move) < 0.25 < brain_disp(np.eye(4), move)
-
-
-@needs_data
 def test_copies_of_one_image_give_identity_transforms(model):
     v = small("T1w")
     res = build_template(model, [v, Volume(v.data.copy(), v.affine), Volume(v.data.copy(), v.affine)], **FAST)
@@ -245,9 +212,8 @@ def test_known_motion_permutation_and_inverse_consistency(model):
 @pytest.mark.slow
 @needs_data
 def test_four_inputs_recover_known_motion_and_permute(model):
-    """Above 3 inputs (the group refinement with 3 partners per input): the
-    relative transforms of a known motion, and the same poses for a
-    permutation."""
+    """Above 3 inputs (12 refinement pairs of 666 cubes): the relative
+    transforms of a known motion, and the same poses for a permutation."""
     moves = [np.eye(4), rigid((8, -5, 6), (6, -8, 5)), rigid((-6, 7, -4), (-7, 4, 9)), rigid((4, 6, -7), (-5, -6, 3))]
     vols = [small(c, m) for c, m in zip(("T1w", "T2w", "PDw", "T1w"), moves)]
     res = build_template(model, vols, **FAST)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..warp import sample
 
-__all__ = ["refine_linear", "refine_to_group", "image_pyramid", "patch_ncc2", "patch_centres", "brain_mask", "dilate_cube"]
+__all__ = ["refine_linear", "patch_ncc2", "patch_centres", "brain_mask", "dilate_cube"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
 # Local-NCC^2 criterion: cubes of WINDOW voxels around PATCHES random fixed-brain points per level.
@@ -204,98 +204,6 @@ def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tenso
     mm = vox @ fixed_v2m[:3, :3].T + fixed_v2m[:3, 3]
     _optimize(theta, rigid, mm, _sample_points(fixed.float()[None], vox), moving.float()[None],
               moving_v2m.to(torch.float32), steps, lr, window ** 3)
-
-
-def image_pyramid(image: torch.Tensor, vox2mm: torch.Tensor, levels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``levels`` (image (1, *S), vox2mm) pairs, finest first, each a 2x
-    average pooling of the one before: the conformed levels of the local
-    NCC^2 refinement, computed once per image when it serves several
-    refinements."""
-    out = [(image.float()[None], vox2mm.to(torch.float32))]
-    while len(out) < levels:
-        out.append(_pool(*out[-1]))
-    return out
-
-
-def refine_to_group(feat_fixed: torch.Tensor, fixed: list[tuple[torch.Tensor, torch.Tensor]],
-                    partners: list[list[tuple[torch.Tensor, torch.Tensor]]], rigid: bool, iterations: tuple[int, ...],
-                    native: tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-                    native_iterations: int = 30, lr: float = 0.01, seed: int = 0, patches: int = PATCHES,
-                    window: int = WINDOW) -> torch.Tensor:
-    """The 4x4 correction E (shared frame, mm -> mm) that best aligns one
-    image to a group of others held still: :func:`refine_linear`'s local
-    NCC^2 levels, with the ``patches`` cubes of each level (in the fixed
-    brain) dealt in turn to the partners, so that the cost of a level does
-    not grow with their number and each partner counts alike.
-
-    ``feat_fixed`` (K, *S): the fixed image's feature maps (or their total
-    mass, K = 1) on its conformed grid, which gives the brain. ``fixed`` and
-    each of ``partners``: :func:`image_pyramid` of a conformed image (at
-    least ``len(iterations)`` levels, vox2mm into one shared frame).
-    ``iterations``: Adam steps per level, coarsest first. ``native``: (fixed
-    scan, its vox2mm, [(partner scan, vox2mm), ...]) for a last level of
-    ``native_iterations`` steps on the scans as acquired. E moves the fixed
-    image's points: its anatomy at x matches the partners' at ``E x``."""
-    sel = [feat_fixed.float()]
-    for _ in range(len(iterations) - 1):
-        sel.append(_pool(sel[-1], fixed[len(sel) - 1][1])[0])
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True)
-    for level in reversed(range(len(iterations))):
-        steps = iterations[len(iterations) - 1 - level]
-        if steps > 0:
-            img, a = fixed[level]
-            groups = _deal(patch_centres(sel[level], patches, gen), window, img, a, [p[level] for p in partners])
-            if groups:
-                _optimize_group(theta, rigid, groups, steps, lr, window ** 3)
-        lr = lr / 3   # finer level: smaller steps (a level skipped keeps the schedule)
-    if native is not None and native_iterations > 0:
-        scan, scan_v2m, natives = native
-        scan_v2m = scan_v2m.to(torch.float32)
-        af, to_scan = fixed[0][1], torch.linalg.inv(scan_v2m)
-        centres = patch_centres(sel[0], patches, gen) @ af[:3, :3].T + af[:3, 3]         # mm
-        centres = centres @ to_scan[:3, :3].T + to_scan[:3, 3]                             # scan voxels
-        groups = _deal(centres, window, scan.float()[None], scan_v2m,
-                       [(im.float()[None], v2m.to(torch.float32)) for im, v2m in natives])
-        if groups:
-            _optimize_group(theta, rigid, groups, native_iterations, lr, window ** 3)
-    with torch.no_grad():
-        return _correction(theta.detach(), rigid).to(torch.float64)
-
-
-def _deal(centres: torch.Tensor, window: int, fixed: torch.Tensor, fixed_v2m: torch.Tensor,
-          partners: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
-    """Cube centres (P, 3; fixed voxels) dealt round-robin to the partners:
-    per partner (its points in mm, the fixed values there, its image, its
-    vox2mm); partners dealt no cube are left out."""
-    out = []
-    for k, (moving, moving_v2m) in enumerate(partners):
-        vox = _cube_points(centres[k::len(partners)], window)
-        if len(vox) == 0:
-            continue
-        mm = vox @ fixed_v2m[:3, :3].T + fixed_v2m[:3, 3]
-        out.append((mm, _sample_points(fixed, vox), moving, moving_v2m))
-    return out
-
-
-def _optimize_group(theta: torch.Tensor, rigid: bool, groups: list[tuple], steps: int, lr: float,
-                    patch: int) -> None:
-    """Adam on ``theta``: minus the local NCC^2 averaged over every cube of
-    every partner (``groups`` from :func:`_deal`)."""
-    adam = _Adam(theta, lr)
-    inverses = [torch.linalg.inv(v2m) for _, _, _, v2m in groups]
-    total = sum(len(mm) for mm, _, _, _ in groups)
-    for _ in range(steps):
-        e = _correction(theta, rigid)
-        loss = 0.0
-        for (mm, target, moving, _), to_moving in zip(groups, inverses):
-            lin = to_moving[:3, :3] @ e[:3, :3]
-            off = to_moving[:3, :3] @ e[:3, 3] + to_moving[:3, 3]
-            moved = _sample_points(moving, mm @ lin.T + off)
-            loss = loss - patch_ncc2(target.view(-1, patch), moved.view(-1, patch)) * (len(mm) / total)
-        theta.grad = None
-        loss.backward()
-        adam.step()
 
 
 class _Adam:

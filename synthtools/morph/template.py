@@ -13,33 +13,27 @@ sets the reference. Here every input is treated alike:
    pose per input (below); the next pass re-poses every input into that
    mid-space (a header move, no interpolation) where the network is most
    accurate.
-2. **Refinement** (the model's ``inference`` levels, local NCC^2, the
-   last level on the native scans): every input is refined against *all*
-   the others at once, held at their current poses
-   (:func:`~synthtools.morph.refine.refine_to_group`: its cubes are dealt
-   in turn to the others, so one input costs one pairwise refinement
-   whatever N: linear in N), and moved by (N - 1) / N of its correction
-   (:func:`relax_fraction`: the group's mean in one sweep; N = 2, the
-   halfway). Two sweeps (:func:`group_stages`): the coarsest level, then the
-   finer ones, with the steps of one pairwise refinement per input. This is
-   mri_robust_template's iteration towards the mean, with the other inputs
-   as a multi-contrast template. It replaced averaging pairwise refinements
-   over a ring of the inputs (kept for the "features" criterion,
-   :func:`ring_edges`): each pair there was one measurement, weighed alike
-   whether a cross-contrast, cross-session pair or not, and a within-session
-   pair off the ring was only reached through others (Lesjak: FLAIR->T1W
-   0.239 mm vs 0.190 pairwise; issue 32). Everything runs in a canonical
+2. **Refinement.** Local-NCC^2 refinement (:mod:`synthtools.morph.refine`,
+   the model's ``inference`` levels, the last on the native scans) of every
+   ordered pair of inputs (:func:`partner_edges`; above 9 inputs, each with
+   its 8 ring neighbours): every pair is measured both ways, so neither
+   image's grid is favoured, and every pair, within a session or across, is
+   measured directly. An input's pairs share one pairwise registration's
+   cubes (:func:`edge_patches`: 1000 each for 3 inputs, 400 for 6), so the
+   cost per input does not grow with N. (A ring of N or 2N pairs with the
+   full count each, used before, left within-session pairs off the ring or
+   measured one way only; Lesjak, issue 32.) Everything runs in a canonical
    order of the inputs (a hash of their voxels and headers), so permuting the
    inputs gives the same result, and swapping two inputs exactly inverse
    relative transforms.
-3. **Pose averaging** (Lie-group least squares; the network passes, and the
-   ring of the "features" criterion). With ``Q_i`` the map from
+3. **Pose averaging** (Lie-group least squares, after the network passes
+   and after the refinement). With ``Q_i`` the map from
    input i's RAS to the template's RAS and ``T_ij`` a measured pull-back
    (i's RAS -> j's RAS), the poses minimise ``sum ||log(Q_j T_ij inv(Q_i))||^2``
    (Gauss-Newton on the matrix logarithms; a single measured pair gives the
    geodesic midpoint, exactly inverse-consistent), then the common gauge is
    fixed so that the Karcher mean of the poses is the identity:
-   ``sum_i log(Q_i) = 0`` (after every refinement sweep too). The logarithms are taken in a frame centred on the
+   ``sum_i log(Q_i) = 0``. The logarithms are taken in a frame centred on the
    mean of the inputs' content centroids, so "mean" means mean brain
    displacement, not a rotation about the scanner origin.
 
@@ -62,18 +56,20 @@ from ..conform import resample
 from ..infer import normalize_intensities
 from ..io import InputError, Volume
 from ..weights import Model
-from .refine import PATCHES, brain_mask, image_pyramid, refine_linear, refine_to_group
+from .refine import PATCHES, brain_mask, refine_linear
 from .register import _conform, _features, _normalised, _prepared, linear_options, model_kind
 from .transforms import Affine, Geometry, as_geometry
 
 __all__ = ["TemplateResult", "build_template", "halfway", "template_grid", "template_image", "check_inputs",
-           "solve_poses", "ring_edges"]
+           "solve_poses", "partner_edges", "edge_patches"]
 
 # Margin (mm) around the union of the brains for the template grid.
 GRID_MARGIN_MM = 10.0
 # Gauss-Newton / Karcher iterations of the pose averaging (converges in 3-5 for small noise).
 POSE_ITERATIONS = 50
 POSE_TOL = 1e-12
+# Refinement partners per input (all the others up to this many; see partner_edges).
+MAX_PARTNERS = 8
 
 
 @dataclass
@@ -132,16 +128,28 @@ def _shift(c: np.ndarray) -> np.ndarray:
     return s
 
 
-def ring_edges(n: int, span: int | None = None) -> list[tuple[int, int]]:
-    """Refinement pairs (fixed, moving) over ``n`` inputs in a ring: each
-    input with the next ``span`` ones (default 1 for n <= 3, else 2: the
-    pairs two apart are measured directly too; 2n pairs, linear in n). Every
-    input is fixed ``span`` times and moving ``span`` times; n = 2 gives both
-    directions."""
+def partner_edges(n: int, max_partners: int = MAX_PARTNERS) -> list[tuple[int, int]]:
+    """Refinement pairs (fixed, moving): every input is the fixed image
+    against each of its partners, every other input when there are at most
+    ``max_partners`` of them (all ordered pairs: every pair measured both
+    ways, so neither image of a pair is favoured), else its
+    ``max_partners`` nearest on a ring of the inputs (half each side; linear
+    in n). Each input is fixed and moving equally often."""
     if n < 2:
         return []
-    span = (1 if n <= 3 else 2) if span is None else int(span)
-    return [(i, (i + k) % n) for k in range(1, span + 1) for i in range(n)]
+    if n - 1 <= max_partners:
+        return [(i, j) for i in range(n) for j in range(n) if i != j]
+    half = max(1, max_partners // 2)
+    return [(i, (i + k) % n) for i in range(n) for k in (*range(1, half + 1), *range(-half, 0))]
+
+
+def edge_patches(n: int, max_partners: int = MAX_PARTNERS) -> int:
+    """Local-NCC^2 cubes per refinement pair: :data:`~synthtools.morph.refine.PATCHES`
+    (one pairwise registration's) shared among an input's partners
+    (:func:`partner_edges`), so each input costs about one pairwise
+    refinement's sampling whatever n; n = 2 keeps the full count both ways."""
+    partners = max(1, len(partner_edges(n, max_partners)) // max(1, n))
+    return max(1, PATCHES // partners)
 
 
 def solve_poses(n: int, measured: dict[tuple[int, int], np.ndarray], centre: np.ndarray,
@@ -250,15 +258,16 @@ def _network_pass(model: Model, sides: list[_Side], s: np.ndarray, poses: list[n
 
 def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_poses: list[np.ndarray],
                  poses: list[np.ndarray], s: np.ndarray, refine: tuple[int, ...], metric: str,
-                 edges: list[tuple[int, int]]) -> dict:
-    """Local-NCC^2 (or feature) refinement of each edge (fixed i, moving j)
-    with both inputs placed by the current ``poses``; the conformed grids of
-    the last network pass (made at ``side_poses``) are re-posed by matrix."""
+                 edges: list[tuple[int, int]], patches: int = PATCHES) -> dict:
+    """Local-NCC^2 (``patches`` cubes per level) or feature refinement of
+    each edge (fixed i, moving j) with both inputs placed by the current
+    ``poses``; the conformed grids of the last network pass (made at
+    ``side_poses``) are re-posed by matrix."""
     si = np.linalg.inv(s)
     rigid = model_kind(model) == "rigid"
     # Old mid-space -> current mid-space, per input; then the frame centred at the brains.
     frame = [s @ poses[k] @ np.linalg.inv(side_poses[k]) for k in range(len(sides))]
-    natives = {}
+    natives, mass = {}, {}
     out = {}
     for i, j in edges:
         af = torch.as_tensor(frame[i] @ sides[i].conformed.affine, dtype=torch.float64).float()
@@ -269,75 +278,16 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
                     natives[k] = (_normalised(volumes[k]),
                                   torch.as_tensor(s @ poses[k] @ volumes[k].affine, dtype=torch.float64).float())
             native = natives[i] + natives[j]
-            e = refine_linear(sides[i].features.float().cpu(), None, af, am, rigid=rigid, iterations=refine[:-1],
+            if i not in mass:      # the criterion reads the maps' total mass only (the fixed brain)
+                mass[i] = sides[i].features.float().cpu().sum(0, keepdim=True)
+            e = refine_linear(mass[i], None, af, am, rigid=rigid, iterations=refine[:-1],
                               images=(sides[i].image.float().cpu(), sides[j].image.float().cpu()), native=native,
-                              native_iterations=refine[-1], patches=PATCHES)
+                              native_iterations=refine[-1], patches=patches)
         else:
             e = refine_linear(sides[i].features.float().cpu(), sides[j].features.float().cpu(), af, am,
                               rigid=rigid, iterations=refine)
         mid = si @ e.numpy() @ s                              # i's placed RAS -> j's placed RAS
         out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
-    return out
-
-
-def _group_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_poses: list[np.ndarray],
-                poses: list[np.ndarray], s: np.ndarray, refine: tuple[int, ...]) -> list[np.ndarray]:
-    """One sweep of local-NCC^2 refinement of every input against all the
-    others held at the current ``poses`` (:func:`refine_to_group`: one
-    pairwise refinement's cost per input, linear in N), each input then moved
-    by :func:`relax_fraction` of its correction (all corrections from the same poses:
-    the order of the inputs does not matter). Returns the new poses."""
-    n = len(volumes)
-    si = np.linalg.inv(s)
-    rigid = model_kind(model) == "rigid"
-    # Conformed grids of the last network pass (made at ``side_poses``), re-posed by matrix.
-    conf = [torch.as_tensor(s @ poses[k] @ np.linalg.inv(side_poses[k]) @ sides[k].conformed.affine,
-                            dtype=torch.float64).float() for k in range(n)]
-    pyramids = [image_pyramid(sides[k].image.float().cpu(), conf[k], max(1, len(refine) - 1)) for k in range(n)]
-    natives = [(_normalised(v), torch.as_tensor(s @ poses[k] @ v.affine, dtype=torch.float64).float())
-               for k, v in enumerate(volumes)] if refine[-1] > 0 else None
-    out = []
-    for i in range(n):
-        others = [k for k in range(n) if k != i]
-        native = None if natives is None else (*natives[i], [natives[k] for k in others])
-        e = refine_to_group(sides[i].features.float().cpu(), pyramids[i], [pyramids[k] for k in others],
-                            rigid=rigid, iterations=refine[:-1], native=native, native_iterations=refine[-1],
-                            patches=PATCHES)
-        out.append(si @ expm(relax_fraction(n) * _log(e.numpy())) @ s @ poses[i])
-    return out
-
-
-def group_stages(refine: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The refinement levels (steps per level, coarsest first, the last on
-    the native scans) split into two sweeps of the group refinement: the
-    coarsest level alone, then the others. Each input is aligned to a group
-    that may disagree by millimetres after the network; the finer levels'
-    local NCC^2 then sees several offset optima and settles between them (on
-    BrainWeb at 2.5 mm, one full sweep left 0.3-1.1 mm, two sweeps 0.03-0.07
-    mm). The coarse sweep brings the group within the fine levels' reach;
-    the steps add up to one pairwise refinement per input."""
-    refine = tuple(int(k) for k in refine)
-    if len(refine) < 2:
-        return [refine]
-    stages = [(refine[0],) + (0,) * (len(refine) - 1), (0,) + refine[1:]]
-    return [st for st in stages if any(st)]
-
-
-def relax_fraction(n: int) -> float:
-    """Fraction of its correction each input moves in a group sweep: (N - 1) / N.
-    If each correction is the offset from the mean of the others, moving every
-    input by this fraction puts all of them at the mean of all in one sweep
-    (N = 2: both move halfway, so a pair's result is the midpoint of the two
-    one-sided estimates)."""
-    return (n - 1) / n
-
-
-def _gauge(poses: list[np.ndarray], s: np.ndarray) -> list[np.ndarray]:
-    """The Karcher gauge (:func:`_karcher_gauge`) in the frame ``s`` centred on the brains."""
-    si = np.linalg.inv(s)
-    out = [si @ m @ s for m in _karcher_gauge([s @ m @ si for m in poses])]
-    for m in out:
-        m[3] = (0.0, 0.0, 0.0, 1.0)
     return out
 
 
@@ -368,15 +318,12 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
         sides = [_side(model, v, q) for v, q in zip(vols, poses)]
         poses = solve_poses(n, _network_pass(model, sides, s, side_poses), centre, init=poses)
         say(f"network pass {p + 1}/{passes}: {n} inputs, {n * (n - 1) // 2} pairs")
-    if any(refine) and metric == "lncc":
-        stages = group_stages(refine)
-        for k, levels in enumerate(stages):
-            poses = _gauge(_group_pass(model, vols, sides, side_poses, poses, s, levels), s)
-            say(f"refinement sweep {k + 1}/{len(stages)}: each of {n} inputs against the others")
-    elif any(refine):
-        measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, ring_edges(n))
+    if any(refine):
+        edges = partner_edges(n)
+        patches = edge_patches(n)
+        measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, edges, patches)
         poses = solve_poses(n, measured, centre, init=poses)
-        say(f"refinement: {len(ring_edges(n))} pairs (a ring over the inputs)")
+        say(f"refinement: {len(edges)} directed pairs, {patches} cubes each")
     brains = [_brain_points(sd, q) for sd, q in zip(sides, side_poses)]
     back = np.argsort(perm)       # canonical position of each input
     return TemplateResult([poses[k] for k in back], [brains[k] for k in back], None,
