@@ -417,7 +417,40 @@ def markdown(d: dict) -> str:
               f"({t['per_input_first_3_cpu_s']} per input for the first 3)",
               *(["- CPU s per input for N = 3, 4, 6: " + ", ".join(f"{v}" for v in t["per_input_cpu_s"].values())
                  + " (target: not rising with N)"] if "per_input_cpu_s" in t else [])]
+    L += targets(d)
     return "\n".join(L) + "\n"
+
+
+def targets(d: dict) -> list[str]:
+    """The issue's targets, pass or fail, from the numbers above."""
+    rows = []
+
+    def row(name: str, ok: bool, value: str) -> None:
+        rows.append(f"| {name} | {value} | {'pass' if ok else 'FAIL'} |")
+    k, j, t = d.get("known"), d.get("lesjak"), d.get("time")
+    if k:
+        row("known: every pairwise error <= 0.3 mm", k["max_pairwise_error_mm"] <= 0.3, f"max {k['max_pairwise_error_mm']:.3f}")
+        row("known: label Dice >= 0.97", k["min_label_dice"] >= 0.97, f"min {k['min_label_dice']:.4f}")
+        row("known: bias spread <= 0.2 mm", k["bias"]["spread_mm"] <= 0.2, f"{k['bias']['spread_mm']:.3f}")
+    if j:
+        for name, c in j["cases"].items():
+            row(f"lesjak: {name} template <= pairwise", c["template"] <= c["pairwise"],
+                f"{c['template']:.3f} vs {c['pairwise']:.3f}")
+        row("lesjak: mask Dice >= pairwise (template grid)",
+            j["mask_dice_template"] >= j["mask_dice_pairwise_on_template_grid"],
+            f"{j['mask_dice_template']:.4f} vs {j['mask_dice_pairwise_on_template_grid']:.4f}")
+        row("lesjak: mask Dice >= pairwise (study1_T1W grid)",
+            j["mask_dice_template_on_first_grid"] >= j["mask_dice_pairwise"],
+            f"{j['mask_dice_template_on_first_grid']:.4f} vs {j['mask_dice_pairwise']:.4f}")
+        row("lesjak: bias spread <= 0.2 mm", j["bias_template"]["spread_mm"] <= 0.2,
+            f"{j['bias_template']['spread_mm']:.3f}")
+    if t:
+        row("time: template of 3 <= 3x one pair (CPU)", t["ratio3_cpu"] <= 3, f"{t['ratio3_cpu']:.2f}x")
+        if "per_input_cpu_s" in t:
+            per = list(t["per_input_cpu_s"].values())
+            row("time: CPU per input not rising with N (3, 4, 6)", per[-1] <= per[0],
+                ", ".join(f"{v}" for v in per) + " s")
+    return ["", "## Targets (issue 32)", "", "| target | value | |", "|---|---|---|", *rows] if rows else []
 
 
 def main(argv=None) -> int:
