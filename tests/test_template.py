@@ -3,8 +3,9 @@ template``, ``synthmorph register -M``): the pose averaging (exact on
 consistent measurements, inverse-consistent, Karcher gauge, permutation
 equivariant), the shipped rigid model on downsampled BrainWeb volumes
 (identity for copies, permutation invariance, inverse consistency, recovery
-of a known motion; skipped without ../shared/data), the template image and
-grid, one-line errors for bad inputs and atomic outputs."""
+of a known motion with 3 and 4 inputs; skipped without ../shared/data), the
+refinement pairs and their shared cube budget, the template image and grid,
+one-line errors for bad inputs and atomic outputs."""
 from __future__ import annotations
 
 import itertools
