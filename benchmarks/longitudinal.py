@@ -26,15 +26,21 @@ Parts (each skipped when its data is absent):
            within 0.2 mm. For the pairwise methods the "template" is the first
            session's T1W.
   time     the template of 3 inputs against one pairwise rigid registration,
-           and the template of 6 (Lesjak) against 3 (its first session), wall
-           and process CPU seconds, interleaved (the CPU may be shared).
+           and the templates of 4 and 6 (Lesjak) against 3 (its first
+           session): CPU seconds per input for N = 3, 4, 6; wall and process
+           CPU seconds, interleaved (the CPU may be shared).
 
 Peer: ANTsPy ``registration(type_of_transform="Rigid")`` (Mattes MI,
 defaults) of every Lesjak image to session 1's T1W. Output (``--out``,
 default benchmarks/results): longitudinal.md and longitudinal.json::
 
-    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2
-    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 2 --parts time --reuse
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts time --reuse
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts lesjak --reuse --reuse-pairwise
+
+The last reruns only the template side of the Lesjak part: the pairwise and
+ANTs matrices (saved under ``lesjak.matrices`` and ``lesjak.ants.to_first``)
+do not depend on the template.
 """
 from __future__ import annotations
 
@@ -162,7 +168,10 @@ def _motion(h: np.ndarray) -> list[float]:
 
 # ----------------------------------------------------------------- lesjak --
 
-def run_lesjak(root: Path, model, threads: int, peers: str) -> dict | None:
+def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | None = None) -> dict | None:
+    """``previous``: an earlier lesjak result whose pairwise and ANTs
+    matrices (``matrices``) are reused instead of registering again (they do
+    not depend on the template); its pairwise times are kept."""
     from synthtools.io import load_volume
     from synthtools.morph.register import register_linear
     from synthtools.morph.template import build_template, resample_input, template_grid
@@ -183,23 +192,32 @@ def run_lesjak(root: Path, model, threads: int, peers: str) -> dict | None:
     out["time_template_3_s"], out["time_template_6_s"] = _r(t3, 1), _r(t6, 1)
 
     # Pairwise rigid (ours): every image to study1_T1W, and the REG_CASES pairs directly.
-    to_first, times = {0: np.eye(4)}, []
-    for k in range(1, 6):
-        t, dt = timed(register_linear, model, vols[k], vols[0])
-        to_first[k] = t.matrix                       # study1_T1W RAS -> scan k RAS
-        times.append(dt)
-    out["time_pair_s"] = _r(statistics.fmean(times), 1)
+    old = (previous or {}).get("matrices")
+    if old:
+        to_first = {int(k): np.array(m) for k, m in old["pairwise_to_first"].items()}
+        direct = {c: np.array(m) for c, m in old["pairwise_direct"].items()}
+        out["time_pair_s"] = previous["time_pair_s"]
+        out["pairwise_reused_from"] = previous.get("date", "an earlier run")
+    else:
+        to_first, times, direct = {0: np.eye(4)}, [], {}
+        for k in range(1, 6):
+            t, dt = timed(register_linear, model, vols[k], vols[0])
+            to_first[k] = t.matrix                       # study1_T1W RAS -> scan k RAS
+            times.append(dt)
+        out["time_pair_s"] = _r(statistics.fmean(times), 1)
+        for c in REG_CASES:
+            i, j = idx[c.fixed], idx[c.moving]
+            direct[c.name] = to_first[j] if i == 0 else register_linear(model, vols[j], vols[i]).matrix
+    out["matrices"] = {"pairwise_to_first": {k: m.tolist() for k, m in to_first.items()},
+                       "pairwise_direct": {c: m.tolist() for c, m in direct.items()}}
     out["time_ratio_3"] = _r(t3 / out["time_pair_s"], 2)
     cases = {}
     for c in REG_CASES:
         i, j = idx[c.fixed], idx[c.moving]
         ref = common[j] @ np.linalg.inv(common[i])   # fixed RAS -> moving RAS
         tpl = np.linalg.inv(res.poses[j]) @ res.poses[i]
-        if i == 0:
-            pair = to_first[j]
-        else:
-            pair = register_linear(model, vols[j], vols[i]).matrix
-        cases[c.name] = {"template": _r(mean_disp(tpl, ref, points[i])), "pairwise": _r(mean_disp(pair, ref, points[i]))}
+        cases[c.name] = {"template": _r(mean_disp(tpl, ref, points[i])),
+                         "pairwise": _r(mean_disp(direct[c.name], ref, points[i]))}
     out["cases"] = cases
 
     res.grid = template_grid(res)
@@ -233,9 +251,15 @@ def run_lesjak(root: Path, model, threads: int, peers: str) -> dict | None:
     out["bias_pairwise"] = bias(pair_poses, ideal, points, names)
 
     if peers == "ants":
-        ants = run_ants(vols, threads)
+        prev_ants = (previous or {}).get("ants", {})
+        if old and prev_ants.get("to_first"):
+            ants = {k: v for k, v in prev_ants.items() if k in ("status", "time_pair_s", "version", "call")}
+            ants["to_first"] = {int(k): np.array(m) for k, m in prev_ants["to_first"].items()}
+        else:
+            ants = run_ants(vols, threads)
         if ants.get("status") == "ok":
-            mats = {0: np.eye(4), **{k: m for k, m in ants.pop("to_first").items()}}
+            mats = {0: np.eye(4), **{k: m for k, m in ants["to_first"].items()}}
+            ants["to_first"] = {k: m.tolist() for k, m in ants["to_first"].items()}
             ants["mask_dice"] = _mean_dice(into_first(mats))
             ants["mask_dice_on_template_grid"] = _mean_dice(into_template(mats))
             ants["cases"] = {}
@@ -290,7 +314,8 @@ def run_ants(vols, threads: int) -> dict:
 def run_time(root: Path, model) -> dict | None:
     """Wall and CPU (process) seconds, interleaved so that a change of load
     on a shared machine hits both: pairwise rigid (study1_T2W -> study1_T1W),
-    template of the 3 session-1 scans, pairwise again, template of all 6."""
+    template of the 3 session-1 scans, of 4 (and study2_T1W), pairwise
+    again, template of all 6."""
     from synthtools.io import load_volume
     from synthtools.morph.register import register_linear
     from synthtools.morph.template import build_template
@@ -307,12 +332,15 @@ def run_time(root: Path, model) -> dict | None:
     register_linear(model, vols[1], vols[0], refine=())       # warm-up
     p1 = clock(register_linear, model, vols[1], vols[0])
     t3 = clock(build_template, model, vols[:3])
+    t4 = clock(build_template, model, vols[:4])
     p2 = clock(register_linear, model, vols[1], vols[0])
     t6 = clock(build_template, model, vols)
     pw, pc = (p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2
     return {"pair_wall_s": [p1[0], p2[0]], "pair_cpu_s": [p1[1], p2[1]], "template3_wall_s": t3[0],
-            "template3_cpu_s": t3[1], "template6_wall_s": t6[0], "template6_cpu_s": t6[1],
+            "template3_cpu_s": t3[1], "template4_wall_s": t4[0], "template4_cpu_s": t4[1],
+            "template6_wall_s": t6[0], "template6_cpu_s": t6[1],
             "ratio3_wall": _r(t3[0] / pw, 2), "ratio3_cpu": _r(t3[1] / pc, 2),
+            "per_input_cpu_s": {"3": _r(t3[1] / 3, 1), "4": _r(t4[1] / 4, 1), "6": _r(t6[1] / 6, 1)},
             "per_input_after_3_cpu_s": _r((t6[1] - t3[1]) / 3, 1), "per_input_first_3_cpu_s": _r(t3[1] / 3, 1)}
 
 
@@ -378,14 +406,51 @@ def markdown(d: dict) -> str:
             L.append(f"- ANTs: {a.get('status')}: {a.get('error')}")
     t = d.get("time")
     if t:
-        L += ["", "## Time (Lesjak p01, interleaved, wall and process CPU seconds, 2 threads)", "",
+        L += ["", f"## Time (Lesjak p01, interleaved, wall and process CPU seconds, {d['threads']} threads)", "",
               f"- one pairwise rigid (study1_T2W -> study1_T1W): wall {t['pair_wall_s']} s, CPU {t['pair_cpu_s']} s",
               f"- template of 3 (session 1): wall {t['template3_wall_s']} s, CPU {t['template3_cpu_s']} s: ratio to "
               f"one pair {t['ratio3_wall']} (wall), {t['ratio3_cpu']} (CPU) (target <= 3)",
+              *([f"- template of 4 (session 1 and study2_T1W): wall {t['template4_wall_s']} s, CPU "
+                 f"{t['template4_cpu_s']} s"] if "template4_cpu_s" in t else []),
               f"- template of 6: wall {t['template6_wall_s']} s, CPU {t['template6_cpu_s']} s: "
               f"{t['per_input_after_3_cpu_s']} CPU s per input after the first 3 "
-              f"({t['per_input_first_3_cpu_s']} per input for the first 3)"]
+              f"({t['per_input_first_3_cpu_s']} per input for the first 3)",
+              *(["- CPU s per input for N = 3, 4, 6: " + ", ".join(f"{v}" for v in t["per_input_cpu_s"].values())
+                 + " (target: not rising with N)"] if "per_input_cpu_s" in t else [])]
+    L += targets(d)
     return "\n".join(L) + "\n"
+
+
+def targets(d: dict) -> list[str]:
+    """The issue's targets, pass or fail, from the numbers above."""
+    rows = []
+
+    def row(name: str, ok: bool, value: str) -> None:
+        rows.append(f"| {name} | {value} | {'pass' if ok else 'FAIL'} |")
+    k, j, t = d.get("known"), d.get("lesjak"), d.get("time")
+    if k:
+        row("known: every pairwise error <= 0.3 mm", k["max_pairwise_error_mm"] <= 0.3, f"max {k['max_pairwise_error_mm']:.3f}")
+        row("known: label Dice >= 0.97", k["min_label_dice"] >= 0.97, f"min {k['min_label_dice']:.4f}")
+        row("known: bias spread <= 0.2 mm", k["bias"]["spread_mm"] <= 0.2, f"{k['bias']['spread_mm']:.3f}")
+    if j:
+        for name, c in j["cases"].items():
+            row(f"lesjak: {name} template <= pairwise", c["template"] <= c["pairwise"],
+                f"{c['template']:.3f} vs {c['pairwise']:.3f}")
+        row("lesjak: mask Dice >= pairwise (template grid)",
+            j["mask_dice_template"] >= j["mask_dice_pairwise_on_template_grid"],
+            f"{j['mask_dice_template']:.4f} vs {j['mask_dice_pairwise_on_template_grid']:.4f}")
+        row("lesjak: mask Dice >= pairwise (study1_T1W grid)",
+            j["mask_dice_template_on_first_grid"] >= j["mask_dice_pairwise"],
+            f"{j['mask_dice_template_on_first_grid']:.4f} vs {j['mask_dice_pairwise']:.4f}")
+        row("lesjak: bias spread <= 0.2 mm", j["bias_template"]["spread_mm"] <= 0.2,
+            f"{j['bias_template']['spread_mm']:.3f}")
+    if t:
+        row("time: template of 3 <= 3x one pair (CPU)", t["ratio3_cpu"] <= 3, f"{t['ratio3_cpu']:.2f}x")
+        if "per_input_cpu_s" in t:
+            per = list(t["per_input_cpu_s"].values())
+            row("time: CPU per input not rising with N (3, 4, 6)", per[-1] <= per[0],
+                ", ".join(f"{v}" for v in per) + " s")
+    return ["", "## Targets (issue 32)", "", "| target | value | |", "|---|---|---|", *rows] if rows else []
 
 
 def main(argv=None) -> int:
@@ -398,6 +463,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="synthmorph-rigid")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--reuse", action="store_true", help="keep the parts not run from an earlier longitudinal.json")
+    ap.add_argument("--reuse-pairwise", action="store_true",
+                    help="lesjak: take the pairwise and ANTs matrices from an earlier longitudinal.json "
+                    "(they do not depend on the template) instead of registering again")
     a = ap.parse_args(argv)
     limit_threads(a.threads)
     import torch
@@ -411,15 +479,16 @@ def main(argv=None) -> int:
     data = {"date": _dt.date.today().isoformat(), "cpu": cpu_name(), "threads": a.threads,
             "torch": torch.__version__, "model": a.model}
     old = Path(a.out) / "longitudinal.json"
-    if a.reuse and old.is_file():
-        prev = json.loads(old.read_text())
+    prev = json.loads(old.read_text()) if old.is_file() else None
+    if a.reuse and prev:
         data.update({k: prev[k] for k in ("known", "lesjak", "time") if prev.get(k) and k not in parts})
     if "known" in parts:
         # Per-axis ranges scaled so that the total rotation and shift stay within the limits.
         data["known"] = run_known(root, model, a.max_rot / np.sqrt(3), a.max_shift / np.sqrt(3))
         print(json.dumps(data["known"], indent=1), flush=True)
     if "lesjak" in parts:
-        data["lesjak"] = run_lesjak(root, model, a.threads, a.peers)
+        data["lesjak"] = run_lesjak(root, model, a.threads, a.peers,
+                                    prev.get("lesjak") if a.reuse_pairwise and prev else None)
         print(json.dumps(data["lesjak"], indent=1, default=str), flush=True)
     if "time" in parts:
         data["time"] = run_time(root, model)

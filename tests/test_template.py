@@ -3,8 +3,9 @@ template``, ``synthmorph register -M``): the pose averaging (exact on
 consistent measurements, inverse-consistent, Karcher gauge, permutation
 equivariant), the shipped rigid model on downsampled BrainWeb volumes
 (identity for copies, permutation invariance, inverse consistency, recovery
-of a known motion; skipped without ../shared/data), the template image and
-grid, one-line errors for bad inputs and atomic outputs."""
+of a known motion with 3 and 4 inputs; skipped without ../shared/data), the
+refinement pairs and their shared cube budget, the template image and grid,
+one-line errors for bad inputs and atomic outputs."""
 from __future__ import annotations
 
 import itertools
@@ -19,8 +20,9 @@ from scipy.linalg import logm
 from synthtools.conform import resample
 from synthtools.io import InputError, Volume
 from synthtools.morph import as_geometry, read_transform
-from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, ring_edges, solve_poses,
-                                       template_grid, template_image)
+from synthtools.morph.refine import PATCHES
+from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, edge_patches, partner_edges,
+                                       solve_poses, template_grid, template_image)
 
 from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
 from helpers import one_error_line, synthmorph  # noqa: E402
@@ -83,13 +85,24 @@ def test_two_inconsistent_measurements_give_inverse_consistent_midpoint():
     assert brain_disp(rel, t_ab) < brain_disp(t_ab, t_ba_inv)
 
 
-def test_ring_edges_fix_and_move_each_input_equally_often_and_stay_linear():
-    for n, span in ((2, 1), (3, 1), (4, 2), (6, 2), (9, 2)):
-        e = ring_edges(n)
-        assert len(e) == span * n and len(set(e)) == len(e) and all(i != j for i, j in e)
-        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * span)
-    assert ring_edges(2) == [(0, 1), (1, 0)]
-    assert {frozenset(p) for p in ring_edges(3)} == {frozenset(p) for p in itertools.combinations(range(3), 2)}
+def test_partner_edges_measure_every_pair_both_ways_then_stay_linear():
+    for n in range(2, 10):                      # up to 8 partners: all ordered pairs
+        assert sorted(partner_edges(n)) == sorted(itertools.permutations(range(n), 2))
+    for n in (10, 13, 40):                      # above: 8 ring neighbours each, 8n pairs
+        e = partner_edges(n)
+        assert len(e) == 8 * n and len(set(e)) == len(e) and all(i != j for i, j in e)
+        assert sorted(i for i, _ in e) == sorted(j for _, j in e) == sorted(list(range(n)) * 8)
+        assert {frozenset(p) for p in e} == {frozenset((i, (i + k) % n)) for i in range(n) for k in range(1, 5)}
+    assert partner_edges(1) == []
+
+
+def test_edge_patches_share_one_pairwise_budget_per_input():
+    """Each input's cubes over all its pairs add up to one pairwise
+    refinement's (the cost per input does not grow with n)."""
+    assert edge_patches(2) == PATCHES
+    for n in (3, 4, 6, 9, 10, 25):
+        per_input = edge_patches(n) * len(partner_edges(n)) / n
+        assert PATCHES - len(partner_edges(n)) / n <= per_input <= PATCHES
 
 
 def test_karcher_gauge_of_identical_poses_is_identity():
@@ -195,6 +208,22 @@ def test_known_motion_permutation_and_inverse_consistency(model):
     # The template lies between the inputs: each pose moves its brain by a similar amount.
     grid = template_grid(ab)
     assert min(grid.shape) > 40 and np.allclose(np.abs(np.diag(grid.affine)[:3]), 2.5, atol=1e-4)
+
+
+@pytest.mark.slow
+@needs_data
+def test_four_inputs_recover_known_motion_and_permute(model):
+    """Above 3 inputs (12 refinement pairs of 666 cubes): the relative
+    transforms of a known motion, and the same poses for a permutation."""
+    moves = [np.eye(4), rigid((8, -5, 6), (6, -8, 5)), rigid((-6, 7, -4), (-7, 4, 9)), rigid((4, 6, -7), (-5, -6, 3))]
+    vols = [small(c, m) for c, m in zip(("T1w", "T2w", "PDw", "T1w"), moves)]
+    res = build_template(model, vols, **FAST)
+    for i, j in itertools.permutations(range(4), 2):
+        assert brain_disp(np.linalg.inv(res.poses[j]) @ res.poses[i], moves[j] @ np.linalg.inv(moves[i])) < 0.5
+    perm = [3, 1, 0, 2]
+    res_p = build_template(model, [vols[k] for k in perm], **FAST)
+    for k, p in enumerate(perm):
+        assert brain_disp(res_p.poses[k], res.poses[p]) < 1e-4
 
 
 @pytest.mark.slow

@@ -505,7 +505,7 @@ def template_parser() -> Parser:
         prog=f"{PROG} template",
         description="Unbiased within-subject template of N >= 2 images of one subject (sessions, contrasts, "
         "resolutions): one linear transform per input into a common mid-space that favours no input "
-        "(pairwise network fits averaged as matrix logarithms, refinement over a ring of the inputs, "
+        "(pairwise network fits averaged as matrix logarithms, refinement of every pair both ways, "
         "Karcher mean; see synthtools.morph.template). The template image is the voxel-wise median of the "
         "intensity-normalised inputs resampled once into it, on a grid isotropic at the finest input "
         "resolution covering the union of the brains.",
