@@ -570,10 +570,6 @@ class Progress:
                   file=sys.stderr, flush=True)
         self.last = now
 
-    def restart(self) -> None:
-        """Start timing the next input."""
-        self.start = self.last = time.perf_counter()
-
 
 def info(prog: str, message: str, quiet: bool = False) -> None:
     """An informational line on stdout (silenced by -q)."""

@@ -42,7 +42,6 @@ from .common import (Job, Parser, Progress, UsageError, add_batch_options, add_s
                      run_tool, say_error, say_warning)
 
 PROG = "synthmorph"
-SUBCOMMANDS = ("register", "apply", "template")
 MODES = ("rigid", "affine", "deform", "joint")
 LINEAR_MODES = ("rigid", "affine")
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
