@@ -785,7 +785,8 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
         meta["averaged_with"] = soup
     _add_lineage(meta, out / "lineage.json")
     folder = save_model(model, meta, dest)
-    # The training record travels with the weights: loss + validation curves.
+    # The training record travels with the weights in the repository (loss +
+    # validation curves); the wheel leaves these logs out (pyproject package-data).
     plot_log(out / "log.jsonl", out / "log.png")
     for src, name in ((out / "log.jsonl", "training_log.jsonl"), (out / "log.png", "training_log.png")):
         if src.exists():
