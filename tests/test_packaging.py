@@ -71,6 +71,20 @@ def test_training_imports_are_relative_or_under_synthtools():
 
 
 
+def test_surfa_is_a_test_dependency_only():
+    """Only the tests import surfa (to judge our FreeSurfer files): it is in the
+    [test] extra, not a runtime dependency, and no package module imports it."""
+    deps = [d.split(">")[0].split("=")[0].split(";")[0].strip() for d in PYPROJECT["project"]["dependencies"]]
+    assert "surfa" not in deps
+    assert any(d.startswith("surfa") for d in PYPROJECT["project"]["optional-dependencies"]["test"])
+    users = []
+    for path in (p for r in (ROOT / "synthtools", ROOT / "training", ROOT / "models") for p in r.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            users += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "surfa"]
+    assert users == []
+
 def test_bundled_training_configs_are_package_data():
     from synthtools.training.recipes import CONFIGS
     patterns = SETUPTOOLS["package-data"]["synthtools.training.recipes"]
