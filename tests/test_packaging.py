@@ -194,7 +194,7 @@ def wheel_files(tmp_path_factory) -> list[str]:
     junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for name in {d.split("/")[0] for d in SETUPTOOLS["packages"]} | set(SETUPTOOLS.get("package-dir", {}).values()):
+    for name in {d.split(".")[0] for d in SETUPTOOLS["packages"]} | set(SETUPTOOLS.get("package-dir", {}).values()):
         shutil.copytree(ROOT / name, src / name, ignore=junk)
     out = tmp_path_factory.mktemp("wheel")
     code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
