@@ -25,8 +25,11 @@
 ARG PYTHON_VERSION=3.11
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-# --- build stage: a compiler for dependencies published as source only
-# (surfa's C extensions), everything installed into /opt/venv.
+# --- build stage: a compiler for dependencies published as source only,
+# everything installed into /opt/venv. (Since surfa became a test-only
+# dependency no runtime dependency needs it: pip's report for ".[bids]" lists
+# one source package, docopt, pure Python. Kept until CI's image build shows
+# the stage works without it.)
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0

@@ -70,6 +70,21 @@ def test_training_imports_are_relative_or_under_synthtools():
     assert not bad, bad
 
 
+
+def test_surfa_is_a_test_dependency_only():
+    """Only the tests import surfa (to judge our FreeSurfer files): it is in the
+    [test] extra, not a runtime dependency, and no package module imports it."""
+    deps = [d.split(">")[0].split("=")[0].split(";")[0].strip() for d in PYPROJECT["project"]["dependencies"]]
+    assert "surfa" not in deps
+    assert any(d.startswith("surfa") for d in PYPROJECT["project"]["optional-dependencies"]["test"])
+    users = []
+    for path in (p for r in (ROOT / "synthtools", ROOT / "training", ROOT / "models") for p in r.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            users += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "surfa"]
+    assert users == []
+
 def test_bundled_training_configs_are_package_data():
     from synthtools.training.recipes import CONFIGS
     patterns = SETUPTOOLS["package-data"]["synthtools.training.recipes"]
@@ -199,3 +214,56 @@ def test_a_checkout_imported_first_maps_training_and_models_like_the_wheel():
     assert Path(recipes) == ROOT / "training" / "recipes" / "__init__.py"
     assert Path(models) == ROOT / "models" / "__init__.py"
     assert other == "None"      # only those two folders are mapped
+
+
+# ------------------------------------------------------------------ the built wheel --
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory) -> list[str]:
+    """The file list of a wheel built (setuptools' PEP 517 hook, as pip calls it)
+    from a copy of the source, so the checkout gets no build/ or egg-info."""
+    import shutil
+    import subprocess
+    import zipfile
+    pytest.importorskip("setuptools", minversion="70.1")   # [test] extra; builds wheels without 'wheel'
+    src = tmp_path_factory.mktemp("src")
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in {d.split(".")[0] for d in SETUPTOOLS["packages"]} | set(SETUPTOOLS.get("package-dir", {}).values()):
+        shutil.copytree(ROOT / name, src / name, ignore=junk)
+    out = tmp_path_factory.mktemp("wheel")
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(out / done.stdout.split()[-1]) as z:
+        return z.namelist()
+
+
+def test_wheel_holds_only_synthtools(wheel_files):
+    tops = {f.split("/")[0] for f in wheel_files}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"synthtools"}
+
+
+def test_wheel_leaves_out_runs_logs_and_plots(wheel_files):
+    bad = [f for f in wheel_files if "/runs/" in f or f.startswith("runs/")
+           or f.endswith((".csv", ".jsonl", ".png", ".out", ".log", ".err"))]
+    assert bad == []
+
+
+def test_wheel_weights_are_the_shipped_models_only(wheel_files):
+    shipped = {p.parent.name for p in (ROOT / "models").glob("*/metadata.json")}
+    weights = [f for f in wheel_files if f.endswith((".pt", ".pth", ".ckpt"))]
+    assert sorted(weights) == sorted(f"synthtools/models/{m}/weights.pt" for m in shipped)
+    assert all(f"synthtools/models/{m}/metadata.json" in wheel_files for m in shipped)
+    assert "synthtools/data/example_flair.nii.gz" in wheel_files   # --example
+
+
+def test_wheel_bundles_the_configs_the_cli_names(wheel_files):
+    from synthtools.training.recipes import CONFIGS
+    bundled = {f.rsplit("/", 1)[1] for f in wheel_files if f.startswith("synthtools/training/recipes/configs/")}
+    assert bundled == {p.name for p in CONFIGS.glob("*.toml")}
+    assert {"skullstrip.toml", "segment.toml", "rigid.toml", "affine.toml"} <= bundled
+    # Configs of runs that did not learn stay in runs/ beside their logs.
+    assert not bundled & {"deform.toml", "deform_warmup.toml"}
+    assert (ROOT / "runs" / "synthmorph_deform" / "config.toml").is_file()

@@ -18,18 +18,20 @@ import ast
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
-from synthtools.threads import prepare_environment
+# Importing synthtools.cli prepares the thread environment before torch loads
+# its OpenMP runtime (idle threads sleep, BLAS pools stay within the granted
+# CPUs); entry() is the error handling every tool shares.
+from synthtools.cli.entry import UsageError, entry
 
-# Before torch loads its OpenMP runtime: idle threads sleep instead of
-# spinning against other jobs, and BLAS pools stay within the granted CPUs.
-prepare_environment()
+PROG = "synthgen"
+# A bad config, file or value (InputError is a ValueError): one line, exit 2, as a usage error.
+FAILURES = (((FileNotFoundError, ValueError), 2),)
 
 
 def _fail(msg: str) -> NoReturn:
-    print(f"synthgen: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise UsageError(msg)
 
 
 def _synth_config(path: str | None):
@@ -297,8 +299,21 @@ def cmd_preset(a) -> None:
     print(out)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="synthgen", description="Synthetic image generator and training.")
+def run(argv: Sequence[str] | None = None) -> int:
+    """The whole tool; returns the exit code (0, or 2 for any failure)."""
+    return entry(PROG, _run, argv, FAILURES)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: returns on success (in-process callers such as
+    the tests go on), exits with the code otherwise."""
+    code = run(argv)
+    if code:
+        sys.exit(code)
+
+
+def _run(argv: Sequence[str] | None) -> None:
+    p = argparse.ArgumentParser(prog=PROG, description="Synthetic image generator and training.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="write synthetic image/label pairs in the label map's geometry")
     s.add_argument("labelmap", help="anatomical label map (NIfTI/MGH, integer labels)")
@@ -390,10 +405,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if getattr(a, "n", 1) < 1:
         _fail("-n must be >= 1")
-    try:
-        a.func(a)
-    except (FileNotFoundError, ValueError) as e:   # bad config, file or value: one line, no traceback
-        _fail(str(e))
+    a.func(a)
 
 
 if __name__ == "__main__":

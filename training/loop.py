@@ -791,7 +791,8 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
         from .atlases import copy_atlases
         meta["atlas"] = copy_atlases(atlases_from, Path(dest), meta["output"].get("labels", []))
     folder = save_model(model, meta, dest)
-    # The training record travels with the weights: loss + validation curves.
+    # The training record travels with the weights in the repository (loss +
+    # validation curves); the wheel leaves these logs out (pyproject package-data).
     plot_log(out / "log.jsonl", out / "log.png")
     for src, name in ((out / "log.jsonl", "training_log.jsonl"), (out / "log.png", "training_log.png")):
         if src.exists():

@@ -24,7 +24,8 @@ import os
 import sys
 from typing import Any, NoReturn, Sequence
 
-from .common import Parser, UsageError, run_tool, say_error
+from .common import Parser, UsageError, say_error
+from .entry import entry
 
 PROG = "synthtools-bids"
 TOOLS = ("strip", "seg")
@@ -243,12 +244,8 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """The whole app; returns the exit code (0, 1 or 2)."""
-    try:
-        return run_tool(PROG, _run, argv)
-    except BrokenPipeError:   # e.g. '| head': stop quietly, as other Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    """The whole app; returns the exit code (0, 1 or 2; 1 also on a closed stdout, e.g. '| head')."""
+    return entry(PROG, _run, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -26,25 +26,16 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 import numpy as np
 
 from ..io import SUPPORTED_EXTENSIONS, InputError, check_input_path, check_output_path
-
-
-class UsageError(Exception):
-    """Bad arguments: nothing is processed, exit code 2. (Bad input files
-    and runtime failures are :class:`~synthtools.io.InputError`, exit code 1.)"""
+from .entry import UsageError, say_error  # noqa: F401  (the tools import both from here)
 
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (raised as UsageError)."""
 
     # argparse prints the whole usage block before the error; we promise a
-    # single line, so raise instead and let run_tool() print it.
+    # single line, so raise instead and let entry() print it.
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} -h)")
-
-
-def say_error(prog: str, message: str) -> None:
-    """Print ``<prog>: error: message`` on one line to stderr."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def say_warning(prog: str, message: str) -> None:
@@ -573,10 +564,6 @@ class Progress:
                   file=sys.stderr, flush=True)
         self.last = now
 
-    def restart(self) -> None:
-        """Start timing the next input."""
-        self.start = self.last = time.perf_counter()
-
 
 def info(prog: str, message: str, quiet: bool = False) -> None:
     """An informational line on stdout (silenced by -q)."""
@@ -584,23 +571,7 @@ def info(prog: str, message: str, quiet: bool = False) -> None:
         print(f"{prog}: {message}", flush=True)
 
 
-# ------------------------------------------------------------------ main --
-
-def run_tool(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run a tool's body; returns its exit code: 2 on UsageError, 1 on an
-    InputError (bad input file, runtime failure), 130 on Ctrl-C."""
-    try:
-        return body(argv)
-    except UsageError as exc:
-        say_error(prog, str(exc))
-        return 2
-    except InputError as exc:
-        say_error(prog, str(exc))
-        return 1
-    except KeyboardInterrupt:
-        say_error(prog, "interrupted")
-        return 130
-
+# ------------------------------------------------------------------ jobs --
 
 def run_jobs(prog: str, jobs: list[Job], to_create: list[str], device: str,
              load: Callable[[], Any] | None, process: Callable[[Job, Any], None],

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from .common import Parser, UsageError, run_tool
+from .common import Parser, UsageError
+from .entry import entry
 
 PROG = "synthtools"
 
@@ -126,7 +127,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    return run_tool(PROG, _run, argv)
+    return entry(PROG, _run, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

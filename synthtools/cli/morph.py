@@ -39,10 +39,10 @@ from ..io import InputError, check_input_path, check_output_path
 from ..morph.formats import LINEAR_EXTENSIONS, WARP_EXTENSIONS, transform_kind
 from .common import (Job, Parser, Progress, UsageError, add_batch_options, add_standard_options, check_writable_file,
                      choose_device, device_text, file_identity, info, load_task_model, resolve_shard_option, run_jobs,
-                     run_tool, say_error, say_warning)
+                     say_error, say_warning)
+from .entry import entry
 
 PROG = "synthmorph"
-SUBCOMMANDS = ("register", "apply", "template")
 MODES = ("rigid", "affine", "deform", "joint")
 LINEAR_MODES = ("rigid", "affine")
 DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
@@ -676,7 +676,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The whole tool; returns the exit code (0, 1 or 2)."""
-    return run_tool(PROG, _run, argv)
+    return entry(PROG, _run, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -33,7 +33,8 @@ from ..io import InputError
 from .common import (Job, OutputSet, Parser, Progress, UsageError, add_batch_options, add_standard_options,
                      batch_params, check_file_path, check_matplotlib, check_outputs, check_png_path, choose_device,
                      collect_inputs, expand_outputs, list_files, load_task_model, resolve_shard_option, run_jobs,
-                     run_tool, save_snapshot, say_warning, split_ext)
+                     save_snapshot, say_warning, split_ext)
+from .entry import entry
 
 PROG = "synthseg"
 DEFAULT_MODEL = "synthseg"
@@ -364,7 +365,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The whole tool; returns the exit code (0, 1 or 2)."""
-    return run_tool(PROG, _run, argv)
+    return entry(PROG, _run, argv)
 
 
 def _run(argv: Sequence[str] | None) -> int:

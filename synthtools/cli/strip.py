@@ -25,7 +25,8 @@ from ..io import InputError
 from .common import (Job, OutputSet, Parser, UsageError, add_batch_options, add_standard_options, batch_params,
                      check_matplotlib, check_outputs, check_png_path, choose_device,
                      collect_inputs as _collect_inputs, expand_outputs, load_task_model, resolve_shard_option,
-                     run_jobs, run_tool, save_snapshot, say_warning)
+                     run_jobs, save_snapshot, say_warning)
+from .entry import entry
 
 PROG = "synthstrip"
 DEFAULT_MODEL = "synthstrip"
@@ -191,7 +192,7 @@ def process(job: Job, model, args: argparse.Namespace) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The whole tool; returns the exit code (0, 1 or 2)."""
-    return run_tool(PROG, _run, argv)
+    return entry(PROG, _run, argv)
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -328,11 +328,6 @@ def load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], what: str) ->
     return net
 
 
-def layout_table(net: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor ``net`` loads, in order."""
-    return list(_expected(net).items())
-
-
 def iter_prefixes(layer_names: Iterable[str]) -> set[str]:
     """The Keras name prefixes (network names) present among ``layer_names``."""
     out = set()

@@ -101,11 +101,6 @@ class GridSummary:
         """(C,) soft volumes in mm^3: sum of posteriors times voxel volume."""
         return volumes(self.posterior_sums, self.voxel_volume)
 
-    @property
-    def hard_volumes(self) -> np.ndarray:
-        """(C,) volumes of the hard labels in mm^3 (voxel counts times voxel volume)."""
-        return self.counts.astype(np.float64) * self.voxel_volume
-
 
 @dataclass
 class SegResult:

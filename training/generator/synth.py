@@ -71,17 +71,6 @@ class SynthConfig:
         CT-like draws, which single out bone and intracranial labels)."""
         return dataclasses.replace(self, gmm=dataclasses.replace(self.gmm, values=tuple(int(v) for v in values)))
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if dataclasses.is_dataclass(v):
-                out[f.name] = {k: (list(x) if isinstance(x, tuple) else x) for k, x in dataclasses.asdict(v).items()
-                               if not isinstance(x, torch.Tensor)}
-            else:
-                out[f.name] = v
-        return out
-
     def maximal(self) -> "SynthConfig":
         """Every range at its upper bound and every step always applied: the
         strongest effect of each step (the paper's habit for previews)."""

@@ -28,7 +28,7 @@ which is conditioned on it (``synthmorph register -r``). With
 ``recipe.supervised`` every pair is one label map under two poses and warps,
 and the Dice term is replaced by the mean Charbonnier distance (mm) between
 the predicted and the true moving position of the fixed brain voxels, as in
-the linear recipes: a dense target at every voxel (``deform_warmup.toml``).
+the linear recipes: a dense target at every voxel (``runs/synthmorph_deform_warmup/config.toml``).
 Neither loss started learning from raw images in CPU-sized runs; with
 ``model.encoder`` the U-Net sees a frozen registration network's feature
 maps of both images instead (:class:`FeatureSVFNet`, ``deform_features.toml``)
