@@ -74,10 +74,14 @@ def two_d(cfg: Config) -> tuple[Config, list[str]]:
     if r.shape is not None:
         changes["recipe.shape"] = list(r.shape[:2])
         notes.append(f"recipe.shape {list(r.shape)} -> {changes['recipe.shape']}")
-    if cfg.train.init:   # 3D weights cannot start a 2D network
-        changes.update({"train.init": None, "train.init_partial": None})
+    cfg = cfg.override(changes)
+    if cfg.train.init:   # 3D weights cannot start a 2D network: both keys leave the file
+        tables = cfg.to_dict()
+        for key in ("init", "init_partial"):
+            tables["train"].pop(key, None)
+        cfg = Config.from_dict(tables)
         notes.append("train.init dropped (3D weights do not fit a 2D U-Net)")
-    return cfg.override(changes), notes
+    return cfg, notes
 
 
 def make_preset(cfg: Config, half: bool = False, two_dim: bool = False) -> tuple[Config, list[str]]:
