@@ -4,6 +4,7 @@ windows or slices, the contrast-consistency metric and the GPU burst command
 (run here on the CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ import torch
 
 from synthtools.nets.unet import UNet
 from synthtools.weights import Model, load_model, save_model
+from synthtools.training.config import TrainSection
 from synthtools.training.loop import lr_at, make_optimizer, train
 from synthtools.training.recipes import get_recipe, load_config
 from synthtools.training.recipes.segment import deep_supervision_loss, segmentation_loss
@@ -28,7 +30,7 @@ def tiny_seg_cfg(label_dir, **extra):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    cfg = {"lr": 1e-3, "warmup": 100, "schedule": "cosine", "steps": 1100, "lr_min": 1e-5}
+    cfg = TrainSection(lr=1e-3, warmup=100, schedule="cosine", steps=1100, lr_min=1e-5)
     assert lr_at(0, cfg) == pytest.approx(1e-5)
     assert lr_at(50, cfg) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
     assert lr_at(100, cfg) == pytest.approx(1e-3)
@@ -36,21 +38,22 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(1100, cfg) == pytest.approx(1e-5) and lr_at(5000, cfg) == pytest.approx(1e-5)
     lrs = [lr_at(s, cfg) for s in range(100, 1101, 50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    poly = dict(cfg, schedule="poly")
+    poly = dataclasses.replace(cfg, schedule="poly")
     assert lr_at(600, poly) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 ** 0.9)
-    assert lr_at(10, {"lr": 2e-4}) == 2e-4   # the default: constant, no warm-up
+    assert lr_at(10, TrainSection(lr=2e-4)) == 2e-4   # the default: constant, no warm-up
+    assert lr_at(600, dataclasses.replace(cfg, lr_min=None)) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # lr / 100
     with pytest.raises(ValueError, match="schedule"):
-        lr_at(0, {"schedule": "step"})
+        lr_at(0, TrainSection(schedule="step"))
 
 
 def test_adamw_decays_convolution_weights_only():
     net = UNet(3, 1, 2, features=(4, 8), convs=1, norm="instance")
-    opt = make_optimizer(net, {"optimizer": "adamw", "weight_decay": 0.05, "lr": 1e-3})
+    opt = make_optimizer(net, TrainSection(optimizer="adamw", weight_decay=0.05, lr=1e-3))
     decayed, free = opt.param_groups
     assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in free["params"])
     with pytest.raises(ValueError, match="optimizer"):
-        make_optimizer(net, {"optimizer": "lbfgs"})
+        make_optimizer(net, TrainSection(optimizer="lbfgs"))
 
 
 def test_instance_norm_unet_output_depends_on_the_image_alone(tmp_path):
@@ -195,7 +198,7 @@ def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
     main(["burst", str(run), "--minutes", "5", "--steps", "5", "--device", "cpu"])
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["step"] == 5
-    assert math.isclose(state["opt"]["param_groups"][0]["lr"], lr_at(4, cfg["train"]), rel_tol=1e-6)
+    assert math.isclose(state["opt"]["param_groups"][0]["lr"], lr_at(4, cfg.train), rel_tol=1e-6)
     with pytest.raises(SystemExit):
         main(["burst", str(tmp_path), "--minutes", "1", "--device", "cpu"])   # not a run folder
 
@@ -220,7 +223,7 @@ def test_compact_checkpoint_resumes_with_a_rewarm(label_dir, tmp_path):
     assert any("optimizer state rebuilt" in s for s in said)
     after = torch.load(run / "checkpoint.pt", weights_only=True)
     assert after["step"] == 5 and "opt" in after
-    assert after["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, cfg["train"]) * rewarm(4, 3))
+    assert after["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, cfg.train) * rewarm(4, 3))
     assert rewarm(3, 3) == pytest.approx(0.01) and rewarm(3 + REWARM_STEPS, 3) == 1.0 and rewarm(7, None) == 1.0
 
 
@@ -230,7 +233,7 @@ def test_bundled_segment_recipe_is_the_fused_2d_design():
     assert recipe.ndim == 2 and net.ndim == 2 and net.config["norm"] == "instance"
     assert net.config["deep_supervision"] == 2 and recipe.shape == (128, 128)
     assert recipe.metadata()["inference"]["slice_axes"] == [0, 1, 2]
-    assert lr_at(0, recipe.cfg["train"]) < lr_at(500, recipe.cfg["train"]) == pytest.approx(2e-3)
+    assert lr_at(0, recipe.cfg.train) < lr_at(500, recipe.cfg.train) == pytest.approx(2e-3)
 
 
 def test_final_checkpoint_survives_the_dataloader_worker_dying_on_sigterm(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """The training config schema (training/config.py): unknown keys and wrong
 types fail with one line, in the library and in synthgen; every bundled and
-run config loads; the code's defaults are the schema's."""
+run config loads and round-trips through the run's saved config.toml; the
+code reads typed sections, so its defaults are the schema's."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import torch
 
 from synthtools.training import config as schema
 from synthtools.training.cli import main
-from synthtools.training.config import MODEL, RECIPE, TRAIN, ConfigError
-from synthtools.training.loop import lr_at, make_optimizer
+from synthtools.training.config import Config, ConfigError, ModelSection, RecipeSection, TrainSection
+from synthtools.training.loop import RUN_CONFIG, lr_at, make_optimizer, save_run_config
 from synthtools.training.recipes import CONFIGS, get_recipe, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +55,9 @@ def test_unknown_key_names_key_and_allowed_keys(tmp_path):
     ("train.steps", True, "train.steps = True: expected int"),         # a bool is not a count
     ("train.load_aware", 1, "train.load_aware = 1: expected bool"),
     ("recipe.shape", [64, 64.5], "recipe.shape = [64, 64.5]: expected a list of int"),
-    ("generator.noise.std", "x", "generator.noise.std = 'x': expected a list of float"),
+    ("recipe.lambda", [0, 1, 2], "recipe.lambda = [0, 1, 2]: expected a list of 2 floats"),
+    ("train.lr", None, "train.lr = None: expected float"),              # only an optional key can be absent
+    ("generator.noise.std", "x", "generator.noise.std = 'x': expected a list of 2 floats"),
     ("generator.nois.std", [0, 1], "unknown key generator.nois (allowed: "),
     ("generator.noise.sd", [0, 1], "unknown key generator.noise.sd (allowed: prob, std)"),
     ("trian.lr", 1e-3, "unknown section [trian] (allowed: "),
@@ -64,14 +68,20 @@ def test_wrong_type_or_unknown_key(key, value, expect):
 
 def test_accepted_values_keep_their_meaning():
     cfg = load_config("segment", {"train.lr": 1, "recipe.shape": [96, 96], "train.load_aware": False,
-                                  "generator.noise.std": [0, 0.2]})
-    assert cfg["train"]["lr"] == 1 and cfg["train"]["load_aware"] is False   # an int is a valid float
-    assert get_recipe(cfg).synth.config.noise.std == (0, 0.2)
+                                  "generator.noise.std": [0, 0.2], "model.norm": None})
+    # typed on reading: an int where a float belongs is a float, a list a tuple
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float and cfg.train.load_aware is False
+    assert cfg.recipe.shape == (96, 96) and get_recipe(cfg).shape == (96, 96)
+    assert cfg.model.norm is None and "norm" not in cfg.to_dict()["model"]   # None: absent
+    assert cfg.generator.noise.std == (0, 0.2) and get_recipe(cfg).synth.config.noise.std == (0, 0.2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 0.1   # changed only through override(), which checks like a file
 
 
 def test_recipe_name_needed_to_train_not_to_sample(tmp_path):
     (tmp_path / "gen.toml").write_text("[generator.noise]\nstd = [0, 0.3]\n")   # synthgen sample --config
-    assert load_config(tmp_path / "gen.toml") == {"generator": {"noise": {"std": [0, 0.3]}}}
+    gen = load_config(tmp_path / "gen.toml")
+    assert gen.to_dict() == {"generator": {"noise": {"std": [0, 0.3]}}} and gen.generator.noise.std == (0, 0.3)
     with pytest.raises(ConfigError, match="^recipe.name is missing"):
         get_recipe(load_config(tmp_path / "gen.toml"))
     with pytest.raises(ConfigError, match="^recipe.name = 'segmnet': not a recipe"):
@@ -106,15 +116,19 @@ def _run_key(path: Path) -> str:
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")) + RUN_CONFIGS, ids=lambda p: p.parent.name + "/" + p.name)
-def test_every_bundled_and_run_config_loads(path):
+def test_every_bundled_and_run_config_loads_and_round_trips(path, tmp_path):
     if _run_key(path) in KNOWN_INCOMPATIBLE:
         expected, _why = KNOWN_INCOMPATIBLE[_run_key(path)]
         assert error_of(path) == expected
         return
     cfg = load_config(path)
     recipe = get_recipe(cfg)
-    assert recipe.voxsize == float(cfg["recipe"].get("voxsize", RECIPE.voxsize))
+    assert recipe.voxsize == cfg.recipe.voxsize and recipe.ndim == cfg.recipe.ndim
     assert len(recipe.shape) == recipe.ndim
+    # the run's saved config (what synthgen burst and a resume read) means the same
+    save_run_config(recipe, tmp_path)
+    back = load_config(tmp_path / RUN_CONFIG)
+    assert back == cfg and back.to_dict() == cfg.to_dict()
 
 
 def test_run_configs_are_checked():
@@ -122,36 +136,65 @@ def test_run_configs_are_checked():
     assert set(KNOWN_INCOMPATIBLE) <= {_run_key(p) for p in RUN_CONFIGS}
 
 
+def test_round_trip_keeps_overrides_and_leaves_the_device_out(tmp_path):
+    """load(save(cfg)) == cfg for a config changed by --set in every way a
+    value can be written (int for float, tuple, None, nested generator and
+    generator_moving options); train.device is the machine's, not saved."""
+    cfg = load_config("rigid", {"train.lr": 3, "recipe.shape": (32, 32, 32), "model.features": [8, 16, 16],
+                                "train.init": None, "generator.noise.std": [0, 0.25],
+                                "generator_moving.blur.sigma": [0.5, 1], "inference.refine": [5, 5]})
+    assert cfg.generator_moving.blur.sigma == (0.5, 1) and cfg.generator.blur.sigma != (0.5, 1)
+    assert cfg.generator_moving.noise.std == (0, 0.25)   # the fixed image's ranges, moving's on top
+    save_run_config(get_recipe(cfg.override({"train.device": "cuda"})), tmp_path)
+    text = (tmp_path / RUN_CONFIG).read_text()
+    assert "\ndevice =" not in text and "\ninit =" not in text and "\ninit_into =" in text
+    back = load_config(tmp_path / RUN_CONFIG)
+    assert back == cfg and back.train.lr == 3.0 and back.inference.refine == (5, 5)
+    assert back != cfg.override({"generator_moving.blur.sigma": [0.5, 2]})   # equality sees every section
+    assert back.override({"train.lr": 3.0}) == cfg
+
+
+def test_override_checks_and_copies():
+    cfg = load_config("segment")
+    with pytest.raises(ConfigError, match=r"^unknown key train.lrr \(allowed: "):
+        cfg.override({"train.lrr": 1.0})
+    some = cfg.override({"validation.cases": ["ixi_t1"]})
+    new = some.override({"train.lr": 1e-5, "validation.cases": None})
+    assert new.train.lr == 1e-5 and some.train.lr == cfg.train.lr == 2e-3   # the originals are unchanged
+    assert some.validation.cases == ("ixi_t1",) and new.validation.cases is None   # None: every case
+
+
 def test_code_defaults_are_the_schemas():
-    cfg = load_config("skullstrip", {"train.init": ""})
+    tables = load_config("skullstrip", {"train.init": ""}).to_dict()
     for key in ("voxsize", "ndim"):
-        cfg["recipe"].pop(key, None)
-    del cfg["model"]["convs"]
-    recipe = get_recipe(cfg)
-    assert recipe.voxsize == RECIPE.voxsize == 2.0 and recipe.ndim == RECIPE.ndim == 3
+        tables["recipe"].pop(key, None)
+    del tables["model"]["convs"]
+    recipe = get_recipe(Config.from_dict(tables))
+    assert recipe.voxsize == RecipeSection.voxsize == 2.0 and recipe.ndim == RecipeSection.ndim == 3
     net = recipe.build_model()
-    assert net.config["convs"] == MODEL.convs
-    opt = make_optimizer(torch.nn.Conv3d(1, 1, 3), {})
-    assert opt.param_groups[0]["lr"] == TRAIN.lr and isinstance(opt, torch.optim.Adam)
-    assert lr_at(0, {}) == TRAIN.lr   # constant schedule, no warm-up by default
-    assert TRAIN.threads == 2 and TRAIN.load_aware is True
+    assert net.config["convs"] == ModelSection.convs
+    opt = make_optimizer(torch.nn.Conv3d(1, 1, 3), TrainSection())
+    assert opt.param_groups[0]["lr"] == TrainSection.lr and isinstance(opt, torch.optim.Adam)
+    assert lr_at(0, TrainSection()) == TrainSection.lr   # constant schedule, no warm-up by default
+    assert TrainSection.threads == 2 and TrainSection.load_aware is True
 
 
-# receiver.get("key", <literal>): a literal default written outside the schema
-LITERAL_DEFAULT = re.compile(r'(?:cfg|\br|\bm|\bt|real|opts|\bv|\))\.get\("(\w+)",\s*'
-                             r'(-?[\d.][\w.]*|True|False|"[^"]*"|\(|\[)')
+# A config section read as a dict (cfg["train"], cfg.get("real"), recipe.cfg[...]):
+# it bypasses the schema's types and defaults.
+DICT_READ = re.compile(r"\bcfg(?:\.get\(|\[)")
 
 
-def test_no_literal_default_outside_the_schema():
-    """loop.py and the recipes read each schema key with the schema's
-    default (``TRAIN.lr``), never a literal of their own; keys whose
-    schema default is None (per-recipe, like recipe.shape) are exempt."""
-    keys = {k for cls in schema.SECTIONS.values() for k, f in schema.section_keys(cls).items()
-            if f.default is not None}
+def test_training_code_reads_typed_sections_only():
+    """Every module of training/ reads the config as attributes
+    (``cfg.train.lr``): a typo is an AttributeError, a default is the
+    schema's. (config.py itself builds the sections from the tables.)"""
     found = []
-    for path in [TRAINING / "loop.py", TRAINING / "cli.py", *sorted((TRAINING / "recipes").glob("*.py"))]:
+    for path in sorted(TRAINING.rglob("*.py")):
+        if path.name == "config.py":
+            continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            found += [f"{path.name}:{n}: {m.group(0)}" for m in LITERAL_DEFAULT.finditer(line) if m.group(1) in keys]
+            if DICT_READ.search(line):
+                found.append(f"{path.relative_to(TRAINING)}:{n}: {line.strip()}")
     assert not found, found
 
 

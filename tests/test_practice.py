@@ -74,8 +74,7 @@ def test_real_sample_uses_the_recipe_targets(label_dir, pairs):
     assert (s["target"] < 0).any() and (s["target"] > 0).any() and float(s["target"].abs().max()) <= 5
     # A brain mask (with CSF) instead of labels gives the same with-CSF target;
     # a mask has one convention, so every channel learns it.
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["real"] = {"target": "mask"}
+    cfg = tiny_cfg("skullstrip", label_dir).override({"real.target": "mask"})
     m = get_recipe(cfg).make_real_sample(img, load_volume(pairs / "s1_mask.nii.gz"), generator(0))
     assert torch.equal(m["target"][0], s["target"][0]) and torch.equal(m["image"], s["image"])
     assert torch.equal(m["target"][1], m["target"][0])
@@ -86,10 +85,9 @@ def test_real_sample_uses_the_recipe_targets(label_dir, pairs):
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_mixed_and_real_only_training(label_dir, pairs, tmp_path, ratio):
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["real"] = {"pairs": str(pairs / "train.csv"), "ratio": ratio}
-    if ratio == 1.0:
-        cfg["train"]["label_maps"] = str(tmp_path / "none")   # the real-only baseline needs no label maps
+    cfg = tiny_cfg("skullstrip", label_dir).override({"real.pairs": str(pairs / "train.csv"), "real.ratio": ratio})
+    if ratio == 1.0:   # the real-only baseline needs no label maps
+        cfg = cfg.override({"train.label_maps": str(tmp_path / "none")})
     recipe = get_recipe(cfg)
     ds = recipe.dataset()
     real = ds.sample(0, 1)   # sample 1 is real for both ratios
@@ -119,9 +117,7 @@ def test_group_means():
 def test_validation_scores_real_pairs_per_domain(label_dir, pairs, tmp_path):
     from synthtools.training.loop import plot_log
     from synthtools.training.realdata import read_pairs, score_seg_pairs
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["validation"]["real_pairs"] = str(pairs / "val.csv")
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_cfg("skullstrip", label_dir).override({"validation.real_pairs": str(pairs / "val.csv")}))
     torch.manual_seed(0)
     m = recipe.validate(recipe.build_model().eval())
     assert set(m) == {"p1", "s2_image", "mean_siteA", "mean_siteB"}
@@ -179,10 +175,9 @@ def test_invariance_cli(tmp_path, pairs):
 
 def test_sweep_two_values(label_dir, pairs, tmp_path, capsys):
     from synthtools.training.presets import dump_toml
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["validation"]["real_pairs"] = str(pairs / "val.csv")
+    cfg = tiny_cfg("skullstrip", label_dir).override({"validation.real_pairs": str(pairs / "val.csv")})
     config = tmp_path / "tiny.toml"
-    config.write_text(dump_toml(cfg))
+    config.write_text(dump_toml(cfg.to_dict()))
     init = tmp_path / "init"
     train(get_recipe(load_config(config)), init, steps=1, **QUIET)
     out = tmp_path / "sweep"
@@ -210,23 +205,24 @@ def test_presets(tmp_path):
     base = load_config("skullstrip")
     assert main(["preset", "skullstrip", "--half", "-o", str(tmp_path / "half.toml")]) is None
     half = load_config(tmp_path / "half.toml")
-    assert half["recipe"]["voxsize"] == 2 * base["recipe"]["voxsize"]
-    assert half["recipe"]["shape"] == [48, 48, 48]
-    assert half["model"] == base["model"] and half["generator"] == base["generator"]
-    assert half["train"] == base["train"] and half["validation"] == base["validation"]
+    assert half.recipe.voxsize == 2 * base.recipe.voxsize
+    assert half.recipe.shape == (48, 48, 48)
+    assert half.model == base.model and half.generator == base.generator
+    assert half.train == base.train and half.validation == base.validation
     seg = tmp_path / "seg_half.toml"
     main(["preset", "segment_v1", "--half", "-o", str(seg)])   # the 3D config of the shipped model
-    full = load_config("segment_v1")["recipe"]["shape"]
+    full = load_config("segment_v1").recipe.shape
     # Half the crop, rounded up to the net's multiple (16 voxels).
-    assert load_config(seg)["recipe"]["shape"] == [-(-n // 2 // 16) * 16 for n in full]
+    assert load_config(seg).recipe.shape == tuple(-(-n // 2 // 16) * 16 for n in full)
     main(["preset", "skullstrip", "--2d", "-o", str(tmp_path / "2d.toml")])
     two = load_config(tmp_path / "2d.toml")
-    assert two["recipe"]["ndim"] == 2 and two["recipe"]["shape"] == [96, 96]
-    assert two["recipe"]["voxsize"] == base["recipe"]["voxsize"] and two["generator"] == base["generator"]
+    assert two.recipe.ndim == 2 and two.recipe.shape == (96, 96) and two.train.channels_last is False
+    assert two.recipe.voxsize == base.recipe.voxsize and two.generator == base.generator
     assert "voxsize" in (tmp_path / "half.toml").read_text().splitlines()[1]   # documented in the header
     main(["preset", "segment_v1", "--2d", "-o", str(tmp_path / "seg2d.toml")])
-    assert "init" not in load_config(tmp_path / "seg2d.toml")["train"]   # 3D init weights cannot start a 2D net
-    assert load_config(tmp_path / "seg_half.toml")["train"]["init"] == "synthstrip"   # same net: kept
+    seg2d = load_config(tmp_path / "seg2d.toml")   # 3D init weights cannot start a 2D net
+    assert "init" not in seg2d.to_dict()["train"] and seg2d.train.init is None
+    assert load_config(tmp_path / "seg_half.toml").train.init == "synthstrip"   # same net: kept
 
 
 def test_toml_roundtrip():
@@ -239,10 +235,9 @@ def test_toml_roundtrip():
 
 
 def test_2d_skullstrip_trains(label_dir, pairs, tmp_path):
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["recipe"]["ndim"] = 2
-    cfg["validation"]["real_pairs"] = str(pairs / "val.csv")
-    cfg["real"] = {"pairs": str(pairs / "train.csv"), "ratio": 0.5}
+    cfg = tiny_cfg("skullstrip", label_dir).override({
+        "recipe.ndim": 2, "validation.real_pairs": str(pairs / "val.csv"),
+        "real.pairs": str(pairs / "train.csv"), "real.ratio": 0.5})
     recipe = get_recipe(cfg)
     assert recipe.shape == (16, 16) and recipe.build_model().ndim == 2
     s = recipe.dataset().sample(0, 0)
@@ -263,7 +258,6 @@ def test_2d_skullstrip_trains(label_dir, pairs, tmp_path):
     vol = load_volume(pairs / "s1_image.nii.gz")
     res = strip(model, vol)
     assert model.net.ndim == 2 and res.sdt.shape == vol.shape and np.isfinite(res.sdt).all()
-    seg = tiny_cfg("segment", label_dir)
-    seg["recipe"]["ndim"] = 2
+    seg = tiny_cfg("segment", label_dir).override({"recipe.ndim": 2})
     t = get_recipe(seg).dataset().sample(0, 3)["target"]
     assert t.shape == (16, 16) and t.dtype == torch.int64

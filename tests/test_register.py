@@ -316,10 +316,9 @@ def test_supervised_deform_pairs_carry_the_true_correspondence(tmp_path):
     from synthtools.training.recipes import get_recipe
     from synthtools.training.recipes.register import soft_dice
     write_label_map(tmp_path / "a.nii.gz")
-    cfg = tiny_reg_cfg("deform_warmup", tmp_path)
-    cfg["recipe"]["shape"] = [48, 48, 48]      # the whole head: nothing moves in from outside the grid
-    cfg["recipe"]["voxsize"] = 4.0
-    recipe = get_recipe(cfg)
+    # the whole head: nothing moves in from outside the grid
+    recipe = get_recipe(tiny_reg_cfg("deform_warmup", tmp_path).override({"recipe.shape": [48, 48, 48],
+                                                                           "recipe.voxsize": 4.0}))
     index_map, voxsize = recipe.dataset().label_map(str(tmp_path / "a.nii.gz"))
     gains = []
     for seed in range(3):
@@ -342,9 +341,7 @@ def test_supervised_deform_warmup_trains_and_its_loss_falls_on_one_pair(tmp_path
     from synthtools.training.loop import train
     from synthtools.training.recipes import get_recipe
     write_label_map(tmp_path / "a.nii.gz")
-    cfg = tiny_reg_cfg("deform_warmup", tmp_path)
-    cfg["train"]["lr"] = 1e-3
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_reg_cfg("deform_warmup", tmp_path).override({"train.lr": 1e-3}))
     train(recipe, tmp_path / "run", steps=40, sanity=True, log=lambda *a: None)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]
@@ -382,9 +379,7 @@ def test_feature_deform_recipe_trains_from_the_affine_model_and_exports(pair, tm
     from synthtools.training.loop import export, train
     from synthtools.training.recipes import get_recipe
     write_label_map(tmp_path / "a.nii.gz")
-    cfg = tiny_reg_cfg("deform_features", tmp_path)
-    cfg["train"]["init"] = "synthmorph-affine"
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_reg_cfg("deform_features", tmp_path).override({"train.init": "synthmorph-affine"}))
     train(recipe, tmp_path / "run", steps=2, log=lambda *a: None, check=False)
     folder = export(recipe, tmp_path / "run", tmp_path / "model", "synthmorph-deform-test", which="last")
     model = load_model(folder)

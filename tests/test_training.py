@@ -24,12 +24,12 @@ def test_tiny_training_resumes_and_exports(name, label_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     out = train(recipe, run, steps=5, log=lambda *a: None)   # resume continues the step count
     assert out["step"] == 5
-    recipe.cfg["train"]["lr"] = 1e-5   # a resumed run follows the config's learning rate
+    recipe = get_recipe(recipe.cfg.override({"train.lr": 1e-5}))   # a resumed run follows the config's rate
     train(recipe, run, steps=6, log=lambda *a: None)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["opt"]["param_groups"]
     # (the schedule's value at the last step taken, step 5: constant, or a warm-up/decay of lr)
-    assert all(g["lr"] == pytest.approx(lr_at(5, recipe.cfg["train"])) for g in saved)
-    assert recipe.cfg["train"].get("schedule", "constant") != "constant" or saved[0]["lr"] == 1e-5
+    assert all(g["lr"] == pytest.approx(lr_at(5, recipe.cfg.train)) for g in saved)
+    assert recipe.cfg.train.schedule != "constant" or saved[0]["lr"] == 1e-5
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     dest = export(recipe, run, tmp_path / "model", name)
     model = load_model(dest)
@@ -54,7 +54,7 @@ def test_exported_weight_average_lies_between_the_two_checkpoints(label_dir, tmp
     recipe = get_recipe(tiny_cfg("skullstrip", label_dir))
     a, b = tmp_path / "a", tmp_path / "b"
     train(recipe, a, steps=2, log=lambda *x: None)
-    recipe.cfg["train"]["seed"] = 5   # another start: weights far apart, so the average is visible
+    recipe = get_recipe(recipe.cfg.override({"train.seed": 5}))   # another start: weights far apart
     train(recipe, b, steps=2, log=lambda *x: None)
     wa = torch.load(a / "checkpoint.pt", weights_only=True)["ema"]
     wb = torch.load(b / "checkpoint.pt", weights_only=True)["ema"]
@@ -93,9 +93,7 @@ def test_sample_targets(label_dir):
 
 
 def test_sanity_mode_overfits_one_sample(label_dir, tmp_path):
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["train"]["lr"] = 3e-3
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_cfg("skullstrip", label_dir).override({"train.lr": 3e-3}))
     train(recipe, tmp_path / "s", steps=150, sanity=True, log=lambda *a: None)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert (tmp_path / "s" / "sanity_image.nii.gz").exists()
@@ -104,8 +102,7 @@ def test_sanity_mode_overfits_one_sample(label_dir, tmp_path):
 
 def test_preflight_stops_on_garbage(label_dir):
     from synthtools.training.loop import GeneratorCheckError, preflight
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["generator"] = {"fov": {"proportion": [1.0, 1.0]}}   # crops everything away
+    cfg = tiny_cfg("skullstrip", label_dir).override({"generator.fov.proportion": [1.0, 1.0]})   # crops everything away
     with pytest.raises(GeneratorCheckError, match="no brain"):
         preflight(get_recipe(cfg))
     preflight(get_recipe(tiny_cfg("skullstrip", label_dir)))  # sane settings pass
@@ -131,9 +128,7 @@ def test_best_validation_weights_are_kept_and_exported(label_dir, tmp_path):
     """best.pt holds the weights of the best validation (here the 2nd of 3),
     export ships them by default, and a resumed run still knows that score."""
     from synthtools.training.loop import shipped_state
-    cfg = tiny_cfg("skullstrip", label_dir)
-    cfg["train"].update(val_every=2, ema=0.9)
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_cfg("skullstrip", label_dir).override({"train.val_every": 2, "train.ema": 0.9}))
     scores = iter([0.5, 0.9, 0.7, 0.8])
     recipe.validate = lambda net: {"case": next(scores)}
     run = tmp_path / "run"
@@ -156,9 +151,7 @@ def test_best_validation_of_an_error_metric_is_the_smallest(label_dir, tmp_path)
     """Registration validates an error in mm: best.pt keeps the lowest."""
     from synthtools.training.recipes.register import LinearRecipe
     from helpers import tiny_reg_cfg
-    cfg = tiny_reg_cfg("rigid", label_dir)
-    cfg["train"].update(val_every=2)
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(tiny_reg_cfg("rigid", label_dir).override({"train.val_every": 2}))
     assert isinstance(recipe, LinearRecipe) and not recipe.higher_is_better
     scores = iter([3.0, 1.5, 2.0])
     recipe.validate = lambda net: {"case": next(scores)}
@@ -220,8 +213,7 @@ def test_dice_plus_ce_revives_a_channel_the_softmax_has_shut():
 
 
 def test_segment_recipe_rejects_an_unknown_loss(label_dir):
-    cfg = tiny_cfg("segment", label_dir)
-    cfg["recipe"]["loss"] = "focal"
+    cfg = tiny_cfg("segment", label_dir).override({"recipe.loss": "focal"})
     with pytest.raises(ValueError, match="recipe.loss"):
         get_recipe(cfg)
 

@@ -39,7 +39,7 @@ def _synth_config(path: str | None):
     from .recipes import load_config
     if not path:
         return SynthConfig()
-    return SynthConfig.from_dict(load_config(path).get("generator"))
+    return load_config(path).generator
 
 
 def _load_labels(path: str):
@@ -200,16 +200,14 @@ def cmd_eval(a) -> None:
     import torch
     import json
     from .recipes import get_recipe, load_config
-    cfg = load_config(a.config, _overrides(a.set))
-    cfg.setdefault("validation", {})["cases"] = None
+    cfg = load_config(a.config, {**_overrides(a.set), "validation.cases": None})   # every case
     recipe = get_recipe(cfg)
     from .loop import shipped_state
     state = shipped_state(Path(a.rundir), a.which)
     net = recipe.build_model()
     net.load_state_dict(state["model"])
     net.eval()
-    from .config import TRAIN
-    torch.set_num_threads(int(cfg["train"].get("threads", TRAIN.threads)))
+    torch.set_num_threads(cfg.train.threads)
     with torch.no_grad():
         metrics = recipe.validate(net)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
@@ -295,7 +293,7 @@ def cmd_preset(a) -> None:
         f"  {n}" for n in notes)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dump_toml(cfg, header))
+    out.write_text(dump_toml(cfg.to_dict(), header))
     print(out)
 
 

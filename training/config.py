@@ -1,13 +1,16 @@
 """The training config schema: every TOML section a recipe reads, with its
 keys, types and defaults, in one place (the generator's ranges live in
-``SynthConfig``). :func:`check_config` rejects an unknown key or a wrongly
-typed value with a one-line error; the training code takes its defaults
-from the instances at the bottom (``TRAIN.lr``), so a default is written
-once. A field whose default is ``None`` is absent by default: the recipe
-picks it (its own crop shape or network widths) or the feature is off."""
+``SynthConfig``). ``recipes.load_config`` checks a file against it -- an unknown key or a wrongly typed value is a one-line
+:class:`ConfigError` -- and returns a :class:`Config`: one frozen dataclass
+per section, read as attributes (``cfg.train.lr``), so a default is written
+once, here. A field whose default is ``None`` is absent by default: the
+recipe picks it (its own crop shape or network widths) or the feature is
+off."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -17,32 +20,67 @@ class ConfigError(ValueError):
     """A config that does not fit the schema (one-line message)."""
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """A checked TOML value in the annotation's own form: an int where a
+    float belongs as a float, a list as a tuple (frozen sections hold no
+    mutable values), element by element."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0]) if len(inner) == 1 else value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if args and args[-1] is not Ellipsis:
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        return tuple(_coerce(v, args[0]) for v in value) if args else tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+class _Section:
+    """Base of the section dataclasses: values normalised on construction
+    (:func:`_coerce`), so ``TrainSection(lr=1)`` and ``lr = 1`` in a file
+    both read back as ``1.0``."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name]))
+
+
 @dataclass(frozen=True)
-class RecipeSection:
+class RecipeSection(_Section):
     """``[recipe]``: the task and its input space."""
     name: str = ""                    # skullstrip, segment, rigid, affine, deform (required to train)
     voxsize: float = 2.0              # training (and inference) voxel size, mm
     ndim: int = 3                     # 2: single-slice training, 2D U-Net
-    shape: Optional[list[int]] = None  # training crop, voxels (default: the recipe's)
+    shape: Optional[tuple[int, ...]] = None  # training crop, voxels (default: the recipe's)
     # segment
     flip_prob: float = 0.5            # probability of a left-right flip (fraction)
     loss: str = "dice"                # dice, dice+ce
     # skullstrip
     band: float = 5.0                 # signed-distance band, mm
-    boundaries: Optional[list[str]] = None   # csf and/or nocsf (default: from csf)
+    boundaries: Optional[tuple[str, ...]] = None  # csf and/or nocsf (default: from csf)
     csf: bool = True                  # the brain boundary includes CSF
     # registration
     charbonnier_mm: float = 1.0       # Charbonnier epsilon of the displacement loss, mm
     supervised: bool = False          # deform: train on known displacements only
     same_map_prob: float = 0.2        # deform: fraction of pairs from one label map
     reg_weight: float = 1.0           # deform: weight of the regularisation loss
-    lam: list[float] = field(default=(0.0, 1.0), metadata={"key": "lambda"})   # deform: lambda range
+    lam: tuple[float, float] = field(default=(0.0, 1.0), metadata={"key": "lambda"})   # deform: lambda range
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Section):
     """``[model]``: the network."""
-    features: Optional[list[int]] = None   # widths per level (default: the recipe's)
+    features: Optional[tuple[int, ...]] = None   # widths per level (default: the recipe's)
     convs: int = 2                    # convolutions per level
     norm: Optional[str] = None        # "instance" or none
     deep_supervision: int = 0         # decoder levels above full resolution with a loss
@@ -56,7 +94,7 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class TrainSection:
+class TrainSection(_Section):
     """``[train]``: optimisation and the run's machinery."""
     steps: int = 10_000               # total steps of the run
     optimizer: str = "adam"           # adam, adamw
@@ -90,9 +128,9 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
-class ValidationSection:
+class ValidationSection(_Section):
     """``[validation]``: scoring on real scans."""
-    cases: Optional[list[str]] = None      # case names (default: all)
+    cases: Optional[tuple[str, ...]] = None      # case names (default: all)
     real_pairs: Optional[str] = None       # CSV image,labels,domain[,name]
     target: Optional[str] = None           # labels or mask (default: real.target)
     group_by: str = "contrast"             # contrast or site
@@ -100,7 +138,7 @@ class ValidationSection:
 
 
 @dataclass(frozen=True)
-class RealSection:
+class RealSection(_Section):
     """``[real]``: real (image, labels) pairs mixed into training."""
     pairs: Optional[str] = None            # CSV image,labels[,domain,name]
     ratio: float = 0.25                    # fraction of real samples
@@ -108,13 +146,13 @@ class RealSection:
 
 
 @dataclass(frozen=True)
-class InferenceSection:
+class InferenceSection(_Section):
     """``[inference]``: overrides of the exported model's inference options."""
     bf16: Optional[bool] = None
-    slice_axes: Optional[list[int]] = None  # 2D networks: axes fused
-    patch: Optional[list[int]] = None       # 3D instance-norm networks: window, voxels
+    slice_axes: Optional[tuple[int, ...]] = None  # 2D networks: axes fused
+    patch: Optional[tuple[int, ...]] = None       # 3D instance-norm networks: window, voxels
     passes: int = 1                         # registration: passes
-    refine: list[int] = field(default=())   # registration: refinement iterations per level
+    refine: tuple[int, ...] = ()              # registration: refinement iterations per level
     refine_metric: str = "features"
     refine_background: Optional[str] = None  # segmentation: "region" or "all" (synthtools.seg.segmenter)
 
@@ -163,6 +201,8 @@ def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} {_type_name(args[0])}s"
     if origin in (list, tuple):
         return f"a list of {_type_name(args[0])}" if args else "a list"
     return getattr(tp, "__name__", str(tp))
@@ -212,11 +252,88 @@ def check_config(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"unknown section [{name}] (allowed: {allowed})")
 
 
-# The defaults, for code that reads a (possibly partial) section dict:
-# ``cfg.get("lr", TRAIN.lr)``.
-RECIPE = RecipeSection()
-MODEL = ModelSection()
-TRAIN = TrainSection()
-VALIDATION = ValidationSection()
-REAL = RealSection()
-INFERENCE = InferenceSection()
+def set_key(tables: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in TOML tables: ``train.lr`` or a nested one,
+    ``generator.noise.std``."""
+    *parents, name = key.split(".")
+    for p in parents:
+        tables = tables.setdefault(p, {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{key}: {p} is not a table")
+    tables[name] = value
+
+
+def merge_generator(base: dict | None, over: dict | None) -> dict:
+    """Deep merge of generator tables: ``over``'s options replace ``base``'s."""
+    out = copy.deepcopy(base or {})
+    for step, table in (over or {}).items():
+        if isinstance(table, dict):
+            out.setdefault(step, {}).update(table)
+        else:
+            out[step] = table
+    return out
+
+
+def _without_none(tables: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy without the keys set to None (``--set key=None``: absent;
+    TOML has no null)."""
+    return {k: _without_none(v) if isinstance(v, dict) else copy.deepcopy(v)
+            for k, v in tables.items() if v is not None}
+
+
+def _section(cls: type, table: dict[str, Any]) -> Any:
+    fields = section_keys(cls)
+    return cls(**{fields[key].name: value for key, value in table.items()})
+
+
+def _default_synth() -> Any:
+    from .generator.synth import SynthConfig
+    return SynthConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked training config, one typed object per TOML section:
+    ``cfg.train.lr``, ``cfg.recipe.shape``; ``cfg.generator`` is the
+    generator's ``SynthConfig`` and ``cfg.generator_moving`` that of a
+    registration pair's moving image (the fixed image's ranges with
+    ``[generator_moving]``'s options on top; None: the same as
+    ``generator``). Frozen: :meth:`override` gives a changed copy, checked
+    like a file. ``tables`` keeps the TOML tables as written (plus
+    overrides): what a run saves (``config.toml``) and an exported model
+    records, so they stay as short as the file the user wrote."""
+    recipe: RecipeSection = field(default_factory=RecipeSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    real: RealSection = field(default_factory=RealSection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    generator: Any = field(default_factory=_default_synth)      # SynthConfig
+    generator_moving: Any = None                                # SynthConfig or None
+    tables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, tables: dict[str, Any]) -> "Config":
+        """The config of parsed TOML tables; :class:`ConfigError` (one line)
+        at the first unknown section or key or wrongly typed value."""
+        from .generator.synth import SynthConfig
+        check_config(tables)
+        tables = _without_none(tables)
+        sections = {name: _section(kind, tables.get(name, {})) for name, kind in SECTIONS.items()}
+        moving = None
+        if "generator_moving" in tables:
+            moving = SynthConfig.from_dict(merge_generator(tables.get("generator"), tables["generator_moving"]))
+        return cls(**sections, generator=SynthConfig.from_dict(tables.get("generator")),
+                   generator_moving=moving, tables=tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML tables (a copy): ``Config.from_dict(cfg.to_dict()) == cfg``."""
+        return copy.deepcopy(self.tables)
+
+    def override(self, values: dict[str, Any]) -> "Config":
+        """A copy with dotted keys set (``{"train.lr": 1e-3}``, as ``--set``;
+        None makes a key absent), checked against the schema."""
+        tables = self.to_dict()
+        for key, value in values.items():
+            set_key(tables, key, value)
+        return Config.from_dict(tables)

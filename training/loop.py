@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from synthtools.weights import save_model
 
-from .config import TRAIN
+from .config import TrainSection
 
 
 def code_revision() -> str:
@@ -197,41 +197,38 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
     """``train.optimizer``: ``adam`` (default; no weight decay) or ``adamw``
     (decoupled ``train.weight_decay``, default 1e-4, on convolution weights
     only: normalisation scales and biases stay free)."""
-    kind = str(cfg.get("optimizer", TRAIN.optimizer))
+    kind, lr = cfg.optimizer, cfg.lr
     if kind not in OPTIMIZERS:
         raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
-    lr = float(cfg.get("lr", TRAIN.lr))
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     decay = [p for p in model.parameters() if p.ndim > 1]
     free = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": float(cfg.get("weight_decay", TRAIN.weight_decay))},
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": free, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def lr_at(step: int, cfg: dict[str, Any]) -> float:
+def lr_at(step: int, cfg: TrainSection) -> float:
     """Learning rate of optimizer step ``step`` (0-based): a linear warm-up
     over ``train.warmup`` steps from lr/100, then ``train.schedule``:
     ``constant`` (default), ``cosine`` or ``poly`` (power 0.9, nnU-Net's) from
     ``train.lr`` down to ``train.lr_min`` (default lr/100) at
     ``train.steps``. A function of the step alone, so a resumed run
     continues the same curve."""
-    lr = float(cfg.get("lr", TRAIN.lr))
-    kind = str(cfg.get("schedule", TRAIN.schedule))
+    lr, kind, warmup = cfg.lr, cfg.schedule, cfg.warmup
     if kind not in SCHEDULES:
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
-    warmup = int(cfg.get("warmup", TRAIN.warmup))
     if step < warmup:
         return lr * (0.01 + 0.99 * step / warmup)
     if kind == "constant":
         return lr
-    low = float(cfg.get("lr_min", lr / 100))
-    total = int(cfg.get("steps", TRAIN.steps))
+    low = cfg.lr_min if cfg.lr_min is not None else lr / 100
+    total = cfg.steps
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
     return low + (lr - low) * shape
@@ -417,11 +414,11 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
         from .widen import widen_unet_state
         if partial:
             raise ValueError("train.init_widen and train.init_partial do not combine")
-        cfg = model.config
-        if cfg.get("norm"):
+        arch = model.config
+        if arch.get("norm"):
             raise ValueError("train.init_widen embeds plain U-Nets; this one has normalisation layers")
-        model.load_state_dict(widen_unet_state(weights, model.state_dict(), cfg["in_channels"],
-                                               cfg["out_channels"]))
+        model.load_state_dict(widen_unet_state(weights, model.state_dict(), arch["in_channels"],
+                                               arch["out_channels"]))
         return []
     if not partial:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
@@ -440,8 +437,8 @@ def train(recipe, out_dir: str | Path, steps: int | None = None, minutes: float 
     ``minutes`` of wall time; resumes from ``out_dir/checkpoint.pt``.
     ``sanity``: train on one fixed synthetic sample (written to out_dir).
     Under ``torchrun`` every rank calls this; see the module docstring."""
-    cfg = recipe.cfg["train"]
-    ddp = setup_distributed(cfg.get("device", TRAIN.device), float(cfg.get("dist_timeout_minutes", TRAIN.dist_timeout_minutes)))
+    cfg = recipe.cfg.train
+    ddp = setup_distributed(cfg.device, cfg.dist_timeout_minutes)
     ok = False
     try:
         result = _train(recipe, cfg, Path(out_dir), steps, minutes, log, sanity, check, ddp)
@@ -470,35 +467,34 @@ def save_run_config(recipe, out: Path) -> None:
     can take the run alone. ``train.device`` is the machine's, not the
     run's: it is left out, so a run resumed elsewhere starts on the CPU."""
     from .presets import dump_toml
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.cfg.items()}
-    cfg.get("train", {}).pop("device", None)
+    tables = recipe.cfg.to_dict()
+    tables.get("train", {}).pop("device", None)
     tmp = out / (RUN_CONFIG + ".tmp")
-    tmp.write_text(dump_toml(cfg, "Written by synthgen train: this run's effective config."))
+    tmp.write_text(dump_toml(tables, "Written by synthgen train: this run's effective config."))
     os.replace(tmp, out / RUN_CONFIG)
 
 
-def thread_governor(cfg: dict[str, Any], device: torch.device):
+def thread_governor(cfg: TrainSection, device: torch.device):
     """A :class:`synthtools.threads.ThreadGovernor` for a CPU run with
     ``train.load_aware`` (default true; ``SYNTHTOOLS_LOAD_AWARE=0`` also
     turns it off): ``train.threads`` is the most it uses, fewer while other
     processes keep CPUs busy (checked every minute)."""
     from synthtools.threads import ThreadGovernor, granted_threads
-    if device.type != "cpu" or not bool(cfg.get("load_aware", TRAIN.load_aware)) \
-            or os.environ.get("SYNTHTOOLS_LOAD_AWARE", "1") == "0":
+    if device.type != "cpu" or not cfg.load_aware or os.environ.get("SYNTHTOOLS_LOAD_AWARE", "1") == "0":
         return None
-    most = min(int(cfg.get("threads", TRAIN.threads)), granted_threads())
+    most = min(cfg.threads, granted_threads())
     return ThreadGovernor(most) if most > 1 else None
 
 
-def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist) -> dict[str, Any]:
+def _train(recipe, cfg: TrainSection, out: Path, steps, minutes, log, sanity, check, ddp: Dist) -> dict[str, Any]:
     if not ddp.main:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 speaks for the run)
     out.mkdir(parents=True, exist_ok=True)
     if ddp.main and not sanity:
         save_run_config(recipe, out)
-    torch.set_num_threads(int(cfg.get("threads", TRAIN.threads)))
-    torch.manual_seed(int(cfg.get("seed", TRAIN.seed)))
-    device = torch.device(cfg.get("device", TRAIN.device))
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
     governor = thread_governor(cfg, device)
     if governor is not None:
         torch.set_num_threads(governor.threads)
@@ -507,7 +503,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     if device.type == "cuda" and ddp.on:
         device = torch.device("cuda", ddp.local_rank)
     model = recipe.build_model().to(device)
-    channels_last = bool(cfg.get("channels_last", TRAIN.channels_last)) and getattr(model, "ndim", 3) == 3
+    channels_last = cfg.channels_last and getattr(model, "ndim", 3) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     opt = make_optimizer(model, cfg)
@@ -523,14 +519,13 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         else:   # a compact checkpoint: fresh Adam moments, eased in by a short re-warm-up
             rewarm_from = step
         log(f"resumed from {ckpt} at step {step}" + ("" if "opt" in state else " (compact: optimizer state rebuilt)"))
-    elif cfg.get("init"):
-        init = torch.load(init_file(cfg["init"]), map_location="cpu", weights_only=True)
+    elif cfg.init:
+        init = torch.load(init_file(cfg.init), map_location="cpu", weights_only=True)
         # train.init_into: a submodule that has the init's layout (e.g. a
         # registration network's feature U-Net "unet" from a segmenter).
-        target = model.get_submodule(cfg["init_into"]) if cfg.get("init_into") else model
-        skipped = load_init(target, init.get("model", init), partial=bool(cfg.get("init_partial", TRAIN.init_partial)),
-                            widen=bool(cfg.get("init_widen", TRAIN.init_widen)))
-        log(f"initialised from {cfg['init']}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
+        target = model.get_submodule(cfg.init_into) if cfg.init_into else model
+        skipped = load_init(target, init.get("model", init), partial=cfg.init_partial, widen=cfg.init_widen)
+        log(f"initialised from {cfg.init}" + (f" (kept new: {', '.join(skipped)})" if skipped else ""))
     if ddp.on:
         # Every rank must have read the same checkpoint (RUN on a shared file system).
         t = torch.tensor([step, -step], device=device, dtype=torch.float64)
@@ -538,18 +533,18 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if int(t[0]) != -int(t[1]):
             raise RuntimeError(f"ranks resumed from different steps ({-int(t[1])}..{int(t[0])}): "
                                f"{out} must be on a file system every node sees")
-    decay = float(cfg.get("ema", TRAIN.ema) or 0)
+    decay = cfg.ema
     # A run that starts averaging late (or an old checkpoint) starts from its weights.
     ema = EMA(model, decay, state.get("ema")) if decay else None
     best = {"score": state.get("best")}
     history = Log(out / "log.jsonl", step) if ddp.main else NullLog()
-    total = steps if steps is not None else int(cfg.get("steps", TRAIN.steps))
+    total = steps if steps is not None else cfg.steps
     deadline = time.time() + 60 * minutes if minutes else math.inf
-    every = 60 * float(cfg.get("checkpoint_minutes", TRAIN.checkpoint_minutes))
-    accum = int(cfg.get("grad_accum", TRAIN.grad_accum))
+    every = 60 * cfg.checkpoint_minutes
+    accum = cfg.grad_accum
     if accum < 1:
         raise ValueError(f"train.grad_accum must be >= 1, got {accum}")
-    clip = float(cfg.get("clip_grad", TRAIN.clip_grad) or 0)   # max gradient norm; 0: no clipping
+    clip = cfg.clip_grad   # max gradient norm; 0: no clipping
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -572,8 +567,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
                 raise GeneratorCheckError(problem)
         # On a GPU the generator runs in the main process on the GPU (no workers):
         # synthesis there is cheap next to the copies it would otherwise need.
-        workers = 0 if sanity or device.type == "cuda" else int(cfg.get("workers", TRAIN.workers))
-        batch_size = int(cfg.get("batch", TRAIN.batch))
+        workers = 0 if sanity or device.type == "cuda" else cfg.workers
+        batch_size = cfg.batch
         if sanity:
             dataset = sanity_dataset(recipe, out, write=ddp.main)
         else:
@@ -588,8 +583,8 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
         if ddp.on:
             from torch.nn.parallel import DistributedDataParallel
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        bf16 = bool(cfg.get("bf16", TRAIN.bf16))
-        log_every, val_every = int(cfg.get("log_every", TRAIN.log_every)), int(cfg.get("val_every", TRAIN.val_every))
+        bf16 = cfg.bf16
+        log_every, val_every = cfg.log_every, cfg.val_every
         last_ckpt, t_start, running = time.time(), time.time(), []
         model.train()
         batches = iter(loader)
@@ -662,7 +657,7 @@ def _train(recipe, cfg, out: Path, steps, minutes, log, sanity, check, ddp: Dist
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if cfg.get("debug_rank_digests"):
+    if cfg.debug_rank_digests:
         (out / f"rank{ddp.rank}.digest.json").write_text(json.dumps(
             {"rank": ddp.rank, "world": ddp.world, "step": step, "sha256": state_digest(model)}) + "\n")
     if ddp.main:
@@ -769,14 +764,14 @@ def export(recipe, out_dir: str | Path, dest: str | Path, name: str, which: str 
     meta = recipe.metadata()
     meta.update(name=name, steps=state["step"], training_minutes=round(state["seconds"] / 60, 1),
                 code_revision=code_revision(), validation=vals[-1] if vals else {}, recipe=recipe.name,
-                weights_from=state["source"], config=recipe.cfg)
-    init = recipe.cfg["train"].get("init")
-    if init:   # what this run started from: a model (its metadata) or a checkpoint (its step)
-        path = init_file(init)
-        meta["init"] = {"from": str(init), "partial": bool(recipe.cfg["train"].get("init_partial", TRAIN.init_partial))}
-        if recipe.cfg["train"].get("init_into"):
-            meta["init"]["into"] = str(recipe.cfg["train"]["init_into"])
-        if recipe.cfg["train"].get("init_widen"):
+                weights_from=state["source"], config=recipe.cfg.to_dict())
+    t = recipe.cfg.train
+    if t.init:   # what this run started from: a model (its metadata) or a checkpoint (its step)
+        path = init_file(t.init)
+        meta["init"] = {"from": t.init, "partial": t.init_partial}
+        if t.init_into:
+            meta["init"]["into"] = t.init_into
+        if t.init_widen:
             meta["init"]["widened"] = True
         if (path.parent / "metadata.json").is_file():
             src = json.loads((path.parent / "metadata.json").read_text())

@@ -22,73 +22,69 @@ plane). Validation and inference run the 2D network slice by slice.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from typing import Any
+
+from .config import Config
 
 # Options measured in voxels of the training grid (dotted key -> scale
 # factor per halving of the resolution). None exist today: see above.
 VOXEL_OPTIONS: dict[str, float] = {}
 
 
-def _get(cfg: dict, key: str):
+def _get(tables: dict, key: str):
     for part in key.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
+        if not isinstance(tables, dict) or part not in tables:
             return None
-        cfg = cfg[part]
-    return cfg
+        tables = tables[part]
+    return tables
 
 
-def net_multiple(cfg: dict[str, Any]) -> int:
-    feats = (cfg.get("model") or {}).get("features")
+def net_multiple(cfg: Config) -> int:
+    feats = cfg.model.features
     return 2 ** (len(feats) - 1) if feats else 1
 
 
-def half_resolution(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    from .recipes import set_key
-    cfg = copy.deepcopy(cfg)
-    r = cfg["recipe"]
-    notes = []
-    vox = float(r.get("voxsize", 2.0))
-    r["voxsize"] = vox * 2
-    notes.append(f"recipe.voxsize {vox:g} -> {vox * 2:g} mm")
-    if "shape" in r:
+def half_resolution(cfg: Config) -> tuple[Config, list[str]]:
+    r = cfg.recipe
+    changes: dict[str, Any] = {"recipe.voxsize": r.voxsize * 2}
+    notes = [f"recipe.voxsize {r.voxsize:g} -> {r.voxsize * 2:g} mm"]
+    if r.shape is not None:
         m = net_multiple(cfg)
-        old = list(r["shape"])
-        r["shape"] = [int(math.ceil(s / 2 / m) * m) for s in old]
-        notes.append(f"recipe.shape {old} -> {r['shape']} (half, rounded up to a multiple of {m})")
+        changes["recipe.shape"] = [int(math.ceil(s / 2 / m) * m) for s in r.shape]
+        notes.append(f"recipe.shape {list(r.shape)} -> {changes['recipe.shape']} (half, rounded up to a multiple of {m})")
+    tables = cfg.to_dict()
     for key, scale in VOXEL_OPTIONS.items():
-        v = _get(cfg, key)
+        v = _get(tables, key)
         if v is not None:
-            new = [x * scale for x in v] if isinstance(v, list) else v * scale
-            set_key(cfg, key, new)
-            notes.append(f"{key} {v} -> {new} (voxel units)")
+            changes[key] = [x * scale for x in v] if isinstance(v, list) else v * scale
+            notes.append(f"{key} {v} -> {changes[key]} (voxel units)")
     notes.append("generator ranges are in mm / fractions: unchanged (the voxel size converts them)")
     notes.append("model.features unchanged")
-    return cfg, notes
+    return cfg.override(changes), notes
 
 
-def two_d(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    cfg = copy.deepcopy(cfg)
-    r = cfg["recipe"]
-    if r.get("name") not in ("skullstrip", "segment"):
-        raise ValueError(f"the 2D preset supports the skullstrip and segment recipes, not {r.get('name')!r}")
-    r["ndim"] = 2
+def two_d(cfg: Config) -> tuple[Config, list[str]]:
+    r = cfg.recipe
+    if r.name not in ("skullstrip", "segment"):
+        raise ValueError(f"the 2D preset supports the skullstrip and segment recipes, not {r.name!r}")
+    changes: dict[str, Any] = {"recipe.ndim": 2, "train.channels_last": False}
     notes = ["recipe.ndim = 2 (single slices, 2D U-Net)"]
-    if "shape" in r:
-        old = list(r["shape"])
-        r["shape"] = old[:2]
-        notes.append(f"recipe.shape {old} -> {r['shape']}")
-    train = cfg.setdefault("train", {})
-    train["channels_last"] = False
-    if train.pop("init", None):   # 3D weights cannot start a 2D network
-        train.pop("init_partial", None)
+    if r.shape is not None:
+        changes["recipe.shape"] = list(r.shape[:2])
+        notes.append(f"recipe.shape {list(r.shape)} -> {changes['recipe.shape']}")
+    cfg = cfg.override(changes)
+    if cfg.train.init:   # 3D weights cannot start a 2D network: both keys leave the file
+        tables = cfg.to_dict()
+        for key in ("init", "init_partial"):
+            tables["train"].pop(key, None)
+        cfg = Config.from_dict(tables)
         notes.append("train.init dropped (3D weights do not fit a 2D U-Net)")
     return cfg, notes
 
 
-def make_preset(cfg: dict[str, Any], half: bool = False, two_dim: bool = False) -> tuple[dict[str, Any], list[str]]:
+def make_preset(cfg: Config, half: bool = False, two_dim: bool = False) -> tuple[Config, list[str]]:
     notes: list[str] = []
     if half:
         cfg, n = half_resolution(cfg)

@@ -71,18 +71,18 @@ def run_sweep(config: str | Path, param: str, values: Sequence[Any], out: str | 
     the same ``init`` weights, validate each, write the summary files."""
     from .loop import train
     from .recipes import get_recipe, load_config
+    init_path = str(resolve_init(init)) if init else None
+    fixed: dict[str, Any] = {"train.val_every": 0}   # scored once, after training
+    if init_path:
+        fixed["train.init"] = init_path
+    if all_cases:
+        fixed["validation.cases"] = None
     # Every value is checked against the schema before the first run starts.
-    cfgs = [load_config(config, {**(overrides or {}), param: value}) for value in values]
+    cfgs = [load_config(config, {**(overrides or {}), param: value, **fixed}) for value in values]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    init_path = str(resolve_init(init)) if init else None
     results = []
     for k, (value, cfg) in enumerate(zip(values, cfgs)):
-        cfg.setdefault("train", {})["val_every"] = 0   # scored once, after training
-        if init_path:
-            cfg["train"]["init"] = init_path
-        if all_cases:
-            cfg.setdefault("validation", {})["cases"] = None
         recipe = get_recipe(cfg)
         run = out / f"{k:02d}_{_slug(value)}"
         log(f"[{k + 1}/{len(values)}] {param} = {json.dumps(value)} -> {run}")

@@ -11,43 +11,32 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..config import Config, ConfigError, set_key
+
 CONFIGS = Path(__file__).parent / "configs"
 
 
-def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A TOML config from a path or a bundled config name (``skullstrip``);
-    ``overrides``: {dotted key: value} (see :func:`set_key`). The result is
-    checked against the schema (``training.config``): an unknown key or a
-    wrongly typed value raises ``ConfigError`` (a ValueError, one line)."""
-    from ..config import check_config
+def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The typed config (``training.config.Config``) of a TOML file or a
+    bundled config name (``skullstrip``); ``overrides``: {dotted key: value}
+    (``set_key``), applied before the check. An unknown key or a wrongly
+    typed value raises ``ConfigError`` (a ValueError, one line)."""
     p = Path(path_or_name)
     if not p.is_file():
         p = CONFIGS / f"{path_or_name}.toml"
     if not p.is_file():
         raise FileNotFoundError(f"{path_or_name}: no such config file or bundled config")
     try:
-        cfg = tomllib.loads(p.read_text())
+        tables = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
-        set_key(cfg, key, value)
-    check_config(cfg)
-    return cfg
+        set_key(tables, key, value)
+    return Config.from_dict(tables)
 
 
-def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key: ``train.lr`` or a nested one, ``generator.noise.std``."""
-    *parents, name = key.split(".")
-    for p in parents:
-        cfg = cfg.setdefault(p, {})
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{key}: {p} is not a table")
-    cfg[name] = value
-
-
-def get_recipe(cfg: dict[str, Any]):
-    from ..config import ConfigError
-    name = (cfg.get("recipe") or {}).get("name")
+def get_recipe(cfg: Config):
+    name = cfg.recipe.name
     if not name:
         raise ConfigError("recipe.name is missing (skullstrip, segment, rigid, affine or deform)")
     if name == "skullstrip":

@@ -15,7 +15,7 @@ from synthtools.evaluation import data_root
 from synthtools.space import ModelSpace
 from synthtools.weights import Model
 
-from ..config import REAL, RECIPE, TRAIN, VALIDATION
+from ..config import Config
 
 from ..generator.dataset import LabelMapDataset, label_map_files
 from ..generator.labels import LabelSet
@@ -64,26 +64,25 @@ class Recipe:
     task = "recipe"
     higher_is_better = True   # of the validation score (best.pt keeps the best)
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         # The model space, built once: real training pairs are conformed with it
         # and the exported metadata's input block is written from it.
-        self.space = ModelSpace(voxsize=float(cfg["recipe"].get("voxsize", RECIPE.voxsize)),
-                                orientation=LABEL_MAP_ORIENTATION, multiple=UNET_MULTIPLE)
+        self.space = ModelSpace(voxsize=float(cfg.recipe.voxsize), orientation=LABEL_MAP_ORIENTATION,
+                                multiple=UNET_MULTIPLE)
         self.voxsize = self.space.voxsize
-        self.ndim = int(cfg["recipe"].get("ndim", RECIPE.ndim))
+        self.ndim = cfg.recipe.ndim
         if self.ndim not in (2, 3):
             raise ValueError(f"recipe.ndim must be 2 or 3, got {self.ndim}")
         self.labels = LabelSet()
-        real = cfg.get("real") or {}
-        self.real_target = str(real.get("target", REAL.target))
+        self.real_target = cfg.real.target
         if self.real_target not in ("labels", "mask"):
             raise ValueError(f"real.target must be 'labels' or 'mask', got {self.real_target!r}")
         self._slices: dict[int, tuple] = {}
 
     def grid_shape(self, default) -> tuple[int, ...]:
         """``recipe.shape``; a 2D recipe takes the first two entries."""
-        shape = tuple(int(s) for s in self.cfg["recipe"].get("shape", default))
+        shape = tuple(self.cfg.recipe.shape if self.cfg.recipe.shape is not None else default)
         if self.ndim == 2:
             shape = shape[:2]
         if len(shape) != self.ndim:
@@ -99,22 +98,21 @@ class Recipe:
         return self.targets(s.image, s.labels, s.fov, gen, lr_axis)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
-        t = self.cfg["train"]
-        real = self.cfg.get("real") or {}
-        ratio = float(real.get("ratio", REAL.ratio)) if real.get("pairs") else 0.0
+        t, real = self.cfg.train, self.cfg.real
+        ratio = real.ratio if real.pairs else 0.0
         if ratio and not hasattr(self, "targets"):
             raise NotImplementedError(f"recipe {self.name!r} cannot train on [real] pairs")
         if ratio >= 1:
             files = []   # real-data-only baseline: no label maps needed
         else:
-            files = label_map_files(t.get("label_maps") or str(data_root() / "label_maps"))
-            if t.get("max_label_maps"):
-                files = files[: int(t["max_label_maps"])]
-        kw = dict(seed=int(t.get("seed", TRAIN.seed)), start=start, rank=rank, world=world)
+            files = label_map_files(t.label_maps or str(data_root() / "label_maps"))
+            if t.max_label_maps:
+                files = files[: t.max_label_maps]
+        kw = dict(seed=t.seed, start=start, rank=rank, world=world)
         if not ratio:
             return LabelMapDataset(files, self.make_sample, self.labels, **kw)
         from ..realdata import MixedDataset, read_pairs
-        return MixedDataset(files, self.make_sample, self.labels, pairs=read_pairs(real["pairs"]), ratio=ratio,
+        return MixedDataset(files, self.make_sample, self.labels, pairs=read_pairs(real.pairs), ratio=ratio,
                             prepare=self.prepare_real, make_real=self.real_sample, **kw)
 
     # ---------------------------------------------------------------- real pairs
@@ -217,9 +215,12 @@ class Recipe:
         out: dict[str, Any] = {"bf16": self.ndim == 2}
         if self.ndim == 2:
             out["slice_axes"] = [0, 1, 2]
-        elif (self.cfg.get("model") or {}).get("norm") == "instance":
-            out["patch"] = list(self.grid_shape(self.cfg["recipe"].get("shape", (64, 64, 64))))
-        out.update(self.cfg.get("inference") or {})
+        elif self.cfg.model.norm == "instance":
+            out["patch"] = list(self.grid_shape((64, 64, 64)))
+        opts = self.cfg.inference   # the registration options are the linear recipe's (register.py)
+        out.update({k: list(v) if isinstance(v, tuple) else v
+                    for k, v in (("bf16", opts.bf16), ("slice_axes", opts.slice_axes), ("patch", opts.patch))
+                    if v is not None})
         return out
 
     def as_model(self, net: torch.nn.Module) -> Model:
@@ -228,27 +229,27 @@ class Recipe:
         return Model(net, meta, path=None)
 
     def validation_cases(self, all_cases: list) -> list:
-        names = self.cfg.get("validation", {}).get("cases")
+        names = self.cfg.validation.cases
         return [c for c in all_cases if names is None or c.name in names]
 
     def validation_pairs(self) -> list:
         """The user's labelled sets of ``[validation] real_pairs`` (CSV:
         image,labels,domain[,name])."""
-        path = (self.cfg.get("validation") or {}).get("real_pairs")
+        path = self.cfg.validation.real_pairs
         if not path:
             return []
         from ..realdata import read_pairs
         return read_pairs(path, need_domain=True)
 
     def validation_target(self) -> str:
-        v = self.cfg.get("validation") or {}
-        return str(v.get("target", self.real_target))
+        target = self.cfg.validation.target
+        return target if target is not None else self.real_target
 
     def validation_groups(self, cases: list, pairs: list) -> dict[str, str]:
         """Case name -> group (``[validation] group_by``: contrast or site;
         real pairs: their domain)."""
         from ..realdata import case_group
-        by = str((self.cfg.get("validation") or {}).get("group_by", VALIDATION.group_by))
+        by = self.cfg.validation.group_by
         groups = {c.name: case_group(c, by) for c in cases}
         groups.update({p.name: p.domain for p in pairs})
         return groups

@@ -36,7 +36,6 @@ and does learn (runs/README.md).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any
 
@@ -48,13 +47,13 @@ from synthtools.space import ModelSpace
 from synthtools.warp import centered_vox2mm, identity_grid, integrate_svf, warp_image
 from synthtools.weights import Model, read_metadata, resolve
 
-from ..config import INFERENCE, MODEL, RECIPE
+from ..config import Config
 
 from ..generator.dataset import LabelMapDataset
 from ..generator.rng import randint, uniform
 from ..generator.pairs import correspondence, same_anatomy_pair
 from ..generator.spatial import nearest, sample_transform
-from ..generator.synth import Sample, SynthConfig, Synthesizer
+from ..generator.synth import Sample, Synthesizer
 from .base import Recipe
 
 # Deformable-loss classes: SynthSeg 2.0 structures merged into 8 large brain
@@ -72,17 +71,6 @@ REG_CLASSES = {
 REG_CLASS_NAMES = ("background", "cerebral white matter", "cerebral cortex", "lateral ventricles",
                    "cerebellum", "deep grey matter", "hippocampus/amygdala", "brainstem/3rd+4th ventricles",
                    "CSF")
-
-
-def _merge(base: dict | None, over: dict | None) -> dict:
-    """Deep merge of generator tables: ``over``'s options replace ``base``'s."""
-    out = copy.deepcopy(base or {})
-    for section, table in (over or {}).items():
-        if isinstance(table, dict):
-            out.setdefault(section, {}).update(table)
-        else:
-            out[section] = table
-    return out
 
 
 def centred_sample(synth: Synthesizer, index_map: torch.Tensor, voxsize, gen: torch.Generator,
@@ -106,17 +94,15 @@ class _RegistrationRecipe(Recipe):
     task = "register"
     higher_is_better = False   # validation: displacement error (mm)
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
-        r = cfg["recipe"]
-        self.name = r["name"]
-        self.shape = tuple(r.get("shape", (48, 48, 48)))
+        self.name = cfg.recipe.name
+        self.shape = cfg.recipe.shape if cfg.recipe.shape is not None else (48, 48, 48)
         self.brain_lut = self.labels.brain_lut(csf=True)
-        fixed = cfg.get("generator")
-        moving = _merge(fixed, cfg.get("generator_moving"))
+        fixed, moving = cfg.generator, cfg.generator_moving or cfg.generator
         n = len(self.labels)
-        self.synth_fixed = Synthesizer(SynthConfig.from_dict(fixed), num_labels=n, brain_lut=self.brain_lut)
-        self.synth_moving = Synthesizer(SynthConfig.from_dict(moving), num_labels=n, brain_lut=self.brain_lut)
+        self.synth_fixed = Synthesizer(fixed, num_labels=n, brain_lut=self.brain_lut)
+        self.synth_moving = Synthesizer(moving, num_labels=n, brain_lut=self.brain_lut)
 
     def vox2mm(self, device="cpu") -> torch.Tensor:
         return centered_vox2mm(self.shape, self.voxsize, device=device)
@@ -143,27 +129,25 @@ class _RegistrationRecipe(Recipe):
 class LinearRecipe(_RegistrationRecipe):
     """``rigid`` / ``affine`` (module doc)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.rigid = self.name == "rigid"
-        self.loss_eps = float(cfg["recipe"].get("charbonnier_mm", RECIPE.charbonnier_mm))
+        self.loss_eps = cfg.recipe.charbonnier_mm
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         # Network passes at inference (synthtools.morph.register.register_linear).
-        opts = self.cfg.get("inference") or {}
-        meta["inference"]["passes"] = int(opts.get("passes", INFERENCE.passes))
+        opts = self.cfg.inference
+        meta["inference"]["passes"] = opts.passes
         # Adam steps per level of the feature-map refinement (synthtools.morph.refine).
-        meta["inference"]["refine"] = [int(n) for n in opts.get("refine", INFERENCE.refine)]
-        meta["inference"]["refine_metric"] = str(opts.get("refine_metric", INFERENCE.refine_metric))
+        meta["inference"]["refine"] = list(opts.refine)
+        meta["inference"]["refine_metric"] = opts.refine_metric
         return meta
 
     def build_model(self) -> BarycenterAffine:
-        m = self.cfg["model"]
-        return BarycenterAffine(3, 1, int(m.get("keypoints", MODEL.keypoints)), features=m.get("features", (16, 32, 32, 64)),
-                                convs=int(m.get("convs", MODEL.convs)), rigid=self.rigid,
-                                symmetric=bool(m.get("symmetric", MODEL.symmetric)),
-                                activation=str(m.get("activation", MODEL.activation)))
+        m = self.cfg.model
+        return BarycenterAffine(3, 1, m.keypoints, features=m.features or (16, 32, 32, 64), convs=m.convs,
+                                rigid=self.rigid, symmetric=m.symmetric, activation=m.activation)
 
     def make_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         pair = same_anatomy_pair(self.synth_fixed, self.synth_moving, index_map, voxsize, gen,
@@ -242,15 +226,15 @@ class _PairMaker:
 class DeformRecipe(_RegistrationRecipe):
     """``deform`` (module doc)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
-        r = cfg["recipe"]
-        self.supervised = bool(r.get("supervised", RECIPE.supervised))
-        self.loss_eps = float(r.get("charbonnier_mm", RECIPE.charbonnier_mm))
+        r = cfg.recipe
+        self.supervised = r.supervised
+        self.loss_eps = r.charbonnier_mm
         # The true correspondence is known only within one label map.
-        self.same_map_prob = 1.0 if self.supervised else float(r.get("same_map_prob", RECIPE.same_map_prob))
-        self.reg_weight = float(r.get("reg_weight", RECIPE.reg_weight))
-        self.lam_range = tuple(float(x) for x in r.get("lambda", RECIPE.lam))
+        self.same_map_prob = 1.0 if self.supervised else r.same_map_prob
+        self.reg_weight = r.reg_weight
+        self.lam_range = r.lam
         lut = torch.zeros(len(self.labels), dtype=torch.int64)
         for cls, values in REG_CLASSES.items():
             for j, v in enumerate(self.labels.values):
@@ -264,12 +248,11 @@ class DeformRecipe(_RegistrationRecipe):
         """SVFNet on the images, or with ``model.encoder`` (a registration
         model: shipped name or folder) FeatureSVFNet on that model's feature
         maps (load its weights with ``train.init`` and ``init_into = "encoder"``)."""
-        m = self.cfg["model"]
-        opts = dict(features=m.get("features", (16, 32, 32, 32)), convs=int(m.get("convs", MODEL.convs)),
-                    steps=int(m.get("steps", MODEL.steps)), hidden=int(m.get("hidden", MODEL.hidden)))
-        if m.get("encoder"):
-            encoder = read_metadata(resolve(str(m["encoder"])))["architecture"]
-            return FeatureSVFNet(encoder, scale=int(m.get("encoder_scale", MODEL.encoder_scale)), **opts)
+        m = self.cfg.model
+        opts = dict(features=m.features or (16, 32, 32, 32), convs=m.convs, steps=m.steps, hidden=m.hidden)
+        if m.encoder:
+            encoder = read_metadata(resolve(m.encoder))["architecture"]
+            return FeatureSVFNet(encoder, scale=m.encoder_scale, **opts)
         return SVFNet(3, 1, **opts)
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:

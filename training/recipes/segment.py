@@ -11,11 +11,11 @@ import torch
 from synthtools.evaluation import SEG_CASES, score_consistency, score_seg
 from synthtools.nets.unet import UNet
 
-from ..config import MODEL, RECIPE, VALIDATION
+from ..config import Config
 
 from ..generator.labels import SYNTHSEG_LABELS
 from ..generator.rng import uniform
-from ..generator.synth import SynthConfig, Synthesizer
+from ..generator.synth import Synthesizer
 from .base import Recipe
 
 
@@ -70,30 +70,28 @@ def deep_supervision_loss(outputs: torch.Tensor | list[torch.Tensor], target: to
 class SegmentRecipe(Recipe):
     name = task = "segment"
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
-        r = cfg["recipe"]
         self.shape = self.grid_shape((80, 80, 80))
         if self.real_target == "mask":
             raise ValueError("real.target = 'mask' is for skull-stripping; segmentation needs label maps")
-        self.flip_prob = float(r.get("flip_prob", RECIPE.flip_prob))
-        self.loss_kind = str(r.get("loss", RECIPE.loss))
+        self.flip_prob = cfg.recipe.flip_prob
+        self.loss_kind = cfg.recipe.loss
         if self.loss_kind not in LOSSES:
             raise ValueError(f"recipe.loss must be one of {LOSSES}, got {self.loss_kind!r}")
         values = self.labels.synthseg_lut()
         channel = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
         self.to_channel = torch.tensor([channel[int(v)] for v in values])   # index -> channel
         self.flip_index = self.labels.flip_lut()                            # index -> twin index
-        gen_cfg = SynthConfig.from_dict(cfg.get("generator")).with_label_values(self.labels.values)
+        gen_cfg = cfg.generator.with_label_values(self.labels.values)   # a copy: crop_labels is ours
         gen_cfg.crop_labels = True  # segment what the image shows
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels),
                                  brain_lut=self.labels.brain_lut(csf=True))
 
     def build_model(self) -> UNet:
-        m = self.cfg["model"]
-        return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", MODEL.convs)), norm=m.get("norm"),
-                    deep_supervision=int(m.get("deep_supervision", MODEL.deep_supervision)))
+        m = self.cfg.model
+        return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.features or (16, 32, 64, 64),
+                    convs=m.convs, norm=m.norm, deep_supervision=m.deep_supervision)
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
@@ -139,6 +137,6 @@ class SegmentRecipe(Recipe):
             lut = self.labels.synthseg_lut().numpy()
             metrics.update(score_seg_pairs(predict, pairs, lambda lab: lut[self.labels.to_index(lab)]))
         metrics = with_group_means(metrics, self.validation_groups(cases, pairs))
-        if (self.cfg.get("validation") or {}).get("consistency", VALIDATION.consistency) and cases:
+        if self.cfg.validation.consistency and cases:
             metrics.update(score_consistency(predict))
         return metrics

@@ -19,9 +19,9 @@ from synthtools.evaluation import STRIP_CASES, score_strip
 from synthtools.nets.unet import UNet
 from synthtools.skullstrip import brain_sdt, mask_from_sdt
 
-from ..config import MODEL, RECIPE
+from ..config import Config
 
-from ..generator.synth import SynthConfig, Synthesizer
+from ..generator.synth import Synthesizer
 from .base import Recipe
 
 
@@ -41,25 +41,24 @@ def signed_distance(mask: np.ndarray, voxsize: float, band: float) -> np.ndarray
 class SkullStripRecipe(Recipe):
     name = task = "skullstrip"
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
-        r = cfg["recipe"]
+        r = cfg.recipe
         self.shape = self.grid_shape((96, 96, 96))
-        self.band = float(r.get("band", RECIPE.band))
-        self.boundaries = [str(b) for b in r.get("boundaries", ["csf" if r.get("csf", RECIPE.csf) else "nocsf"])]
+        self.band = r.band
+        self.boundaries = list(r.boundaries) if r.boundaries is not None else ["csf" if r.csf else "nocsf"]
         if not self.boundaries or set(self.boundaries) - {"csf", "nocsf"} or len(set(self.boundaries)) < len(self.boundaries):
             raise ValueError(f"recipe.boundaries must list 'csf' and/or 'nocsf' once, got {self.boundaries}")
         self.luts = [self.labels.brain_lut(csf=b == "csf") for b in self.boundaries]
         self.brain_lut = self.luts[0]
-        gen_cfg = SynthConfig.from_dict(cfg.get("generator")).with_label_values(self.labels.values)
+        gen_cfg = cfg.generator.with_label_values(self.labels.values)
         # Simulated skull-stripping keeps the widest brain (with CSF when learnt).
         widest = self.labels.brain_lut(csf="csf" in self.boundaries)
         self.synth = Synthesizer(gen_cfg, num_labels=len(self.labels), brain_lut=widest)
 
     def build_model(self) -> UNet:
-        m = self.cfg["model"]
-        return UNet(self.ndim, 1, len(self.boundaries), features=m.get("features", (16, 32, 64, 64)),
-                    convs=int(m.get("convs", MODEL.convs)))
+        m = self.cfg.model
+        return UNet(self.ndim, 1, len(self.boundaries), features=m.features or (16, 32, 64, 64), convs=m.convs)
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
