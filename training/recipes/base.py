@@ -219,7 +219,8 @@ class Recipe:
             out["patch"] = list(self.grid_shape((64, 64, 64)))
         opts = self.cfg.inference   # the registration options are the linear recipe's (register.py)
         out.update({k: list(v) if isinstance(v, tuple) else v
-                    for k, v in (("bf16", opts.bf16), ("slice_axes", opts.slice_axes), ("patch", opts.patch))
+                    for k, v in (("bf16", opts.bf16), ("slice_axes", opts.slice_axes), ("patch", opts.patch),
+                                 ("refine_background", opts.refine_background))
                     if v is not None})
         return out
 
