@@ -178,3 +178,13 @@ def test_recipe_writes_the_space_it_conforms_with(name):
         image, index = recipe.prepare_real(Volume(data, affine), Volume(labels, affine))
         ref = conform((data, affine), voxsize=3.0, orientation="LIA", multiple=None)
         assert image.shape == index.shape == ref.shape
+
+
+def test_recipe_slices_take_their_left_right_axis_from_the_space():
+    """2D training samples mirror along the slice's left-right axis: derived
+    from the model space, not assumed to be axis 0."""
+    from synthtools.training.recipes import get_recipe, load_config
+    recipe = get_recipe(load_config("segment"))
+    assert recipe.space.lr_axis == 0 and [recipe.lr_axis_of_slice(a) for a in range(3)] == [None, 0, 0]
+    recipe.space = ModelSpace(voxsize=2.0, orientation="ILA", multiple=16)   # left-right is axis 1
+    assert [recipe.lr_axis_of_slice(a) for a in range(3)] == [0, None, 1]

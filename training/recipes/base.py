@@ -141,11 +141,11 @@ class Recipe:
         """A training sample from a prepared real pair: a random slice (2D),
         a random crop/pad to ``shape``, then the recipe's own targets."""
         image, index = prepared
-        lr_axis = 0
+        lr_axis = self.space.lr_axis
         if self.ndim == 2:
             axis, k = self.random_slice(index, gen)
             image, index = image.select(axis, k), index.select(axis, k)
-            lr_axis = None if axis == 0 else 0
+            lr_axis = self.lr_axis_of_slice(axis)
         image, index = crop_or_pad([image, index], self.shape, gen)
         fov = torch.ones(index.shape, dtype=torch.bool)
         return self.targets(image[None], index, fov, gen, lr_axis)
@@ -179,10 +179,16 @@ class Recipe:
         ones. ``lr_axis``: the sample axis that runs left-right (None for
         sagittal slices). 3D recipes draw no random numbers here."""
         if self.ndim == 3:
-            return index_map, tuple(voxsize), 0
+            return index_map, tuple(voxsize), self.space.lr_axis
         axis, k = self.random_slice(index_map, gen)
         vox = tuple(v for a, v in enumerate(voxsize) if a != axis)
-        return index_map.select(axis, k).contiguous(), vox, (None if axis == 0 else 0)
+        return index_map.select(axis, k).contiguous(), vox, self.lr_axis_of_slice(axis)
+
+    def lr_axis_of_slice(self, axis: int) -> int | None:
+        """The left-right axis of a 2D slice cut across ``axis`` of the
+        model space's grid (None: a sagittal slice has no left and right)."""
+        lr = self.space.lr_axis
+        return None if axis == lr else lr - (lr > axis)
 
     # ---------------------------------------------------------------- validation
 
