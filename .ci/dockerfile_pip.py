@@ -82,8 +82,10 @@ def check_installed() -> None:
                                         capture_output=True, text=True).stdout.strip())
     if installed.resolve() == (ROOT / "models").resolve():
         sys.exit("synthtools.models resolves to the source tree, not the installed package")
+    # What pyproject's package-data ships: weights, metadata, model cards, atlases (the
+    # training logs and plots stay in the repository).
     shipped = [p.relative_to(ROOT / "models") for p in (ROOT / "models").glob("*/*")
-               if p.suffix in (".pt", ".json", ".md", ".png", ".jsonl")]
+               if p.suffix in (".pt", ".json", ".md") or p.name.endswith(".nii.gz")]
     missing = [str(p) for p in shipped if not (installed / p).is_file()]
     if missing:
         sys.exit(f"not installed with the package: {missing}")
