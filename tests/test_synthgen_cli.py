@@ -58,3 +58,12 @@ def test_bad_inputs(tmp_path):
     assert run("sample", src, "-o", tmp_path / "x.png") == 2
     assert run("preview", src, "-o", tmp_path / "x.nii.gz", "-n", 1) == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("args", [["train"], ["--bogus"], ["export", "run"], ["sample", "lab.nii.gz", "-n", "x"]])
+def test_usage_errors_are_one_line(args, capsys):
+    """As for the other tools: no usage block, one line naming the help to read, exit 2."""
+    from helpers import one_error_line
+    assert run(*args) == 2
+    line = one_error_line(capsys.readouterr().err, "synthgen")
+    assert line.endswith("-h)")

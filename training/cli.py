@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import os
 import sys
@@ -23,7 +22,7 @@ from typing import NoReturn, Sequence
 # Importing synthtools.cli prepares the thread environment before torch loads
 # its OpenMP runtime (idle threads sleep, BLAS pools stay within the granted
 # CPUs); entry() is the error handling every tool shares.
-from synthtools.cli.entry import UsageError, entry
+from synthtools.cli.entry import Parser, UsageError, entry
 
 PROG = "synthgen"
 # A bad config, file or value (InputError is a ValueError): one line, exit 2, as a usage error.
@@ -311,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(argv: Sequence[str] | None) -> None:
-    p = argparse.ArgumentParser(prog=PROG, description="Synthetic image generator and training.")
+    p = Parser(prog=PROG, description="Synthetic image generator and training.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="write synthetic image/label pairs in the label map's geometry")
     s.add_argument("labelmap", help="anatomical label map (NIfTI/MGH, integer labels)")

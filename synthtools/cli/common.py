@@ -21,21 +21,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..io import SUPPORTED_EXTENSIONS, InputError, check_input_path, check_output_path
-from .entry import UsageError, say_error  # noqa: F401  (the tools import both from here)
-
-
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (raised as UsageError)."""
-
-    # argparse prints the whole usage block before the error; we promise a
-    # single line, so raise instead and let entry() print it.
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} -h)")
+from .entry import Parser, UsageError, say_error  # noqa: F401  (the tools import them from here)
 
 
 def say_warning(prog: str, message: str) -> None:

@@ -17,9 +17,10 @@ first prepares the thread environment (see :mod:`synthtools.cli`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, NoReturn, Optional, Sequence, Tuple, Type, Union
 
 Failures = Sequence[Tuple[Union[Type[BaseException], Tuple[Type[BaseException], ...]], int]]
 Body = Callable[[Optional[Sequence[str]]], Optional[int]]
@@ -28,6 +29,16 @@ Body = Callable[[Optional[Sequence[str]]], Optional[int]]
 class UsageError(Exception):
     """Bad arguments: nothing is processed, exit code 2. (Bad input files
     and runtime failures are :class:`~synthtools.io.InputError`, exit code 1.)"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised as UsageError).
+    Its subcommands' parsers are of this class too."""
+
+    # argparse prints the whole usage block before the error; we promise a
+    # single line, so raise instead and let entry() print it.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} -h)")
 
 
 def say_error(prog: str, message: str) -> None:
