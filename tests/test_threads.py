@@ -153,16 +153,18 @@ def test_governor_follows_the_cpus_other_processes_leave(monkeypatch):
 
 def test_training_governor_obeys_its_switches(monkeypatch):
     import torch
+    from synthtools.training.config import TrainSection
     from synthtools.training.loop import thread_governor
     monkeypatch.setattr(threads, "granted_threads", lambda *a, **k: 2)
     monkeypatch.delenv("SYNTHTOOLS_LOAD_AWARE", raising=False)
     cpu = torch.device("cpu")
-    assert thread_governor({"threads": 2}, cpu).max_threads == 2
-    assert thread_governor({"threads": 1}, cpu) is None                     # nothing to give back
-    assert thread_governor({"threads": 2, "load_aware": False}, cpu) is None
-    assert thread_governor({"threads": 2}, torch.device("meta")) is None     # not a CPU run
+    two = TrainSection(threads=2)
+    assert thread_governor(two, cpu).max_threads == 2
+    assert thread_governor(TrainSection(threads=1), cpu) is None                     # nothing to give back
+    assert thread_governor(TrainSection(threads=2, load_aware=False), cpu) is None
+    assert thread_governor(two, torch.device("meta")) is None     # not a CPU run
     monkeypatch.setenv("SYNTHTOOLS_LOAD_AWARE", "0")
-    assert thread_governor({"threads": 2}, cpu) is None
+    assert thread_governor(two, cpu) is None
 
 
 def test_default_is_capped_by_idle_cpus(machine, monkeypatch):
