@@ -43,25 +43,23 @@ def affine_of(lin: np.ndarray, center, shape) -> np.ndarray:
     return aff
 
 
-def synthmorph(*args, capsys=None) -> tuple[int, str]:
+def _exit_code(cli, args) -> int:
+    """Run a CLI module's ``main`` in-process; the code it exits with."""
     try:
-        morph_cli.main([str(a) for a in args])
+        cli.main([str(a) for a in args])
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:  # pragma: no cover
-        raise AssertionError("main() returned instead of exiting")
-    err = capsys.readouterr().err if capsys is not None else ""
-    return code, err
+        return exc.code if isinstance(exc.code, int) else 1
+    raise AssertionError("main() returned instead of exiting")  # pragma: no cover
+
+
+def synthmorph(*args, capsys=None) -> tuple[int, str]:
+    code = _exit_code(morph_cli, args)
+    return code, capsys.readouterr().err if capsys is not None else ""
 
 
 def run_cli(cli, *args, capsys) -> tuple[int, str, str]:
     """Run a CLI module's ``main`` in-process: exit code, stdout, stderr."""
-    try:
-        cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:  # pragma: no cover
-        raise AssertionError("main() returned instead of exiting")
+    code = _exit_code(cli, args)
     out = capsys.readouterr()
     return code, out.out, out.err
 

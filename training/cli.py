@@ -183,8 +183,7 @@ def cmd_export(a) -> None:
     from .loop import export
     from .recipes import get_recipe, load_config
     recipe = get_recipe(load_config(a.config, _overrides(a.set)))
-    # A segmentation network ships with the shipped model's atlases unless told otherwise.
-    atlases = a.atlases_from or ("synthseg" if recipe.task == "segment" else None)
+    atlases = a.atlases_from or recipe.atlases_from
     try:
         folder = export(recipe, a.rundir, a.dest, a.name or Path(a.dest).name, which=a.which,
                         average=a.average, average_weight=a.average_weight,

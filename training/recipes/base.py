@@ -62,6 +62,7 @@ class Recipe:
     (``make_real_sample``) and in 2D (``recipe.ndim = 2``)."""
     name = "recipe"
     task = "recipe"
+    atlases_from: str | None = None   # model whose atlases an export copies (synthgen export)
     higher_is_better = True   # of the validation score (best.pt keeps the best)
 
     def __init__(self, cfg: Config):

@@ -69,6 +69,7 @@ def deep_supervision_loss(outputs: torch.Tensor | list[torch.Tensor], target: to
 
 class SegmentRecipe(Recipe):
     name = task = "segment"
+    atlases_from = "synthseg"   # the atlases depend on the label protocol, not on the network
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
