@@ -202,7 +202,7 @@ def run_speed(model: str, threads: int, repeats: int) -> dict:
         head = Path(tmp) / "head.nii.gz"
         source = make_head(head)
         cmd = [sys.executable, "-m", "synthtools.cli.seg", str(head), str(Path(tmp) / "seg.nii.gz"),
-               "-t", str(threads), "--model", model]
+               "-t", str(threads), "--model", model, "--overwrite"]   # repeats must not skip complete outputs
         res = timed_median(cmd, child_env(threads), repeats)
     return {**res, "source": source, "threads": threads} if res["status"] == "ok" else res
 

@@ -431,7 +431,7 @@ def run_speed(args, unavailable: dict[str, str], torch_version: str | None) -> i
         if "ours" not in unavailable:
             cmds["ours"] = [sys.executable, "-m", "synthtools.cli.strip", "-i", str(head),
                             "-m", str(tmp / "ours_mask.nii.gz"), "-t", str(args.threads),
-                            flip_flag(args)]
+                            flip_flag(args), "--overwrite"]   # repeats must not skip complete outputs
             if args.model:
                 cmds["ours"] += ["--model", str(args.model)]
         if "brainextractor" not in unavailable:

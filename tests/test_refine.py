@@ -188,3 +188,34 @@ def test_a_models_refine_background_choice_is_read_and_checked():
     assert refine_background(model({"refine_background": "all"})) == "all"
     with pytest.raises(ModelError, match="refine_background must be one of region, all"):
         refine_background(model({"refine_background": "everything"}))
+
+
+def test_csf_compartments_share_one_gaussian():
+    """Every CSF compartment is in one group, twins stay paired, tissue stays apart."""
+    from synthtools.seg import CSF_LABELS, intensity_groups
+    from synthtools.training.generator.labels import SYNTHSEG_LABELS
+    groups = intensity_groups(SYNTHSEG_LABELS)
+    ch = {v: k for k, v in enumerate(SYNTHSEG_LABELS)}
+    assert len({groups[ch[v]] for v in CSF_LABELS}) == 1
+    assert groups[ch[41]] == groups[ch[2]] != groups[ch[4]]
+    assert groups[ch[3]] == groups[ch[42]] != groups[ch[2]]
+    assert groups[ch[0]] == ch[0] and groups[ch[16]] == ch[16]
+
+
+def test_a_small_fluid_compartment_keeps_its_voxels_when_tied():
+    """A small compartment (S) whose soft prior also covers partial-volume voxels
+    (between fluid and tissue): fitted alone, its Gaussian drifts to them and its
+    fluid voxels go to the large compartment (V) of the same fluid; tied to V,
+    the prior decides."""
+    g = torch.Generator().manual_seed(3)
+    counts = {"bg": 1000, "V": 2000, "S": 50, "near": 300, "T": 3000}
+    means = {"bg": 0.0, "V": 0.1, "S": 0.1, "near": 0.4, "T": 0.7}
+    rows = {"bg": [0.98, 0.01, 0.0, 0.01], "V": [0.01, 0.9, 0.04, 0.05], "S": [0.01, 0.02, 0.6, 0.37],
+            "near": [0.01, 0.02, 0.6, 0.37], "T": [0.01, 0.04, 0.0, 0.95]}
+    image = torch.cat([means[k] + 0.02 * torch.randn(n, generator=g) for k, n in counts.items()]).clamp_min(0)
+    prior = torch.cat([torch.tensor(rows[k]).expand(n, 4) for k, n in counts.items()]).clamp_min(1e-4)
+    prior = prior / prior.sum(1, keepdim=True)
+    s = slice(counts["bg"] + counts["V"], counts["bg"] + counts["V"] + counts["S"])
+    apart = refine_posteriors(prior.clone(), image).argmax(1)[s]
+    tied = refine_posteriors(prior.clone(), image, groups=[0, 1, 1, 3]).argmax(1)[s]
+    assert (apart == 2).float().mean() < 0.5 and (tied == 2).float().mean() > 0.9

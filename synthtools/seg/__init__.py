@@ -18,7 +18,7 @@ from importlib import import_module as _import_module
 
 __all__ = ["SegResult", "GridSummary", "segment", "volumes", "total_intracranial", "qc_scores",
            "QC_GROUPS", "flip_permutation", "crop_conformed", "label_values", "twin_groups",
-           "PRIOR_POWER", "REFINE_BELOW", "CHUNK"]
+           "intensity_groups", "CSF_LABELS", "PRIOR_POWER", "REFINE_BELOW", "CHUNK"]
 
 
 def __getattr__(name: str):
