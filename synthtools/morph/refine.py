@@ -22,12 +22,14 @@ correction is sought, so it runs after the barycentre passes.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ..warp import sample
 
-__all__ = ["refine_linear", "patch_ncc2", "patch_centres", "brain_mask", "dilate_cube"]
+__all__ = ["refine_linear", "refine_linear_group", "patch_ncc2", "patch_centres", "brain_mask", "dilate_cube"]
 
 TRANSLATION_SCALE = 50.0   # mm per parameter unit: rotations (rad) and shifts step alike
 # Local-NCC^2 criterion: cubes of WINDOW voxels around PATCHES random fixed-brain points per level.
@@ -154,46 +156,87 @@ def refine_linear(feat_fixed: torch.Tensor, feat_moving: torch.Tensor | None, fi
     ``native_iterations`` steps on the scans as acquired, its cubes spanning
     ``window`` voxels of the fixed scan, so the answer is not limited by the
     conformed grid's spacing. ``seed`` draws the cubes' centres."""
+    if images is not None:
+        return refine_linear_group(feat_fixed, fixed_vox2mm, images[0], [(images[1], moving_vox2mm)], rigid,
+                                   iterations, lr, None if native is None else native[:2],
+                                   None if native is None else [native[2:]], native_iterations, seed,
+                                   patches, window)[0]
+    if feat_moving is None:
+        raise ValueError("refine_linear: the feature criterion needs feat_moving")
     af, am = fixed_vox2mm.to(torch.float32), moving_vox2mm.to(torch.float32)
-    if images is None:
-        if feat_moving is None:
-            raise ValueError("refine_linear: the feature criterion needs feat_moving")
-        ff = feat_fixed.float()
-        level = (ff, ff, feat_moving.float(), af, am)
-    else:
-        level = (feat_fixed.float(), images[0].float()[None], images[1].float()[None], af, am)
-    pyramid = [level]
+    ff = feat_fixed.float()
+    pyramid = [(ff, feat_moving.float(), af, am)]
     for _ in range(len(iterations) - 1):
-        sel, f, m, a, b = pyramid[-1]
-        psel, pa = _pool(sel, a)
-        pf = psel if f is sel else _pool(f, a)[0]   # features compared: pooled once
+        f, m, a, b = pyramid[-1]
+        pf, pa = _pool(f, a)
         pm, pb = _pool(m, b)
-        pyramid.append((psel, pf, pm, pa, pb))
-    gen = torch.Generator().manual_seed(seed)
+        pyramid.append((pf, pm, pa, pb))
     theta = torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True)
-    patch = None if images is None else window ** 3
-    for (sel, f, m, a, b), steps in zip(reversed(pyramid), iterations):
+    for (f, m, a, b), steps in zip(reversed(pyramid), iterations):
         if steps <= 0:
             continue
-        if images is None:
-            vox = _fixed_points(sel, max_points=points)
-        else:
-            vox = _cube_points(patch_centres(sel, patches, gen), window)
+        vox = _fixed_points(f, max_points=points)
         if len(vox) == 0:
             continue
         mm = vox @ a[:3, :3].T + a[:3, 3]
-        _optimize(theta, rigid, mm, _sample_points(f, vox), m, b, steps, lr, patch)
+        _optimize([theta], rigid, mm, _sample_points(f, vox), [(m, b)], steps, lr, None)
         lr = lr / 3   # finer level: smaller steps
-    if native is not None and native_iterations > 0:
-        _native_level(theta, feat_fixed.float(), af, native, rigid, native_iterations, lr, gen, patches, window)
     with torch.no_grad():
         return _correction(theta.detach(), rigid).to(torch.float64)
 
 
-def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tensor, native, rigid: bool,
-                  steps: int, lr: float, gen: torch.Generator, patches: int, window: int) -> None:
-    """The last local-NCC^2 level of :func:`refine_linear` on the native grids (updates ``theta``)."""
-    fixed, fixed_v2m, moving, moving_v2m = native
+def refine_linear_group(feat_fixed: torch.Tensor, fixed_vox2mm: torch.Tensor, fixed_image: torch.Tensor,
+                        movings: Sequence[tuple[torch.Tensor, torch.Tensor]], rigid: bool,
+                        iterations: tuple[int, ...] = (40, 20), lr: float = 0.01,
+                        native_fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        native_movings: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        native_iterations: int = 30, seed: int = 0, patches: int = PATCHES,
+                        window: int = WINDOW) -> list[torch.Tensor]:
+    """Local-NCC^2 refinement (:func:`refine_linear` with ``images``) of one
+    fixed image against several moving ones at once: one 4x4 correction per
+    moving image, each exactly what :func:`refine_linear` gives for that
+    pair (the same cubes, drawn from the fixed brain with ``seed``; a
+    separate parameter vector and Adam state per pair; the pairs' losses
+    are summed, so each one's gradient is its own). What is shared is done
+    once: the fixed pyramid, its brain voxels, cube centres and target
+    samples, and one backward pass per step (the per-step overhead of a
+    template's many pairs).
+
+    ``movings``: (image (*S), vox2mm) per moving image, on the fixed image's
+    frame; ``native_fixed`` / ``native_movings``: the scans as acquired with
+    their vox2mm, for the last level (both or neither)."""
+    af = fixed_vox2mm.to(torch.float32)
+    fixed_pyr = [(feat_fixed.float(), fixed_image.float()[None], af)]
+    moving_pyr = [[(m.float()[None], b.to(torch.float32)) for m, b in movings]]
+    for _ in range(len(iterations) - 1):
+        sel, f, a = fixed_pyr[-1]
+        psel, pa = _pool(sel, a)
+        fixed_pyr.append((psel, _pool(f, a)[0], pa))
+        moving_pyr.append([_pool(m, b) for m, b in moving_pyr[-1]])
+    gen = torch.Generator().manual_seed(seed)
+    thetas = [torch.zeros(6 if rigid else 12, dtype=torch.float32, requires_grad=True) for _ in movings]
+    patch = window ** 3
+    for (sel, f, a), moving, steps in zip(reversed(fixed_pyr), reversed(moving_pyr), iterations):
+        if steps <= 0:
+            continue
+        vox = _cube_points(patch_centres(sel, patches, gen), window)
+        if len(vox) == 0:
+            continue
+        mm = vox @ a[:3, :3].T + a[:3, 3]
+        _optimize(thetas, rigid, mm, _sample_points(f, vox), moving, steps, lr, patch)
+        lr = lr / 3   # finer level: smaller steps
+    if native_fixed is not None and native_movings is not None and native_iterations > 0:
+        _native_level(thetas, feat_fixed.float(), af, native_fixed, native_movings, rigid, native_iterations, lr,
+                      gen, patches, window)
+    with torch.no_grad():
+        return [_correction(t.detach(), rigid).to(torch.float64) for t in thetas]
+
+
+def _native_level(thetas: list[torch.Tensor], feat_fixed: torch.Tensor, af: torch.Tensor, native_fixed,
+                  native_movings, rigid: bool, steps: int, lr: float, gen: torch.Generator, patches: int,
+                  window: int) -> None:
+    """The last local-NCC^2 level of :func:`refine_linear_group` on the native grids (updates ``thetas``)."""
+    fixed, fixed_v2m = native_fixed
     fixed_v2m = fixed_v2m.to(torch.float32)
     to_fixed = torch.linalg.inv(fixed_v2m)
     centres = patch_centres(feat_fixed, patches, gen) @ af[:3, :3].T + af[:3, 3]     # mm
@@ -202,8 +245,8 @@ def _native_level(theta: torch.Tensor, feat_fixed: torch.Tensor, af: torch.Tenso
     if len(vox) == 0:
         return
     mm = vox @ fixed_v2m[:3, :3].T + fixed_v2m[:3, 3]
-    _optimize(theta, rigid, mm, _sample_points(fixed.float()[None], vox), moving.float()[None],
-              moving_v2m.to(torch.float32), steps, lr, window ** 3)
+    moving = [(m.float()[None], b.to(torch.float32)) for m, b in native_movings]
+    _optimize(thetas, rigid, mm, _sample_points(fixed.float()[None], vox), moving, steps, lr, window ** 3)
 
 
 class _Adam:
@@ -226,24 +269,31 @@ class _Adam:
         self.p.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
-def _optimize(theta: torch.Tensor, rigid: bool, points_mm: torch.Tensor, target: torch.Tensor,
-              moving: torch.Tensor, moving_v2m: torch.Tensor, steps: int, lr: float, patch: int | None) -> None:
-    """Adam on ``theta``: the (C, *S) ``moving`` maps sampled at the fixed
-    points (N, 3; mm) moved by the correction, against their fixed values
-    ``target`` (C, N): mean squared difference, or with ``patch`` (C = 1,
-    the points in consecutive runs of ``patch`` per cube) minus the local
-    NCC^2."""
-    to_moving = torch.linalg.inv(moving_v2m)
-    adam = _Adam(theta, lr)
+def _optimize(thetas: list[torch.Tensor], rigid: bool, points_mm: torch.Tensor, target: torch.Tensor,
+              movings: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, patch: int | None) -> None:
+    """Adam on each ``thetas[p]``: the (C, *S) moving maps ``movings[p]``
+    (maps, vox2mm) sampled at the fixed points (N, 3; mm) moved by the
+    correction, against their fixed values ``target`` (C, N): mean squared
+    difference, or with ``patch`` (C = 1, the points in consecutive runs of
+    ``patch`` per cube) minus the local NCC^2. The pairs' losses are summed
+    for one backward pass per step; each parameter vector gets only its own
+    pair's gradient, so the result is that of separate runs."""
+    to_moving = [torch.linalg.inv(b) for _, b in movings]
+    adams = [_Adam(t, lr) for t in thetas]
     for _ in range(steps):
-        e = _correction(theta, rigid)
-        lin = to_moving[:3, :3] @ e[:3, :3]
-        off = to_moving[:3, :3] @ e[:3, 3] + to_moving[:3, 3]
-        moved = _sample_points(moving, points_mm @ lin.T + off)
-        if patch is None:
-            loss = ((moved - target) ** 2).mean()
-        else:
-            loss = -patch_ncc2(target.view(-1, patch), moved.view(-1, patch))
-        theta.grad = None
+        losses = []
+        for theta, (moving, _), inv in zip(thetas, movings, to_moving):
+            e = _correction(theta, rigid)
+            lin = inv[:3, :3] @ e[:3, :3]
+            off = inv[:3, :3] @ e[:3, 3] + inv[:3, 3]
+            moved = _sample_points(moving, points_mm @ lin.T + off)
+            if patch is None:
+                losses.append(((moved - target) ** 2).mean())
+            else:
+                losses.append(-patch_ncc2(target.view(-1, patch), moved.view(-1, patch)))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        for theta in thetas:
+            theta.grad = None
         loss.backward()
-        adam.step()
+        for adam in adams:
+            adam.step()
