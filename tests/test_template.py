@@ -22,8 +22,8 @@ from synthtools.conform import resample
 from synthtools.io import InputError, Volume
 from synthtools.morph import as_geometry, read_transform
 from synthtools.morph.refine import PATCHES, refine_linear, refine_linear_group
-from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, edge_patches, network_pairs,
-                                       partner_edges, solve_poses, template_grid, template_image)
+from synthtools.morph.template import (PATCH_BUDGET, _karcher_gauge, build_template, check_inputs, edge_patches,
+                                       network_pairs, partner_edges, solve_poses, template_grid, template_image)
 from synthtools.nets.registration import BarycenterAffine, barycenters
 
 from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
@@ -98,13 +98,17 @@ def test_partner_edges_measure_every_pair_both_ways_then_stay_linear():
     assert partner_edges(1) == []
 
 
-def test_edge_patches_share_one_pairwise_budget_per_input():
-    """Each input's cubes over all its pairs add up to one pairwise
-    refinement's (the cost per input does not grow with n)."""
+def test_edge_patches_share_a_fixed_budget_per_input():
+    """Each input's cubes over all its pairs add up to the same budget
+    whatever n (the cost per input does not grow with n), and no pair gets
+    more than one pairwise registration's."""
     assert edge_patches(2) == PATCHES
     for n in (3, 4, 6, 9, 10, 25):
-        per_input = edge_patches(n) * len(partner_edges(n)) / n
-        assert PATCHES - len(partner_edges(n)) / n <= per_input <= PATCHES
+        partners = len(partner_edges(n)) / n
+        per_input = edge_patches(n) * partners
+        assert edge_patches(n) <= PATCHES
+        assert min(PATCH_BUDGET, PATCHES * partners) - partners <= per_input <= PATCH_BUDGET
+    assert edge_patches(6, budget=PATCHES) == PATCHES // 5
 
 
 def test_network_pairs_are_every_pair_then_the_refinement_ring():

@@ -75,6 +75,12 @@ POSE_ITERATIONS = 50
 POSE_TOL = 1e-12
 # Refinement partners per input (all the others up to this many; see partner_edges).
 MAX_PARTNERS = 8
+# Local-NCC^2 cubes per input and level, shared among its refinement pairs (edge_patches):
+# two pairwise registrations' worth, so 2000 per pair (as a pairwise registration) up to 3
+# inputs, 800 for 6. Lesjak, 6 inputs, seeds 0-2 (issue 32): mean error of the 5 reference
+# pairs 0.227 mm with 400 cubes per pair (one registration's worth), 0.220 with 600, 0.215
+# with 800; 1200 and 2000 (seed 0) no better than 800 at 1.5x and 2.3x its refinement time.
+PATCH_BUDGET = 2 * PATCHES
 
 
 @dataclass
@@ -156,13 +162,14 @@ def network_pairs(n: int, max_partners: int = MAX_PARTNERS) -> list[tuple[int, i
     return sorted({(min(i, j), max(i, j)) for i, j in partner_edges(n, max_partners)})
 
 
-def edge_patches(n: int, max_partners: int = MAX_PARTNERS) -> int:
-    """Local-NCC^2 cubes per refinement pair: :data:`~synthtools.morph.refine.PATCHES`
-    (one pairwise registration's) shared among an input's partners
-    (:func:`partner_edges`), so each input costs about one pairwise
-    refinement's sampling whatever n; n = 2 keeps the full count both ways."""
+def edge_patches(n: int, max_partners: int = MAX_PARTNERS, budget: int | None = None) -> int:
+    """Local-NCC^2 cubes per refinement pair: ``budget`` cubes per input
+    (default :data:`PATCH_BUDGET`) shared among its partners
+    (:func:`partner_edges`), so the sampling per input does not grow with
+    n, and never more than one pairwise registration's
+    (:data:`~synthtools.morph.refine.PATCHES`) per pair."""
     partners = max(1, len(partner_edges(n, max_partners)) // max(1, n))
-    return max(1, PATCHES // partners)
+    return max(1, min(PATCHES, (PATCH_BUDGET if budget is None else budget) // partners))
 
 
 def solve_poses(n: int, measured: dict[tuple[int, int], np.ndarray], centre: np.ndarray,
