@@ -7,9 +7,11 @@ session 1: it is interpolated never, the others once, and its own noise
 sets the reference. Here every input is treated alike:
 
 1. **Network passes.** Each input is conformed on its own and mapped to
-   feature maps once per pass; the barycentre fit (closed-form, symmetric:
-   swapping two images gives exactly the inverse) is run for *every pair*
-   at no extra network cost. The pairwise transforms are averaged into one
+   feature maps once per pass, and its barycentres computed once; the
+   barycentre fit (closed-form, symmetric: swapping two images gives
+   exactly the inverse) is then run for every pair (:func:`network_pairs`;
+   above 9 inputs the refinement's ring pairs, so linear in N) at no extra
+   network cost. The pairwise transforms are averaged into one
    pose per input (below); the next pass re-poses every input into that
    mid-space (a header move, no interpolation) where the network is most
    accurate.
@@ -18,12 +20,14 @@ sets the reference. Here every input is treated alike:
    ordered pair of inputs (:func:`partner_edges`; above 9 inputs, each with
    its 8 ring neighbours): every pair is measured both ways, so neither
    image's grid is favoured, and every pair, within a session or across, is
-   measured directly. An input's pairs share one pairwise registration's
-   cubes (:func:`edge_patches`: 1000 each for 3 inputs, 400 for 6), so the
-   sampling per input does not grow with N; each pair keeps a fixed cost
-   (Lesjak, 1 thread: 6.9, 7.1, 7.9 CPU s per input for 3, 4, 6 inputs; the
-   "features" criterion, which has no cubes, costs a full refinement per
-   pair). (A ring of N or 2N pairs with the
+   measured directly. An input's pairs share a fixed budget of cubes
+   (:func:`edge_patches`, :data:`PATCH_BUDGET`: 2000 per pair for 3 inputs,
+   as a pairwise registration, 800 for 6), so the sampling per input does
+   not grow with N, and an input's side of its pairs (pyramid, cubes, their
+   values) is made once (:func:`~synthtools.morph.refine.refine_linear_group`);
+   each pair keeps a fixed cost of Adam steps (the "features" criterion,
+   which has no cubes, costs a full refinement per pair). (A ring of N or
+   2N pairs with the
    full count each, used before, left within-session pairs off the ring or
    measured one way only; Lesjak, issue 32.) Everything runs in a canonical
    order of the inputs (a hash of their voxels and headers), so permuting the
