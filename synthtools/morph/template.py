@@ -62,9 +62,9 @@ from scipy.linalg import expm, logm
 from ..conform import resample
 from ..infer import normalize_intensities
 from ..io import InputError, Volume
+from ..nets.registration import barycenters
 from ..space import ModelSpace
 from ..weights import Model
-from ..nets.registration import barycenters
 from .refine import PATCHES, brain_mask, refine_linear, refine_linear_group
 from .register import _features, _normalised, _prepared, linear_options, model_kind
 from .transforms import Affine, Geometry, as_geometry
@@ -289,9 +289,9 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
     each edge (fixed i, moving j) with both inputs placed by the current
     ``poses``; the conformed grids of the last network pass (made at
     ``side_poses``) are re-posed by matrix. Local NCC^2 refines each fixed
-    input against all its partners at once (:func:`refine_linear_group`:
-    the same answer as pair by pair, the fixed side's work and the per-step
-    overhead paid once per input instead of once per pair), with each
+    input against all its partners in one call (:func:`refine_linear_group`:
+    the same answer as pair by pair, the fixed side's pyramid, cubes and
+    their values made once per input instead of once per pair), with each
     input's normalised native scan and feature mass made once."""
     si = np.linalg.inv(s)
     rigid = model_kind(model) == "rigid"
