@@ -15,14 +15,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy.linalg import logm
 
 from synthtools.conform import resample
 from synthtools.io import InputError, Volume
 from synthtools.morph import as_geometry, read_transform
-from synthtools.morph.refine import PATCHES
-from synthtools.morph.template import (_karcher_gauge, build_template, check_inputs, edge_patches, partner_edges,
-                                       solve_poses, template_grid, template_image)
+from synthtools.morph.refine import PATCHES, refine_linear, refine_linear_group
+from synthtools.morph.template import (PATCH_BUDGET, _karcher_gauge, build_template, check_inputs, edge_patches,
+                                       network_pairs, partner_edges, solve_poses, template_grid, template_image)
+from synthtools.nets.registration import BarycenterAffine, barycenters
 
 from conftest import rotation  # noqa: E402  (tests/ is on sys.path)
 from helpers import one_error_line, synthmorph  # noqa: E402
@@ -96,13 +98,78 @@ def test_partner_edges_measure_every_pair_both_ways_then_stay_linear():
     assert partner_edges(1) == []
 
 
-def test_edge_patches_share_one_pairwise_budget_per_input():
-    """Each input's cubes over all its pairs add up to one pairwise
-    refinement's (the cost per input does not grow with n)."""
+def test_edge_patches_share_a_fixed_budget_per_input():
+    """Each input's cubes over all its pairs add up to the same budget
+    whatever n (the cost per input does not grow with n), and no pair gets
+    more than one pairwise registration's."""
     assert edge_patches(2) == PATCHES
     for n in (3, 4, 6, 9, 10, 25):
-        per_input = edge_patches(n) * len(partner_edges(n)) / n
-        assert PATCHES - len(partner_edges(n)) / n <= per_input <= PATCHES
+        partners = len(partner_edges(n)) / n
+        per_input = edge_patches(n) * partners
+        assert edge_patches(n) <= PATCHES
+        assert min(PATCH_BUDGET, PATCHES * partners) - partners <= per_input <= PATCH_BUDGET
+    assert edge_patches(6, budget=PATCHES) == PATCHES // 5
+
+
+def test_network_pairs_are_every_pair_then_the_refinement_ring():
+    for n in range(2, 10):
+        assert network_pairs(n) == list(itertools.combinations(range(n), 2))
+    for n in (10, 13, 40):                      # linear: each ring pair once, 4n of them
+        pairs = network_pairs(n)
+        assert len(pairs) == 4 * n and all(i < j for i, j in pairs)
+        assert {frozenset(p) for p in pairs} == {frozenset(e) for e in partner_edges(n)}
+
+
+def test_fit_from_cached_barycentres_is_the_fit():
+    """The network pass computes each input's barycentres once and fits every
+    pair from them: the same transform as fitting the maps pair by pair."""
+    torch.manual_seed(0)
+    for rigid_net in (True, False):
+        net = BarycenterAffine(rigid=rigid_net, keypoints=6, features=(4, 4))
+        fa, fb = torch.rand(1, 6, 10, 11, 12), torch.rand(1, 6, 12, 10, 9)
+        va, vb = torch.eye(4)[None], torch.eye(4)[None] * 1.5
+        va[0, :3, 3], vb[0, 3, 3] = torch.tensor([3.0, -2.0, 5.0]), 1.0
+        assert torch.equal(net.fit(fa, fb, va, vb), net.fit_barycenters(*barycenters(fa, va), *barycenters(fb, vb)))
+
+
+def _blob_image(shape, centre, seed: int) -> torch.Tensor:
+    """A smooth random image with a bright ellipsoid (something to align)."""
+    g = torch.Generator().manual_seed(seed)
+    rough = torch.nn.functional.interpolate(torch.rand((1, 1) + tuple(s // 4 for s in shape), generator=g),
+                                            size=shape, mode="trilinear")[0, 0]
+    idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"), -1)
+    blob = (((idx - torch.tensor(centre)) / torch.tensor([6.0, 8.0, 5.0])) ** 2).sum(-1) < 1
+    return rough + 2 * blob.float()
+
+
+def test_group_refinement_equals_pair_by_pair():
+    """One fixed image refined against several moving ones at once (the
+    template's refinement) gives each pair exactly its own refinement:
+    same cubes, own parameters and Adam state, own gradient."""
+    shape, native_shape = (24, 26, 22), (40, 44, 36)
+    mass = torch.zeros((1,) + shape)
+    mass[0, 5:19, 5:21, 4:18] = 1.0
+    fixed = _blob_image(shape, (12, 13, 11), 0)
+    a = torch.eye(4) * 2.0
+    a[3, 3], a[:3, 3] = 1.0, torch.tensor([-24.0, -26.0, -22.0])
+    na = torch.eye(4) * 1.2
+    na[3, 3], na[:3, 3] = 1.0, torch.tensor([-24.0, -26.0, -22.0])
+    movings, natives = [], []
+    for k, shift in enumerate(([0.6, -0.4, 0.3], [-0.8, 0.2, 0.5], [0.1, 0.7, -0.6])):
+        b = a.clone()
+        b[:3, 3] += torch.tensor(shift)       # a small header offset: something to correct
+        movings.append((_blob_image(shape, (12, 13, 11), k + 1), b))
+        nb = na.clone()
+        nb[:3, 3] += torch.tensor(shift)
+        natives.append((_blob_image(native_shape, (20, 22, 18), k + 10), nb))
+    native_fixed = (_blob_image(native_shape, (20, 22, 18), 9), na)
+    kw = dict(iterations=(6, 6), native_iterations=5, patches=50)
+    group = refine_linear_group(mass, a, fixed, movings, True, native_fixed=native_fixed, native_movings=natives, **kw)
+    assert len(group) == 3
+    for (m, b), (nm, nb), e in zip(movings, natives, group):
+        alone = refine_linear(mass, None, a, b, rigid=True, images=(fixed, m), native=(*native_fixed, nm, nb), **kw)
+        assert torch.allclose(e, alone, atol=1e-6)
+        assert not torch.allclose(e, torch.eye(4, dtype=e.dtype), atol=1e-4)    # it did move
 
 
 def test_karcher_gauge_of_identical_poses_is_identity():

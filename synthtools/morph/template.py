@@ -7,9 +7,11 @@ session 1: it is interpolated never, the others once, and its own noise
 sets the reference. Here every input is treated alike:
 
 1. **Network passes.** Each input is conformed on its own and mapped to
-   feature maps once per pass; the barycentre fit (closed-form, symmetric:
-   swapping two images gives exactly the inverse) is run for *every pair*
-   at no extra network cost. The pairwise transforms are averaged into one
+   feature maps once per pass, and its barycentres computed once; the
+   barycentre fit (closed-form, symmetric: swapping two images gives
+   exactly the inverse) is then run for every pair (:func:`network_pairs`;
+   above 9 inputs the refinement's ring pairs, so linear in N) at no extra
+   network cost. The pairwise transforms are averaged into one
    pose per input (below); the next pass re-poses every input into that
    mid-space (a header move, no interpolation) where the network is most
    accurate.
@@ -18,12 +20,14 @@ sets the reference. Here every input is treated alike:
    ordered pair of inputs (:func:`partner_edges`; above 9 inputs, each with
    its 8 ring neighbours): every pair is measured both ways, so neither
    image's grid is favoured, and every pair, within a session or across, is
-   measured directly. An input's pairs share one pairwise registration's
-   cubes (:func:`edge_patches`: 1000 each for 3 inputs, 400 for 6), so the
-   sampling per input does not grow with N; each pair keeps a fixed cost
-   (Lesjak, 1 thread: 6.9, 7.1, 7.9 CPU s per input for 3, 4, 6 inputs; the
-   "features" criterion, which has no cubes, costs a full refinement per
-   pair). (A ring of N or 2N pairs with the
+   measured directly. An input's pairs share a fixed budget of cubes
+   (:func:`edge_patches`, :data:`PATCH_BUDGET`: 2000 per pair for 3 inputs,
+   as a pairwise registration, 800 for 6), so the sampling per input does
+   not grow with N, and an input's side of its pairs (pyramid, cubes, their
+   values) is made once (:func:`~synthtools.morph.refine.refine_linear_group`);
+   each pair keeps a fixed cost of Adam steps (the "features" criterion,
+   which has no cubes, costs a full refinement per pair). (A ring of N or
+   2N pairs with the
    full count each, used before, left within-session pairs off the ring or
    measured one way only; Lesjak, issue 32.) Everything runs in a canonical
    order of the inputs (a hash of their voxels and headers), so permuting the
@@ -58,14 +62,15 @@ from scipy.linalg import expm, logm
 from ..conform import resample
 from ..infer import normalize_intensities
 from ..io import InputError, Volume
+from ..nets.registration import barycenters
 from ..space import ModelSpace
 from ..weights import Model
-from .refine import PATCHES, brain_mask, refine_linear
+from .refine import PATCHES, brain_mask, refine_linear, refine_linear_group
 from .register import _features, _normalised, _prepared, linear_options, model_kind
 from .transforms import Affine, Geometry, as_geometry
 
 __all__ = ["TemplateResult", "build_template", "halfway", "template_grid", "template_image", "check_inputs",
-           "solve_poses", "partner_edges", "edge_patches"]
+           "solve_poses", "partner_edges", "network_pairs", "edge_patches"]
 
 # Margin (mm) around the union of the brains for the template grid.
 GRID_MARGIN_MM = 10.0
@@ -74,6 +79,12 @@ POSE_ITERATIONS = 50
 POSE_TOL = 1e-12
 # Refinement partners per input (all the others up to this many; see partner_edges).
 MAX_PARTNERS = 8
+# Local-NCC^2 cubes per input and level, shared among its refinement pairs (edge_patches):
+# two pairwise registrations' worth, so 2000 per pair (as a pairwise registration) up to 3
+# inputs, 800 for 6. Lesjak, 6 inputs, seeds 0-2 (issue 32): mean error of the 5 reference
+# pairs 0.227 mm with 400 cubes per pair (one registration's worth), 0.220 with 600, 0.215
+# with 800; 1200 and 2000 (seed 0) no better than 800 at 1.5x and 2.3x its refinement time.
+PATCH_BUDGET = 2 * PATCHES
 
 
 @dataclass
@@ -147,13 +158,22 @@ def partner_edges(n: int, max_partners: int = MAX_PARTNERS) -> list[tuple[int, i
     return [(i, (i + k) % n) for i in range(n) for k in (*range(1, half + 1), *range(-half, 0))]
 
 
-def edge_patches(n: int, max_partners: int = MAX_PARTNERS) -> int:
-    """Local-NCC^2 cubes per refinement pair: :data:`~synthtools.morph.refine.PATCHES`
-    (one pairwise registration's) shared among an input's partners
-    (:func:`partner_edges`), so each input costs about one pairwise
-    refinement's sampling whatever n; n = 2 keeps the full count both ways."""
+def network_pairs(n: int, max_partners: int = MAX_PARTNERS) -> list[tuple[int, int]]:
+    """The pairs (i < j) fitted in a network pass: every pair up to
+    ``max_partners`` + 1 inputs, else those of :func:`partner_edges` (each
+    once; linear in n). A fit costs little once each input's barycentres
+    are known, but the pose averaging's cost grows with the pairs."""
+    return sorted({(min(i, j), max(i, j)) for i, j in partner_edges(n, max_partners)})
+
+
+def edge_patches(n: int, max_partners: int = MAX_PARTNERS, budget: int | None = None) -> int:
+    """Local-NCC^2 cubes per refinement pair: ``budget`` cubes per input
+    (default :data:`PATCH_BUDGET`) shared among its partners
+    (:func:`partner_edges`), so the sampling per input does not grow with
+    n, and never more than one pairwise registration's
+    (:data:`~synthtools.morph.refine.PATCHES`) per pair."""
     partners = max(1, len(partner_edges(n, max_partners)) // max(1, n))
-    return max(1, PATCHES // partners)
+    return max(1, min(PATCHES, (PATCH_BUDGET if budget is None else budget) // partners))
 
 
 def solve_poses(n: int, measured: dict[tuple[int, int], np.ndarray], centre: np.ndarray,
@@ -244,19 +264,21 @@ def canonical_order(volumes: Sequence[Volume]) -> list[int]:
 
 
 def _network_pass(model: Model, sides: list[_Side], s: np.ndarray, poses: list[np.ndarray]) -> dict:
-    """The barycentre fit for every pair (i < j) of re-posed inputs, as
-    pull-backs between the inputs' original RAS spaces."""
+    """The barycentre fit for every pair of :func:`network_pairs` of
+    re-posed inputs, as pull-backs between the inputs' original RAS spaces.
+    Each input's barycentres are computed once (not once per pair)."""
     si = np.linalg.inv(s)
-    frames = [torch.as_tensor(s @ sd.conformed.affine, dtype=torch.float64).float() for sd in sides]
+    cents = []
+    for sd in sides:
+        frame = torch.as_tensor(s @ sd.conformed.affine, dtype=torch.float64).float()
+        with torch.inference_mode(), torch.autocast(sd.features.device.type, enabled=False):
+            cents.append(barycenters(sd.features[None].float(), frame[None].to(sd.features.device)))
     out = {}
-    for i in range(len(sides)):
-        for j in range(i + 1, len(sides)):
-            fi, fj = sides[i].features, sides[j].features
-            with torch.inference_mode(), torch.autocast(fi.device.type, enabled=False):
-                step = model.net.fit(fi[None].float(), fj[None].float(), frames[i][None].to(fi.device),
-                                     frames[j][None].to(fi.device))[0].double().cpu().numpy()
-            mid = si @ step @ s                            # i's re-posed RAS -> j's re-posed RAS
-            out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
+    for i, j in network_pairs(len(sides)):
+        with torch.inference_mode(), torch.autocast(sides[i].features.device.type, enabled=False):
+            step = model.net.fit_barycenters(*cents[i], *cents[j])[0].double().cpu().numpy()
+        mid = si @ step @ s                            # i's re-posed RAS -> j's re-posed RAS
+        out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
     return out
 
 
@@ -266,31 +288,38 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
     """Local-NCC^2 (``patches`` cubes per level) or feature refinement of
     each edge (fixed i, moving j) with both inputs placed by the current
     ``poses``; the conformed grids of the last network pass (made at
-    ``side_poses``) are re-posed by matrix."""
+    ``side_poses``) are re-posed by matrix. Local NCC^2 refines each fixed
+    input against all its partners in one call (:func:`refine_linear_group`:
+    the same answer as pair by pair, the fixed side's pyramid, cubes and
+    their values made once per input instead of once per pair), with each
+    input's normalised native scan and feature mass made once."""
     si = np.linalg.inv(s)
     rigid = model_kind(model) == "rigid"
+    n = len(sides)
     # Old mid-space -> current mid-space, per input; then the frame centred at the brains.
-    frame = [s @ poses[k] @ np.linalg.inv(side_poses[k]) for k in range(len(sides))]
-    natives, mass = {}, {}
+    frame = [s @ poses[k] @ np.linalg.inv(side_poses[k]) for k in range(n)]
+    placed = [torch.as_tensor(frame[k] @ sides[k].conformed.affine, dtype=torch.float64).float() for k in range(n)]
+    corrections = {}
+    if metric == "lncc":
+        used = sorted({k for e in edges for k in e})
+        natives = {k: (_normalised(volumes[k]), torch.as_tensor(s @ poses[k] @ volumes[k].affine,
+                                                                  dtype=torch.float64).float()) for k in used}
+        images = {k: sides[k].image.float().cpu() for k in used}
+        for i in sorted({i for i, _ in edges}):
+            partners = [j for f, j in edges if f == i]
+            mass = sides[i].features.float().cpu().sum(0, keepdim=True)   # the criterion reads the fixed brain only
+            out = refine_linear_group(mass, placed[i], images[i], [(images[j], placed[j]) for j in partners], rigid,
+                                      iterations=refine[:-1], native_fixed=natives[i],
+                                      native_movings=[natives[j] for j in partners], native_iterations=refine[-1],
+                                      patches=patches)
+            corrections.update({(i, j): e for j, e in zip(partners, out)})
+    else:
+        for i, j in edges:
+            corrections[(i, j)] = refine_linear(sides[i].features.float().cpu(), sides[j].features.float().cpu(),
+                                                placed[i], placed[j], rigid=rigid, iterations=refine)
     out = {}
     for i, j in edges:
-        af = torch.as_tensor(frame[i] @ sides[i].conformed.affine, dtype=torch.float64).float()
-        am = torch.as_tensor(frame[j] @ sides[j].conformed.affine, dtype=torch.float64).float()
-        if metric == "lncc":
-            for k in (i, j):
-                if k not in natives:
-                    natives[k] = (_normalised(volumes[k]),
-                                  torch.as_tensor(s @ poses[k] @ volumes[k].affine, dtype=torch.float64).float())
-            native = natives[i] + natives[j]
-            if i not in mass:      # the criterion reads the maps' total mass only (the fixed brain)
-                mass[i] = sides[i].features.float().cpu().sum(0, keepdim=True)
-            e = refine_linear(mass[i], None, af, am, rigid=rigid, iterations=refine[:-1],
-                              images=(sides[i].image.float().cpu(), sides[j].image.float().cpu()), native=native,
-                              native_iterations=refine[-1], patches=patches)
-        else:
-            e = refine_linear(sides[i].features.float().cpu(), sides[j].features.float().cpu(), af, am,
-                              rigid=rigid, iterations=refine)
-        mid = si @ e.numpy() @ s                              # i's placed RAS -> j's placed RAS
+        mid = si @ corrections[(i, j)].numpy() @ s            # i's placed RAS -> j's placed RAS
         out[(i, j)] = np.linalg.inv(poses[j]) @ mid @ poses[i]
     return out
 
@@ -321,7 +350,7 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
         side_poses = [q.copy() for q in poses]
         sides = [_side(model, v, q) for v, q in zip(vols, poses)]
         poses = solve_poses(n, _network_pass(model, sides, s, side_poses), centre, init=poses)
-        say(f"network pass {p + 1}/{passes}: {n} inputs, {n * (n - 1) // 2} pairs")
+        say(f"network pass {p + 1}/{passes}: {n} inputs, {len(network_pairs(n))} pairs")
     if any(refine):
         edges = partner_edges(n)
         patches = edge_patches(n)

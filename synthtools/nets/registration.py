@@ -175,8 +175,12 @@ class BarycenterAffine(nn.Module):
     def fit(self, feat_fixed: torch.Tensor, feat_moving: torch.Tensor, fixed_vox2mm: torch.Tensor,
             moving_vox2mm: torch.Tensor) -> torch.Tensor:
         """The transform from two sets of feature maps (float32 or float64)."""
-        cf, mf = barycenters(feat_fixed, fixed_vox2mm)
-        cm, mm = barycenters(feat_moving, moving_vox2mm)
+        return self.fit_barycenters(*barycenters(feat_fixed, fixed_vox2mm), *barycenters(feat_moving, moving_vox2mm))
+
+    def fit_barycenters(self, cf: torch.Tensor, mf: torch.Tensor, cm: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+        """The transform from :func:`barycenters` (points, masses) of the
+        fixed and moving maps: :meth:`fit` without the pass over the maps
+        (an image's barycentres serve every pair it is in)."""
         w = channel_weights(mf, mm)
         if self.rigid:
             return fit_rigid(cf, cm, w)
