@@ -214,7 +214,7 @@ def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | Non
             to_first = {int(k): np.array(m) for k, m in old["pairwise_to_first"].items()}
             direct = {c: np.array(m) for c, m in old["pairwise_direct"].items()}
             t_pair = previous["time_pair_s"]
-            out["pairwise_reused_from"] = previous.get("date", "an earlier run")
+            out["pairwise_reused_from"] = previous.get("run_date", "an earlier run")
         else:
             # Pairwise rigid (ours): every image to study1_T1W, and the REG_CASES pairs directly.
             to_first, times, direct = {0: np.eye(4)}, [], {}
@@ -248,7 +248,7 @@ def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | Non
         if keep_ants:
             ants = {k: v for k, v in prev_ants.items() if k in ("status", "time_pair_s", "version", "call")}
             ants["to_first"] = {int(k): np.array(m) for k, m in prev_ants["to_first"].items()}
-            ants["reused_from"] = prev_ants.get("reused_from", previous.get("date", "an earlier run"))
+            ants["reused_from"] = prev_ants.get("reused_from", previous.get("run_date", "an earlier run"))
         else:
             ants = run_ants(vols, threads)
         if ants.get("status") == "ok":
@@ -321,8 +321,8 @@ DICE_KEYS = ("mask_dice_template", "mask_dice_pairwise_on_template_grid", "mask_
              "mask_dice_pairwise")
 
 
-def _ms(values, nd: int = 3) -> dict:
-    """Mean and sample SD (0 for one value)."""
+def _ms(values, nd: int = 4) -> dict:
+    """Mean and sample SD (0 for one value), ``nd`` decimals."""
     v = list(values)
     return {"mean": _r(statistics.fmean(v), nd), "sd": _r(statistics.stdev(v) if len(v) > 1 else 0.0, nd)}
 
@@ -336,7 +336,7 @@ def seed_stats(draws: list[dict]) -> dict:
         out["cases"][name] = {m: _ms(d["cases"][name][m] for d in draws) for m in ("template", "pairwise")}
     out["pair_mean"] = {m: _ms(statistics.fmean(d["cases"][n][m] for n in names) for d in draws)
                         for m in ("template", "pairwise")}
-    out.update({k: _ms((d[k] for d in draws), 4) for k in DICE_KEYS})
+    out.update({k: _ms((d[k] for d in draws), 6) for k in DICE_KEYS})
     out["bias_template_spread_mm"] = _ms(d["bias_template"]["spread_mm"] for d in draws)
     out["bias_pairwise_spread_mm"] = _ms(d["bias_pairwise"]["spread_mm"] for d in draws)
     return out
@@ -348,7 +348,8 @@ def resample_mask(mask, matrix: np.ndarray, onto) -> np.ndarray:
 
 
 def _mean_dice(masks) -> float:
-    return _r(statistics.fmean(dice(a, b) for a, b in itertools.combinations(masks, 2)), 4)
+    # 6 digits: the methods differ by ~1e-4, the seed means by less.
+    return _r(statistics.fmean(dice(a, b) for a, b in itertools.combinations(masks, 2)), 6)
 
 
 def run_ants(vols, threads: int) -> dict:
@@ -510,21 +511,21 @@ def seed_markdown(j: dict) -> list[str]:
          "|---|---:|---:|---|---|"]
     for n in names:
         c = st["cases"][n]
-        L.append(f"| {n} | {c['template']['mean']:.3f} ± {c['template']['sd']:.3f} | "
-                 f"{c['pairwise']['mean']:.3f} ± {c['pairwise']['sd']:.3f} | "
+        L.append(f"| {n} | {c['template']['mean']:.4f} ± {c['template']['sd']:.4f} | "
+                 f"{c['pairwise']['mean']:.4f} ± {c['pairwise']['sd']:.4f} | "
                  + ", ".join(f"{d['cases'][n]['template']:.3f}" for d in draws) + " | "
                  + ", ".join(f"{d['cases'][n]['pairwise']:.3f}" for d in draws) + " |")
     pm = st["pair_mean"]
-    L += [f"| mean of the 5 pairs | {pm['template']['mean']:.3f} ± {pm['template']['sd']:.3f} | "
-          f"{pm['pairwise']['mean']:.3f} ± {pm['pairwise']['sd']:.3f} | | |", ""]
+    L += [f"| mean of the 5 pairs | {pm['template']['mean']:.4f} ± {pm['template']['sd']:.4f} | "
+          f"{pm['pairwise']['mean']:.4f} ± {pm['pairwise']['sd']:.4f} | | |", ""]
     L += ["| over seeds (mean ± SD) | template | pairwise rigid to study1_T1W |", "|---|---:|---:|",
-          f"| mask Dice, template grid | {st['mask_dice_template']['mean']:.4f} ± {st['mask_dice_template']['sd']:.4f} | "
-          f"{st['mask_dice_pairwise_on_template_grid']['mean']:.4f} ± {st['mask_dice_pairwise_on_template_grid']['sd']:.4f} |",
-          f"| mask Dice, study1_T1W grid | {st['mask_dice_template_on_first_grid']['mean']:.4f} ± "
-          f"{st['mask_dice_template_on_first_grid']['sd']:.4f} | "
-          f"{st['mask_dice_pairwise']['mean']:.4f} ± {st['mask_dice_pairwise']['sd']:.4f} |",
-          f"| bias spread (mm) | {st['bias_template_spread_mm']['mean']:.3f} ± {st['bias_template_spread_mm']['sd']:.3f} | "
-          f"{st['bias_pairwise_spread_mm']['mean']:.3f} ± {st['bias_pairwise_spread_mm']['sd']:.3f} |",
+          f"| mask Dice, template grid | {st['mask_dice_template']['mean']:.5f} ± {st['mask_dice_template']['sd']:.5f} | "
+          f"{st['mask_dice_pairwise_on_template_grid']['mean']:.5f} ± {st['mask_dice_pairwise_on_template_grid']['sd']:.5f} |",
+          f"| mask Dice, study1_T1W grid | {st['mask_dice_template_on_first_grid']['mean']:.5f} ± "
+          f"{st['mask_dice_template_on_first_grid']['sd']:.5f} | "
+          f"{st['mask_dice_pairwise']['mean']:.5f} ± {st['mask_dice_pairwise']['sd']:.5f} |",
+          f"| bias spread (mm) | {st['bias_template_spread_mm']['mean']:.4f} ± {st['bias_template_spread_mm']['sd']:.4f} | "
+          f"{st['bias_pairwise_spread_mm']['mean']:.4f} ± {st['bias_pairwise_spread_mm']['sd']:.4f} |",
           "", "- template of 6 per draw: " + ", ".join(f"{d['time_template_6_s']} s" for d in draws)
           + "; one pairwise rigid per draw: " + ", ".join(f"{d['time_pair_s']} s" for d in draws)]
     return L
@@ -550,13 +551,13 @@ def targets(d: dict) -> list[str]:
             for name, c in st["cases"].items():
                 t_, p_ = c["template"], c["pairwise"]
                 row(f"lesjak: {name} template <= pairwise{tag}", t_["mean"] <= p_["mean"],
-                    f"{t_['mean']:.3f} ± {t_['sd']:.3f} vs {p_['mean']:.3f} ± {p_['sd']:.3f}")
+                    f"{t_['mean']:.4f} ± {t_['sd']:.4f} vs {p_['mean']:.4f} ± {p_['sd']:.4f}")
             for grid, ours, theirs in (("template grid", "mask_dice_template", "mask_dice_pairwise_on_template_grid"),
                                        ("study1_T1W grid", "mask_dice_template_on_first_grid", "mask_dice_pairwise")):
                 row(f"lesjak: mask Dice >= pairwise ({grid}){tag}", st[ours]["mean"] >= st[theirs]["mean"],
-                    f"{st[ours]['mean']:.4f} ± {st[ours]['sd']:.4f} vs {st[theirs]['mean']:.4f} ± {st[theirs]['sd']:.4f}")
+                    f"{st[ours]['mean']:.5f} ± {st[ours]['sd']:.5f} vs {st[theirs]['mean']:.5f} ± {st[theirs]['sd']:.5f}")
             b = st["bias_template_spread_mm"]
-            row(f"lesjak: bias spread <= 0.2 mm{tag}", b["mean"] <= 0.2, f"{b['mean']:.3f} ± {b['sd']:.3f}")
+            row(f"lesjak: bias spread <= 0.2 mm{tag}", b["mean"] <= 0.2, f"{b['mean']:.4f} ± {b['sd']:.4f}")
         else:
             for name, c in j["cases"].items():
                 row(f"lesjak: {name} template <= pairwise", c["template"] <= c["pairwise"],
@@ -618,7 +619,8 @@ def main(argv=None) -> int:
         print(json.dumps(data["known"], indent=1), flush=True)
     if "lesjak" in parts:
         data["lesjak"] = run_lesjak(root, model, a.threads, a.peers,
-                                    prev.get("lesjak") if (a.reuse or a.reuse_pairwise) and prev else None,
+                                    {**prev["lesjak"], "run_date": prev.get("date")}
+                                    if (a.reuse or a.reuse_pairwise) and prev and prev.get("lesjak") else None,
                                     reuse_pairwise=a.reuse_pairwise, seeds=a.seeds)
         print(json.dumps(data["lesjak"], indent=1, default=str), flush=True)
     if "time" in parts:
