@@ -38,9 +38,16 @@ default benchmarks/results): longitudinal.md and longitudinal.json::
     flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts time --reuse
     flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts lesjak --reuse --reuse-pairwise
 
-The last reruns only the template side of the Lesjak part: the pairwise and
+    flock /tmp/cpu.lock python benchmarks/longitudinal.py --threads 1 --parts lesjak --peers none --seeds 4 --reuse
+
+The third reruns only the template side of the Lesjak part: the pairwise and
 ANTs matrices (saved under ``lesjak.matrices`` and ``lesjak.ants.to_first``)
-do not depend on the template.
+do not depend on the template. The last runs the Lesjak part over 4 draws of
+the refinement's cubes (``seed`` 0-3 of ``register_linear`` and
+``build_template``; the network passes are deterministic) for both our
+methods and judges its targets on the means over the draws: one draw moves a
+pair's error by 0.02-0.05 mm, more than the margins. ``--reuse`` keeps the
+other parts and, with ``--peers none``, the earlier ANTs matrices.
 """
 from __future__ import annotations
 
@@ -168,13 +175,23 @@ def _motion(h: np.ndarray) -> list[float]:
 
 # ----------------------------------------------------------------- lesjak --
 
-def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | None = None) -> dict | None:
-    """``previous``: an earlier lesjak result whose pairwise and ANTs
-    matrices (``matrices``) are reused instead of registering again (they do
-    not depend on the template); its pairwise times are kept."""
+def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | None = None,
+               reuse_pairwise: bool = False, seeds: int = 1) -> dict | None:
+    """``previous``: an earlier lesjak result; with ``reuse_pairwise`` its
+    seed-0 pairwise and ANTs matrices (``matrices``, ``ants.to_first``) are
+    reused instead of registering again (they do not depend on the
+    template) and its pairwise times are kept; with ``peers`` "none" its
+    ANTs matrices are kept (their numbers recomputed against this run's
+    template grid), so that a rerun without ANTs does not drop them.
+
+    ``seeds``: draws 0..seeds-1 of the local-NCC^2 refinement's cubes (the
+    network passes are deterministic; each pair's error moves by 0.02-0.05
+    mm between draws, more than the margins the targets are decided by), for
+    both our template and our pairwise mode; the top-level numbers are draw
+    0, ``draws`` each draw, ``seed_stats`` the means and SDs over draws."""
     from synthtools.io import load_volume
     from synthtools.morph.register import register_linear
-    from synthtools.morph.template import build_template, resample_input, template_grid
+    from synthtools.morph.template import build_template
     from synthtools.evaluation import LJ, REG_CASES, lesjak_common_to_scan
     raw = [root / f"{LJ}raw/{s}.nii.gz" for s in LESJAK_SCANS]
     masks_f = [root / f"{LJ}derived/{s}_brainmask_derived.nii.gz" for s in LESJAK_SCANS]
@@ -185,83 +202,60 @@ def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | Non
     points = [brain_points(np.asarray(m.data) > 0.5, m.affine) for m in masks]
     common = [lesjak_common_to_scan(s, root) for s in LESJAK_SCANS]   # common RAS -> scan RAS
     idx = {s: k for k, s in enumerate(LESJAK_SCANS)}
-    out: dict = {"inputs": LESJAK_SCANS}
+    ev = _LesjakEval(masks, points, common, idx, REG_CASES)
+    out: dict = {"inputs": LESJAK_SCANS, "seeds": seeds}
 
-    res3, t3 = timed(build_template, model, vols[:3])
-    res, t6 = timed(build_template, model, vols)
-    out["time_template_3_s"], out["time_template_6_s"] = _r(t3, 1), _r(t6, 1)
-
-    # Pairwise rigid (ours): every image to study1_T1W, and the REG_CASES pairs directly.
-    old = (previous or {}).get("matrices")
-    if old:
-        to_first = {int(k): np.array(m) for k, m in old["pairwise_to_first"].items()}
-        direct = {c: np.array(m) for c, m in old["pairwise_direct"].items()}
-        out["time_pair_s"] = previous["time_pair_s"]
-        out["pairwise_reused_from"] = previous.get("date", "an earlier run")
-    else:
-        to_first, times, direct = {0: np.eye(4)}, [], {}
-        for k in range(1, 6):
-            t, dt = timed(register_linear, model, vols[k], vols[0])
-            to_first[k] = t.matrix                       # study1_T1W RAS -> scan k RAS
-            times.append(dt)
-        out["time_pair_s"] = _r(statistics.fmean(times), 1)
-        for c in REG_CASES:
-            i, j = idx[c.fixed], idx[c.moving]
-            direct[c.name] = to_first[j] if i == 0 else register_linear(model, vols[j], vols[i]).matrix
+    _, t3 = timed(build_template, model, vols[:3])
+    old = (previous or {}).get("matrices") if reuse_pairwise else None
+    draws = []
+    for seed in range(seeds):
+        res, t6 = timed(build_template, model, vols, seed=seed)
+        if seed == 0 and old:
+            to_first = {int(k): np.array(m) for k, m in old["pairwise_to_first"].items()}
+            direct = {c: np.array(m) for c, m in old["pairwise_direct"].items()}
+            t_pair = previous["time_pair_s"]
+            out["pairwise_reused_from"] = previous.get("run_date", "an earlier run")
+        else:
+            # Pairwise rigid (ours): every image to study1_T1W, and the REG_CASES pairs directly.
+            to_first, times, direct = {0: np.eye(4)}, [], {}
+            for k in range(1, 6):
+                t, dt = timed(register_linear, model, vols[k], vols[0], seed=seed)
+                to_first[k] = t.matrix                       # study1_T1W RAS -> scan k RAS
+                times.append(dt)
+            t_pair = _r(statistics.fmean(times), 1)
+            for c in REG_CASES:
+                i, j = idx[c.fixed], idx[c.moving]
+                direct[c.name] = to_first[j] if i == 0 else register_linear(model, vols[j], vols[i], seed=seed).matrix
+        draw = {"seed": seed, **ev.draw(res, to_first, direct), "time_template_6_s": _r(t6, 1), "time_pair_s": t_pair}
+        print(json.dumps({"seed": seed, "cases": draw["cases"]}), flush=True)
+        if seed == 0:
+            first = (res, to_first, direct, draw)
+        draws.append(draw)
+    res, to_first, direct, d0 = first
+    out["time_template_3_s"], out["time_template_6_s"] = _r(t3, 1), d0["time_template_6_s"]
+    out["time_pair_s"] = d0["time_pair_s"]
     out["matrices"] = {"pairwise_to_first": {k: m.tolist() for k, m in to_first.items()},
                        "pairwise_direct": {c: m.tolist() for c, m in direct.items()}}
     out["time_ratio_3"] = _r(t3 / out["time_pair_s"], 2)
-    cases = {}
-    for c in REG_CASES:
-        i, j = idx[c.fixed], idx[c.moving]
-        ref = common[j] @ np.linalg.inv(common[i])   # fixed RAS -> moving RAS
-        tpl = np.linalg.inv(res.poses[j]) @ res.poses[i]
-        cases[c.name] = {"template": _r(mean_disp(tpl, ref, points[i])),
-                         "pairwise": _r(mean_disp(direct[c.name], ref, points[i]))}
-    out["cases"] = cases
+    out.update({k: v for k, v in d0.items() if k not in ("seed", "time_template_6_s", "time_pair_s")})
+    out["draws"] = draws
+    out["seed_stats"] = seed_stats(draws)
 
-    res.grid = template_grid(res)
-    out["template_grid"] = res.grid.describe()
-    in_tpl = [resample_input(res, k, m, order=0)[0] > 0.5 for k, m in enumerate(masks)]
-    out["mask_dice_template"] = _mean_dice(in_tpl)
-    first = masks[0]
-
-    def into_first(mats):
-        return [np.asarray(first.data) > 0.5] + [
-            resample_mask(masks[k], mats[k], first) for k in range(1, 6)]
-
-    def into_template(mats):
-        """Masks on the template grid through a method's pull-backs
-        study1_T1W -> scan k, placed by our template's pose of study1_T1W
-        (one common frame change: the relative alignment is the method's)."""
-        poses = [res.poses[0] @ np.linalg.inv(mats[k]) for k in range(6)]
-        return [resample_mask(masks[k], np.linalg.inv(poses[k]), res.grid) for k in range(6)]
-    tpl_to_first = {k: np.linalg.inv(res.poses[k]) @ res.poses[0] for k in range(6)}
-    out["mask_dice_pairwise"] = _mean_dice(into_first(to_first))
-    # The same grid for both methods (each evaluation grid favours nobody but itself).
-    out["mask_dice_template_on_first_grid"] = _mean_dice(into_first(tpl_to_first))
-    out["mask_dice_pairwise_on_template_grid"] = _mean_dice(into_template(to_first))
-
-    true_rel = {(i, j): common[j] @ np.linalg.inv(common[i]) for i, j in itertools.permutations(range(6), 2)}
-    # The ideal mid-space from the true relative transforms, same Karcher gauge and centre as ours.
-    ideal = ideal_poses(true_rel, 6, res.centre)
-    names = LESJAK_SCANS
-    out["bias_template"] = bias(res.poses, ideal, points, names)
-    pair_poses = [np.linalg.inv(to_first[k]) for k in range(6)]    # scan RAS -> study1_T1W RAS
-    out["bias_pairwise"] = bias(pair_poses, ideal, points, names)
-
-    if peers == "ants":
-        prev_ants = (previous or {}).get("ants", {})
-        if old and prev_ants.get("to_first"):
+    prev_ants = (previous or {}).get("ants", {})
+    keep_ants = prev_ants.get("status") == "ok" and prev_ants.get("to_first") and (
+        peers == "none" or (peers == "ants" and old))
+    if peers == "ants" or keep_ants:
+        if keep_ants:
             ants = {k: v for k, v in prev_ants.items() if k in ("status", "time_pair_s", "version", "call")}
             ants["to_first"] = {int(k): np.array(m) for k, m in prev_ants["to_first"].items()}
+            ants["reused_from"] = prev_ants.get("reused_from", previous.get("run_date", "an earlier run"))
         else:
             ants = run_ants(vols, threads)
         if ants.get("status") == "ok":
             mats = {0: np.eye(4), **{k: m for k, m in ants["to_first"].items()}}
             ants["to_first"] = {k: m.tolist() for k, m in ants["to_first"].items()}
-            ants["mask_dice"] = _mean_dice(into_first(mats))
-            ants["mask_dice_on_template_grid"] = _mean_dice(into_template(mats))
+            ants["mask_dice"] = _mean_dice(ev.into_first(mats))
+            ants["mask_dice_on_template_grid"] = _mean_dice(ev.into_template(res, mats))
             ants["cases"] = {}
             for c in REG_CASES:
                 i, j = idx[c.fixed], idx[c.moving]
@@ -269,8 +263,82 @@ def run_lesjak(root: Path, model, threads: int, peers: str, previous: dict | Non
                 est = mats[j] @ np.linalg.inv(mats[i])    # through study1_T1W
                 ants["cases"][c.name] = _r(mean_disp(est, ref, points[i]))
             ap = [np.linalg.inv(mats[k]) for k in range(6)]
-            ants["bias"] = bias(ap, ideal, points, names)
+            ants["bias"] = bias(ap, ev.ideal(res), points, LESJAK_SCANS)
         out["ants"] = ants
+    return out
+
+
+class _LesjakEval:
+    """The Lesjak numbers of one draw (template poses and pairwise matrices):
+    errors against the dataset's transforms, mask Dice on two grids, bias."""
+
+    def __init__(self, masks, points, common, idx, cases):
+        self.masks, self.points, self.common, self.idx, self.cases = masks, points, common, idx, cases
+
+    def ideal(self, res):
+        """The ideal mid-space from the true relative transforms, same Karcher gauge and centre as ours."""
+        c = self.common
+        true_rel = {(i, j): c[j] @ np.linalg.inv(c[i]) for i, j in itertools.permutations(range(6), 2)}
+        return ideal_poses(true_rel, 6, res.centre)
+
+    def into_first(self, mats):
+        first = self.masks[0]
+        return [np.asarray(first.data) > 0.5] + [resample_mask(self.masks[k], mats[k], first) for k in range(1, 6)]
+
+    def into_template(self, res, mats):
+        """Masks on the template grid through a method's pull-backs
+        study1_T1W -> scan k, placed by our template's pose of study1_T1W
+        (one common frame change: the relative alignment is the method's)."""
+        poses = [res.poses[0] @ np.linalg.inv(mats[k]) for k in range(6)]
+        return [resample_mask(self.masks[k], np.linalg.inv(poses[k]), res.grid) for k in range(6)]
+
+    def draw(self, res, to_first, direct) -> dict:
+        from synthtools.morph.template import resample_input, template_grid
+        out: dict = {"cases": {}}
+        for c in self.cases:
+            i, j = self.idx[c.fixed], self.idx[c.moving]
+            ref = self.common[j] @ np.linalg.inv(self.common[i])   # fixed RAS -> moving RAS
+            tpl = np.linalg.inv(res.poses[j]) @ res.poses[i]
+            out["cases"][c.name] = {"template": _r(mean_disp(tpl, ref, self.points[i])),
+                                    "pairwise": _r(mean_disp(direct[c.name], ref, self.points[i]))}
+        res.grid = template_grid(res)
+        out["template_grid"] = res.grid.describe()
+        out["mask_dice_template"] = _mean_dice([resample_input(res, k, m, order=0)[0] > 0.5
+                                                for k, m in enumerate(self.masks)])
+        tpl_to_first = {k: np.linalg.inv(res.poses[k]) @ res.poses[0] for k in range(6)}
+        out["mask_dice_pairwise"] = _mean_dice(self.into_first(to_first))
+        # The same grid for both methods (each evaluation grid favours nobody but itself).
+        out["mask_dice_template_on_first_grid"] = _mean_dice(self.into_first(tpl_to_first))
+        out["mask_dice_pairwise_on_template_grid"] = _mean_dice(self.into_template(res, to_first))
+        ideal = self.ideal(res)
+        out["bias_template"] = bias(res.poses, ideal, self.points, LESJAK_SCANS)
+        pair_poses = [np.linalg.inv(to_first[k]) for k in range(6)]    # scan RAS -> study1_T1W RAS
+        out["bias_pairwise"] = bias(pair_poses, ideal, self.points, LESJAK_SCANS)
+        return out
+
+
+DICE_KEYS = ("mask_dice_template", "mask_dice_pairwise_on_template_grid", "mask_dice_template_on_first_grid",
+             "mask_dice_pairwise")
+
+
+def _ms(values, nd: int = 4) -> dict:
+    """Mean and sample SD (0 for one value), ``nd`` decimals."""
+    v = list(values)
+    return {"mean": _r(statistics.fmean(v), nd), "sd": _r(statistics.stdev(v) if len(v) > 1 else 0.0, nd)}
+
+
+def seed_stats(draws: list[dict]) -> dict:
+    """Means and SDs over the draws: per pair and method, the 5 pairs' mean,
+    the mask Dice values and the bias spreads."""
+    names = list(draws[0]["cases"])
+    out: dict = {"n": len(draws), "cases": {}}
+    for name in names:
+        out["cases"][name] = {m: _ms(d["cases"][name][m] for d in draws) for m in ("template", "pairwise")}
+    out["pair_mean"] = {m: _ms(statistics.fmean(d["cases"][n][m] for n in names) for d in draws)
+                        for m in ("template", "pairwise")}
+    out.update({k: _ms((d[k] for d in draws), 6) for k in DICE_KEYS})
+    out["bias_template_spread_mm"] = _ms(d["bias_template"]["spread_mm"] for d in draws)
+    out["bias_pairwise_spread_mm"] = _ms(d["bias_pairwise"]["spread_mm"] for d in draws)
     return out
 
 
@@ -280,7 +348,8 @@ def resample_mask(mask, matrix: np.ndarray, onto) -> np.ndarray:
 
 
 def _mean_dice(masks) -> float:
-    return _r(statistics.fmean(dice(a, b) for a, b in itertools.combinations(masks, 2)), 4)
+    # 6 digits: the methods differ by ~1e-4, the seed means by less.
+    return _r(statistics.fmean(dice(a, b) for a, b in itertools.combinations(masks, 2)), 6)
 
 
 def run_ants(vols, threads: int) -> dict:
@@ -402,8 +471,12 @@ def markdown(d: dict) -> str:
               f"pairwise rigid {j['time_pair_s']} s (ratio for 3: {j['time_ratio_3']})"
               + (f"; ANTs {a['time_pair_s']} s per pair" if has else "")
               + f"; template grid {j['template_grid']}"]
+        if a.get("reused_from"):
+            L.append(f"- ANTs matrices reused from the run of {a['reused_from']} (they do not depend on the template; "
+                     "their Dice and bias recomputed here)")
         if a and not has:
             L.append(f"- ANTs: {a.get('status')}: {a.get('error')}")
+        L += seed_markdown(j)
     t = d.get("time")
     if t:
         L += ["", f"## Time (Lesjak p01, interleaved, wall and process CPU seconds, {d['threads']} threads)", "",
@@ -421,6 +494,43 @@ def markdown(d: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def seed_markdown(j: dict) -> list[str]:
+    """The Lesjak numbers over the refinement's draws of cubes (``--seeds``)."""
+    st = j.get("seed_stats", {})
+    if st.get("n", 1) < 2:
+        return []
+    draws = j["draws"]
+    names = list(st["cases"])
+    L = ["", f"### Seeds: both methods over the same {st['n']} draws of the refinement's cubes (seeds 0-{st['n'] - 1})",
+         "",
+         "The local-NCC^2 refinement, in our pairwise mode and in the template alike, draws its cubes at "
+         "random (``seed``); the network passes are deterministic. One pair's error moves by a few hundredths "
+         "of a mm between draws, more than the margins the targets are decided by, so the targets below are "
+         "judged on the means over the same draws for both methods (the tables above are draw 0).", "",
+         "| pair | template mean ± SD | pairwise mean ± SD | template per seed | pairwise per seed |",
+         "|---|---:|---:|---|---|"]
+    for n in names:
+        c = st["cases"][n]
+        L.append(f"| {n} | {c['template']['mean']:.4f} ± {c['template']['sd']:.4f} | "
+                 f"{c['pairwise']['mean']:.4f} ± {c['pairwise']['sd']:.4f} | "
+                 + ", ".join(f"{d['cases'][n]['template']:.3f}" for d in draws) + " | "
+                 + ", ".join(f"{d['cases'][n]['pairwise']:.3f}" for d in draws) + " |")
+    pm = st["pair_mean"]
+    L += [f"| mean of the 5 pairs | {pm['template']['mean']:.4f} ± {pm['template']['sd']:.4f} | "
+          f"{pm['pairwise']['mean']:.4f} ± {pm['pairwise']['sd']:.4f} | | |", ""]
+    L += ["| over seeds (mean ± SD) | template | pairwise rigid to study1_T1W |", "|---|---:|---:|",
+          f"| mask Dice, template grid | {st['mask_dice_template']['mean']:.5f} ± {st['mask_dice_template']['sd']:.5f} | "
+          f"{st['mask_dice_pairwise_on_template_grid']['mean']:.5f} ± {st['mask_dice_pairwise_on_template_grid']['sd']:.5f} |",
+          f"| mask Dice, study1_T1W grid | {st['mask_dice_template_on_first_grid']['mean']:.5f} ± "
+          f"{st['mask_dice_template_on_first_grid']['sd']:.5f} | "
+          f"{st['mask_dice_pairwise']['mean']:.5f} ± {st['mask_dice_pairwise']['sd']:.5f} |",
+          f"| bias spread (mm) | {st['bias_template_spread_mm']['mean']:.4f} ± {st['bias_template_spread_mm']['sd']:.4f} | "
+          f"{st['bias_pairwise_spread_mm']['mean']:.4f} ± {st['bias_pairwise_spread_mm']['sd']:.4f} |",
+          "", "- template of 6 per draw: " + ", ".join(f"{d['time_template_6_s']} s" for d in draws)
+          + "; one pairwise rigid per draw: " + ", ".join(f"{d['time_pair_s']} s" for d in draws)]
+    return L
+
+
 def targets(d: dict) -> list[str]:
     """The issue's targets, pass or fail, from the numbers above."""
     rows = []
@@ -433,17 +543,33 @@ def targets(d: dict) -> list[str]:
         row("known: label Dice >= 0.97", k["min_label_dice"] >= 0.97, f"min {k['min_label_dice']:.4f}")
         row("known: bias spread <= 0.2 mm", k["bias"]["spread_mm"] <= 0.2, f"{k['bias']['spread_mm']:.3f}")
     if j:
-        for name, c in j["cases"].items():
-            row(f"lesjak: {name} template <= pairwise", c["template"] <= c["pairwise"],
-                f"{c['template']:.3f} vs {c['pairwise']:.3f}")
-        row("lesjak: mask Dice >= pairwise (template grid)",
-            j["mask_dice_template"] >= j["mask_dice_pairwise_on_template_grid"],
-            f"{j['mask_dice_template']:.4f} vs {j['mask_dice_pairwise_on_template_grid']:.4f}")
-        row("lesjak: mask Dice >= pairwise (study1_T1W grid)",
-            j["mask_dice_template_on_first_grid"] >= j["mask_dice_pairwise"],
-            f"{j['mask_dice_template_on_first_grid']:.4f} vs {j['mask_dice_pairwise']:.4f}")
-        row("lesjak: bias spread <= 0.2 mm", j["bias_template"]["spread_mm"] <= 0.2,
-            f"{j['bias_template']['spread_mm']:.3f}")
+        st = j.get("seed_stats", {})
+        if st.get("n", 1) > 1:
+            # Judged on the means over the refinement's draws (## Seeds above): one draw's noise
+            # (0.02-0.05 mm per pair) exceeds the margins.
+            tag = f" (mean of {st['n']} seeds)"
+            for name, c in st["cases"].items():
+                t_, p_ = c["template"], c["pairwise"]
+                row(f"lesjak: {name} template <= pairwise{tag}", t_["mean"] <= p_["mean"],
+                    f"{t_['mean']:.4f} ± {t_['sd']:.4f} vs {p_['mean']:.4f} ± {p_['sd']:.4f}")
+            for grid, ours, theirs in (("template grid", "mask_dice_template", "mask_dice_pairwise_on_template_grid"),
+                                       ("study1_T1W grid", "mask_dice_template_on_first_grid", "mask_dice_pairwise")):
+                row(f"lesjak: mask Dice >= pairwise ({grid}){tag}", st[ours]["mean"] >= st[theirs]["mean"],
+                    f"{st[ours]['mean']:.5f} ± {st[ours]['sd']:.5f} vs {st[theirs]['mean']:.5f} ± {st[theirs]['sd']:.5f}")
+            b = st["bias_template_spread_mm"]
+            row(f"lesjak: bias spread <= 0.2 mm{tag}", b["mean"] <= 0.2, f"{b['mean']:.4f} ± {b['sd']:.4f}")
+        else:
+            for name, c in j["cases"].items():
+                row(f"lesjak: {name} template <= pairwise", c["template"] <= c["pairwise"],
+                    f"{c['template']:.3f} vs {c['pairwise']:.3f}")
+            row("lesjak: mask Dice >= pairwise (template grid)",
+                j["mask_dice_template"] >= j["mask_dice_pairwise_on_template_grid"],
+                f"{j['mask_dice_template']:.4f} vs {j['mask_dice_pairwise_on_template_grid']:.4f}")
+            row("lesjak: mask Dice >= pairwise (study1_T1W grid)",
+                j["mask_dice_template_on_first_grid"] >= j["mask_dice_pairwise"],
+                f"{j['mask_dice_template_on_first_grid']:.4f} vs {j['mask_dice_pairwise']:.4f}")
+            row("lesjak: bias spread <= 0.2 mm", j["bias_template"]["spread_mm"] <= 0.2,
+                f"{j['bias_template']['spread_mm']:.3f}")
     if t:
         row("time: template of 3 <= 3x one pair (CPU)", t["ratio3_cpu"] <= 3, f"{t['ratio3_cpu']:.2f}x")
         if "per_input_cpu_s" in t:
@@ -463,10 +589,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="synthmorph-rigid")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--reuse", action="store_true", help="keep the parts not run from an earlier longitudinal.json")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="lesjak: draws 0..N-1 of the refinement's cubes for both our methods; the targets "
+                    "are judged on the means (default 1: one draw)")
     ap.add_argument("--reuse-pairwise", action="store_true",
                     help="lesjak: take the pairwise and ANTs matrices from an earlier longitudinal.json "
                     "(they do not depend on the template) instead of registering again")
     a = ap.parse_args(argv)
+    if a.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {a.seeds}")
     limit_threads(a.threads)
     import torch
 
@@ -488,7 +619,9 @@ def main(argv=None) -> int:
         print(json.dumps(data["known"], indent=1), flush=True)
     if "lesjak" in parts:
         data["lesjak"] = run_lesjak(root, model, a.threads, a.peers,
-                                    prev.get("lesjak") if a.reuse_pairwise and prev else None)
+                                    {**prev["lesjak"], "run_date": prev.get("date")}
+                                    if (a.reuse or a.reuse_pairwise) and prev and prev.get("lesjak") else None,
+                                    reuse_pairwise=a.reuse_pairwise, seeds=a.seeds)
         print(json.dumps(data["lesjak"], indent=1, default=str), flush=True)
     if "time" in parts:
         data["time"] = run_time(root, model)

@@ -248,6 +248,30 @@ def test_copies_of_one_image_give_identity_transforms(model):
         assert brain_disp(q, np.eye(4)) < 0.05
 
 
+@needs_data
+def test_seed_draws_the_refinement_cubes_in_both_paths(model):
+    """``seed`` (default 0) reaches the local-NCC^2 refinement of the pairwise
+    mode and of the template: seed 0 is bit-identical to the default call,
+    another seed draws other cubes (a different but equally good answer)."""
+    from synthtools.morph.register import register_linear
+    move = rigid((6, -4, 5), (5, -6, 4))
+    fixed, moving = small("T1w"), small("T2w", move)
+    truth = move                                       # fixed RAS -> moving RAS
+    pair = {s: register_linear(model, moving, fixed, refine=FAST["refine"], refine_metric="lncc", seed=s).matrix
+            for s in (0, 1)}
+    default = register_linear(model, moving, fixed, refine=FAST["refine"], refine_metric="lncc").matrix
+    assert np.array_equal(pair[0], default)
+    assert not np.array_equal(pair[0], pair[1])
+    assert all(brain_disp(m, truth) < 0.5 for m in pair.values())
+    vols = [fixed, moving]
+    tpl = {s: build_template(model, vols, seed=s, **FAST).poses for s in (0, 1)}
+    tpl_default = build_template(model, vols, **FAST).poses
+    assert all(np.array_equal(a, b) for a, b in zip(tpl[0], tpl_default))
+    assert any(not np.array_equal(a, b) for a, b in zip(tpl[0], tpl[1]))
+    for poses in tpl.values():
+        assert brain_disp(np.linalg.inv(poses[1]) @ poses[0], truth) < 0.5
+
+
 @pytest.mark.slow
 @needs_data
 def test_known_motion_permutation_and_inverse_consistency(model):

@@ -107,7 +107,7 @@ def linear_options(model: Model, passes: int | None, refine, refine_metric: str 
 def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | None = None,
                     passes: int | None = None, refine: tuple[int, ...] | None = None,
                     refine_metric: str | None = None, side: FixedSide | None = None,
-                    native_level: bool = True, refine_patches: int = PATCHES) -> Affine:
+                    native_level: bool = True, refine_patches: int = PATCHES, seed: int = 0) -> Affine:
     """Rigid or affine registration (model type 'rigid'/'affine'): the
     pull-back fixed RAS -> moving RAS, with both grids recorded.
 
@@ -126,7 +126,9 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
     the last entry of ``refine`` being a level on the native grids.
     ``native_level=False`` skips that native level (joint mode: the
     deformable step absorbs the sub-voxel residual). ``refine_patches``:
-    cubes per local-NCC^2 level."""
+    cubes per local-NCC^2 level; ``seed`` draws their centres (the only
+    random step: the result moves by a few hundredths of a mm between
+    seeds, so compare methods over several seeds)."""
     passes, refine, refine_metric = linear_options(model, passes, refine, refine_metric)
     if not native_level and refine_metric == "lncc" and refine:
         refine = refine[:-1] + (0,)
@@ -167,7 +169,8 @@ def register_linear(model: Model, moving: Volume, fixed: Volume, init: Affine | 
             levels = refine[:-1]
         step = refine_linear(ff.float().cpu(), None if fm is None else fm.float().cpu(), af, am, rigid=model_kind(model) == "rigid",
                              iterations=levels, images=images, native=native,
-                             native_iterations=refine[-1] if native else 0, patches=refine_patches).numpy()
+                             native_iterations=refine[-1] if native else 0, seed=seed,
+                             patches=refine_patches).numpy()
         m = m @ np.linalg.inv(shift) @ step @ shift
     return Affine(m, fixed=as_geometry(fixed), moving=as_geometry(moving))
 

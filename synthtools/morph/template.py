@@ -284,7 +284,7 @@ def _network_pass(model: Model, sides: list[_Side], s: np.ndarray, poses: list[n
 
 def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_poses: list[np.ndarray],
                  poses: list[np.ndarray], s: np.ndarray, refine: tuple[int, ...], metric: str,
-                 edges: list[tuple[int, int]], patches: int = PATCHES) -> dict:
+                 edges: list[tuple[int, int]], patches: int = PATCHES, seed: int = 0) -> dict:
     """Local-NCC^2 (``patches`` cubes per level) or feature refinement of
     each edge (fixed i, moving j) with both inputs placed by the current
     ``poses``; the conformed grids of the last network pass (made at
@@ -292,7 +292,9 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
     input against all its partners in one call (:func:`refine_linear_group`:
     the same answer as pair by pair, the fixed side's pyramid, cubes and
     their values made once per input instead of once per pair), with each
-    input's normalised native scan and feature mass made once."""
+    input's normalised native scan and feature mass made once. ``seed``
+    draws each fixed input's cubes (the feature criterion has no random
+    step)."""
     si = np.linalg.inv(s)
     rigid = model_kind(model) == "rigid"
     n = len(sides)
@@ -311,7 +313,7 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
             out = refine_linear_group(mass, placed[i], images[i], [(images[j], placed[j]) for j in partners], rigid,
                                       iterations=refine[:-1], native_fixed=natives[i],
                                       native_movings=[natives[j] for j in partners], native_iterations=refine[-1],
-                                      patches=patches)
+                                      seed=seed, patches=patches)
             corrections.update({(i, j): e for j, e in zip(partners, out)})
     else:
         for i, j in edges:
@@ -326,13 +328,15 @@ def _refine_pass(model: Model, volumes: list[Volume], sides: list[_Side], side_p
 
 def build_template(model: Model, volumes: Sequence[Volume], passes: int | None = None,
                    refine: tuple[int, ...] | None = None, refine_metric: str | None = None,
-                   log=None) -> TemplateResult:
+                   log=None, seed: int = 0) -> TemplateResult:
     """Poses of every input in an unbiased mid-space (module docstring).
 
     ``passes``/``refine``/``refine_metric``: as
     :func:`~synthtools.morph.register.register_linear` (defaults: the
     model's ``inference``). ``log``: optional callable taking one progress
-    line. Only the first frame of a 4D input is used. The work runs in
+    line. ``seed``: the refinement's draw of cubes (as
+    :func:`~synthtools.morph.register.register_linear`). Only the first
+    frame of a 4D input is used. The work runs in
     :func:`canonical_order`, so any permutation of the inputs gives the same
     poses (permuted), and two inputs swapped give exactly inverse relative
     transforms."""
@@ -354,7 +358,7 @@ def build_template(model: Model, volumes: Sequence[Volume], passes: int | None =
     if any(refine):
         edges = partner_edges(n)
         patches = edge_patches(n)
-        measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, edges, patches)
+        measured = _refine_pass(model, vols, sides, side_poses, poses, s, refine, metric, edges, patches, seed)
         poses = solve_poses(n, measured, centre, init=poses)
         say(f"refinement: {len(edges)} directed pairs, {patches} cubes each")
     brains = [_brain_points(sd, q) for sd, q in zip(sides, side_poses)]
