@@ -288,9 +288,12 @@ def test_segment_export_carries_the_shipped_atlases(label_dir, tmp_path):
     assert default_atlases(model) == default_atlases(shipped) > 0
     assert all(f.read_bytes() == g.read_bytes() for f, g in zip(atlas_files(model), atlas_files(shipped)))
     assert model.meta["atlas"]["copied_from"] == "synthseg"
-    # The bundled segment recipe's refinement choice travels with the weights.
+    # The bundled segment recipe's refinement choice travels with the weights;
+    # metadata without it (older exports) keeps the original "region".
     from synthtools.seg.segmenter import refine_background
-    assert refine_background(model) == "all" and refine_background(shipped) == "region"
+    from synthtools.weights import Model
+    assert refine_background(model) == "all" == refine_background(shipped)
+    assert refine_background(Model(model.net, {"task": "segment"}, dest)) == "region"
     # Without it: no atlases (the CLI's default is then --atlases 0).
     assert "atlas" not in load_model(export(recipe, tmp_path / "run", tmp_path / "bare", "seg")).meta
     # Atlases whose labels the model cannot output are refused, in one line.
