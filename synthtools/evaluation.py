@@ -162,15 +162,20 @@ CONSISTENCY_SETS = [
 def _onto_reference(labels: np.ndarray, vol: Volume, ref: Volume, cset: ConsistencySet, scans) -> np.ndarray:
     """A label map of ``vol`` resampled (nearest) onto the reference's grid."""
     from .conform import resample
-    affine = vol.affine
+    affine = _to_reference(vol, cset, scans) @ vol.affine
+    return resample(labels.astype(np.int32), affine, ref.affine, ref.shape, order=0)
+
+
+def _to_reference(vol: Volume, cset: ConsistencySet, scans) -> np.ndarray:
+    """4x4: ``vol``'s RAS -> the set's reference scan's RAS (``scans``: the
+    two paths, this scan's first)."""
+    if cset.grid == "same":
+        return np.eye(4)
     if cset.grid == "lesjak":
         # common -> scan maps of both scans: scan RAS -> reference RAS is ref_c @ inv(scan_c).
         scan_name, ref_name = (Path(p).name.removesuffix(".nii.gz") for p in scans)
-        to_ref = lesjak_common_to_scan(ref_name) @ np.linalg.inv(lesjak_common_to_scan(scan_name))
-        affine = to_ref @ affine
-    elif cset.grid != "same":
-        raise ValueError(f"unknown grid kind {cset.grid!r}")
-    return resample(labels.astype(np.int32), affine, ref.affine, ref.shape, order=0)
+        return lesjak_common_to_scan(ref_name) @ np.linalg.inv(lesjak_common_to_scan(scan_name))
+    raise ValueError(f"unknown grid kind {cset.grid!r}")
 
 
 def score_consistency(predict_labels: Callable[[Volume], np.ndarray], sets=None,
@@ -190,6 +195,63 @@ def score_consistency(predict_labels: Callable[[Volume], np.ndarray], sets=None,
         for contrast, path in others:
             vol = load_volume(root / path)
             moved = _onto_reference(predict_labels(vol), vol, ref, cset, (path, ref_path))
+            out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
+    if out:
+        out["consistency_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+# The anatomy behind consistency_ceiling: BrainWeb's 1 mm crisp classes (1 CSF, 2 GM, 3 WM),
+# written as one SynthSeg label per class so that tissue_consistency reads them.
+CEILING_ANATOMY = f"{V}brainweb_subject04/crisp_labels_1mm_majority.nii.gz"
+_CLASS_LABEL = np.array([0, 24, 3, 2], dtype=np.int32)   # background, CSF, cortex, cerebral WM
+
+
+def _perfect_labels(vol: Volume, to_anatomy: np.ndarray, anatomy: Volume, samples: int = 5) -> np.ndarray:
+    """The labels a perfect segmenter gives on ``vol``'s grid: the majority
+    class of the 1 mm ``anatomy`` over each voxel's extent along its thickest
+    axis (``samples`` points; thin in-plane voxels need none). ``to_anatomy``:
+    the scan's RAS -> the anatomy's RAS (mm)."""
+    from scipy.ndimage import map_coordinates
+    classes = np.rint(anatomy.data).astype(np.int32)
+    classes[(classes < 0) | (classes > 3)] = 0          # fat, muscle, skull...: not brain tissue
+    axis = int(np.argmax(np.linalg.norm(vol.affine[:3, :3], axis=0)))
+    vox = np.indices(vol.shape[:3], dtype=np.float32).reshape(3, -1)
+    to_vox = np.linalg.inv(anatomy.affine) @ to_anatomy @ vol.affine
+    votes = np.zeros((4, vox.shape[1]), np.uint8)
+    for offset in np.linspace(-0.4, 0.4, samples):
+        shifted = vox.copy()
+        shifted[axis] += offset
+        at = to_vox[:3, :3].astype(np.float32) @ shifted + to_vox[:3, 3:].astype(np.float32)
+        votes[map_coordinates(classes, at, order=0, mode="constant", cval=0), np.arange(vox.shape[1])] += 1
+    return _CLASS_LABEL[votes.argmax(0)].reshape(vol.shape[:3])
+
+
+def consistency_ceiling(sets=None, root: Path | None = None) -> dict[str, float]:
+    """What :func:`score_consistency` gives a perfect segmenter: the same
+    keys, scored on the labels of one 1 mm anatomy (:data:`CEILING_ANATOMY`,
+    centred on each set's reference scan) drawn on each scan's own grid.
+    Below 1 where the grids differ: a 4 mm slice and a 3 mm slice cannot
+    agree on a thin cortex (the Lesjak pairs), whatever the segmenter. A
+    proxy, as the anatomy is not the scans' own."""
+    root = root or data_root()
+    if not (root / CEILING_ANATOMY).is_file():
+        return {}
+    anatomy = load_volume(root / CEILING_ANATOMY, dtype=None)
+    centre = anatomy.affine @ np.r_[(np.array(anatomy.shape[:3]) - 1) / 2, 1]
+    out: dict[str, float] = {}
+    for cset in CONSISTENCY_SETS if sets is None else sets:
+        if not cset.available(root):
+            continue
+        (_, ref_path), *others = cset.scans
+        ref = load_volume(root / ref_path)
+        place = np.eye(4)   # reference RAS -> anatomy RAS: the grids' centres together
+        place[:3, 3] = (centre - ref.affine @ np.r_[(np.array(ref.shape[:3]) - 1) / 2, 1])[:3]
+        ref_labels = _perfect_labels(ref, place, anatomy)
+        for contrast, path in others:
+            vol = load_volume(root / path)
+            to_ref = _to_reference(vol, cset, (path, ref_path))
+            moved = _onto_reference(_perfect_labels(vol, place @ to_ref, anatomy), vol, ref, cset, (path, ref_path))
             out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
     if out:
         out["consistency_mean"] = float(np.mean(list(out.values())))

@@ -185,6 +185,37 @@ def test_contrast_consistency_is_one_for_identical_labels_and_drops_with_a_shift
     assert scores["consistency_mean"] == pytest.approx((1.0 + scores["consistency_toy_T2"]) / 2)
 
 
+def test_consistency_ceiling_is_one_on_one_grid_and_below_one_across_slice_grids(tmp_path):
+    """The perfect segmenter behind consistency_ceiling: on the anatomy's own
+    grid it returns the anatomy; on 4 mm slices it returns each slab's
+    majority class, so a 3 mm- and a 4 mm-slice scan of one anatomy disagree."""
+    import nibabel as nib
+    from synthtools.evaluation import CEILING_ANATOMY, ConsistencySet, _perfect_labels, consistency_ceiling
+    from synthtools.io import Volume
+    classes = np.zeros((40, 40, 40), np.int16)
+    classes[5:35, 5:35, 5:35] = 1
+    for z in range(6, 34):                          # thin GM/WM layers along z, 1-2 mm each
+        classes[6:34, 6:34, z] = 2 if z % 3 else 3
+    anatomy = Volume(classes.astype(np.float32), np.eye(4))
+    own = _perfect_labels(anatomy, np.eye(4), anatomy)
+    assert np.array_equal(own, np.array([0, 24, 3, 2])[classes])
+    thick = Volume(np.zeros((40, 40, 10), np.float32), np.diag([1.0, 1.0, 4.0, 1.0]))
+    slabs = _perfect_labels(thick, np.eye(4), anatomy)
+    assert slabs.shape == (40, 40, 10)
+    assert np.all(slabs[20, 20, 2:8] == 3)          # GM is 2 of every 3 mm: the majority of each slab
+    # Through the scoring path: T1 on 3 mm slices, T2 on 4 mm, PD on T1's grid.
+    (tmp_path / CEILING_ANATOMY).parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(classes, np.eye(4)), str(tmp_path / CEILING_ANATOMY))
+    for name, zoom in (("t1", 3.0), ("t2", 4.0), ("pd", 3.0)):
+        n = int(40 / zoom)
+        img = np.ones((40, 40, n), np.float32) + np.arange(n)   # not constant
+        nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, zoom, 1.0])), str(tmp_path / f"{name}.nii.gz"))
+    cset = ConsistencySet("toy", (("T1", "t1.nii.gz"), ("T2", "t2.nii.gz"), ("PD", "pd.nii.gz")))
+    ceiling = consistency_ceiling([cset], root=tmp_path)
+    assert ceiling["consistency_toy_PD"] == 1.0
+    assert ceiling["consistency_toy_T2"] < 0.95
+
+
 def test_burst_continues_a_run_in_place_on_the_cpu(label_dir, tmp_path):
     """The GPU burst command, dry-run on the CPU at a tiny size: it reads
     the run's own config, resumes its checkpoint and writes it back."""
