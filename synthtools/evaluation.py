@@ -184,6 +184,13 @@ def score_consistency(predict_labels: Callable[[Volume], np.ndarray], sets=None,
     on the reference T1 and on another contrast of the same anatomy
     (:func:`tissue_consistency`), on the reference's grid; plus
     ``consistency_mean`` over them all. No manual labels needed."""
+    return _score_sets(lambda vol, ref, to_ref: predict_labels(vol), sets, root)
+
+
+def _score_sets(labels_of: Callable[[Volume, Volume, np.ndarray], np.ndarray], sets, root: Path | None
+                ) -> dict[str, float]:
+    """:func:`score_consistency` with ``labels_of(scan, reference scan,
+    scan RAS -> reference RAS)`` giving each scan's labels."""
     root = root or data_root()
     out: dict[str, float] = {}
     for cset in CONSISTENCY_SETS if sets is None else sets:
@@ -191,10 +198,11 @@ def score_consistency(predict_labels: Callable[[Volume], np.ndarray], sets=None,
             continue
         (_, ref_path), *others = cset.scans
         ref = load_volume(root / ref_path)
-        ref_labels = predict_labels(ref)
+        ref_labels = labels_of(ref, ref, np.eye(4))
         for contrast, path in others:
             vol = load_volume(root / path)
-            moved = _onto_reference(predict_labels(vol), vol, ref, cset, (path, ref_path))
+            to_ref = _to_reference(vol, cset, (path, ref_path))
+            moved = _onto_reference(labels_of(vol, ref, to_ref), vol, ref, cset, (path, ref_path))
             out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
     if out:
         out["consistency_mean"] = float(np.mean(list(out.values())))
@@ -238,24 +246,15 @@ def consistency_ceiling(sets=None, root: Path | None = None) -> dict[str, float]
     if not (root / CEILING_ANATOMY).is_file():
         return {}
     anatomy = load_volume(root / CEILING_ANATOMY, dtype=None)
-    centre = anatomy.affine @ np.r_[(np.array(anatomy.shape[:3]) - 1) / 2, 1]
-    out: dict[str, float] = {}
-    for cset in CONSISTENCY_SETS if sets is None else sets:
-        if not cset.available(root):
-            continue
-        (_, ref_path), *others = cset.scans
-        ref = load_volume(root / ref_path)
-        place = np.eye(4)   # reference RAS -> anatomy RAS: the grids' centres together
-        place[:3, 3] = (centre - ref.affine @ np.r_[(np.array(ref.shape[:3]) - 1) / 2, 1])[:3]
-        ref_labels = _perfect_labels(ref, place, anatomy)
-        for contrast, path in others:
-            vol = load_volume(root / path)
-            to_ref = _to_reference(vol, cset, (path, ref_path))
-            moved = _onto_reference(_perfect_labels(vol, place @ to_ref, anatomy), vol, ref, cset, (path, ref_path))
-            out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
-    if out:
-        out["consistency_mean"] = float(np.mean(list(out.values())))
-    return out
+
+    def centre(vol: Volume) -> np.ndarray:   # RAS (mm) of a grid's centre
+        return (vol.affine @ np.r_[(np.array(vol.shape[:3]) - 1) / 2, 1])[:3]
+
+    def perfect(vol: Volume, ref: Volume, to_ref: np.ndarray) -> np.ndarray:
+        place = np.eye(4)   # reference RAS -> anatomy RAS: the two grids' centres together
+        place[:3, 3] = centre(anatomy) - centre(ref)
+        return _perfect_labels(vol, place @ to_ref, anatomy)
+    return _score_sets(perfect, sets, root)
 
 
 # ---------------------------------------------------------------- registration
