@@ -159,16 +159,16 @@ CONSISTENCY_SETS = [
 ]
 
 
-def _onto_reference(labels: np.ndarray, vol: Volume, ref: Volume, cset: ConsistencySet, scans) -> np.ndarray:
-    """A label map of ``vol`` resampled (nearest) onto the reference's grid."""
+def _onto_reference(labels: np.ndarray, vol: Volume, ref: Volume, to_ref: np.ndarray) -> np.ndarray:
+    """A label map of ``vol`` resampled (nearest) onto the reference's grid
+    (``to_ref``: ``vol``'s RAS -> the reference's, :func:`_to_reference`)."""
     from .conform import resample
-    affine = _to_reference(vol, cset, scans) @ vol.affine
-    return resample(labels.astype(np.int32), affine, ref.affine, ref.shape, order=0)
+    return resample(labels.astype(np.int32), to_ref @ vol.affine, ref.affine, ref.shape, order=0)
 
 
-def _to_reference(vol: Volume, cset: ConsistencySet, scans) -> np.ndarray:
-    """4x4: ``vol``'s RAS -> the set's reference scan's RAS (``scans``: the
-    two paths, this scan's first)."""
+def _to_reference(cset: ConsistencySet, scans) -> np.ndarray:
+    """4x4: a scan's RAS -> the set's reference scan's RAS (``scans``: the
+    two paths, the scan's first)."""
     if cset.grid == "same":
         return np.eye(4)
     if cset.grid == "lesjak":
@@ -201,8 +201,8 @@ def _score_sets(labels_of: Callable[[Volume, Volume, np.ndarray], np.ndarray], s
         ref_labels = labels_of(ref, ref, np.eye(4))
         for contrast, path in others:
             vol = load_volume(root / path)
-            to_ref = _to_reference(vol, cset, (path, ref_path))
-            moved = _onto_reference(labels_of(vol, ref, to_ref), vol, ref, cset, (path, ref_path))
+            to_ref = _to_reference(cset, (path, ref_path))
+            moved = _onto_reference(labels_of(vol, ref, to_ref), vol, ref, to_ref)
             out[f"consistency_{cset.name}_{contrast}"] = tissue_consistency(ref_labels, moved)
     if out:
         out["consistency_mean"] = float(np.mean(list(out.values())))
