@@ -61,6 +61,7 @@ class RecipeSection(_Section):
     name: str = ""                    # skullstrip, segment, rigid, affine, deform (required to train)
     voxsize: float = 2.0              # training (and inference) voxel size, mm
     ndim: int = 3                     # 2: single-slice training, 2D U-Net
+    slab: int = 0                     # 2D: neighbouring slices each side as extra input channels (2.5D)
     shape: Optional[tuple[int, ...]] = None  # training crop, voxels (default: the recipe's)
     # segment
     flip_prob: float = 0.5            # probability of a left-right flip (fraction)

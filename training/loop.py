@@ -408,8 +408,10 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
     the rest (typically the output head); returns the names kept new.
     ``widen``: ``model`` is a wider U-Net than the one of ``weights``; embed
     them so that it starts computing exactly the same output
-    (:mod:`synthtools.training.widen`). Otherwise any mismatch is an error, so a wrong
-    file cannot slip through."""
+    (:mod:`synthtools.training.widen`). A 2.5D network (``recipe.slab``)
+    starts from a single-slice one's weights, embedded so that it computes
+    the same output (``embed_slab_input``). Otherwise any mismatch is an
+    error, so a wrong file cannot slip through."""
     if widen:
         from .widen import widen_unet_state
         if partial:
@@ -420,6 +422,11 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
         model.load_state_dict(widen_unet_state(weights, model.state_dict(), arch["in_channels"],
                                                arch["out_channels"]))
         return []
+    arch = getattr(model, "config", {})
+    first = weights.get("down.0.0.weight")
+    if arch.get("ndim") == 2 and arch.get("in_channels", 1) > 1 and first is not None and first.shape[1] == 1:
+        from .widen import embed_slab_input   # a 2.5D network from a single-slice one
+        weights = embed_slab_input(weights, arch["in_channels"])
     if not partial:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
         return []

@@ -94,3 +94,21 @@ def widen_unet_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
                 raise ValueError(f"{key}: input channels do not add up")
         out[key] = w
     return out
+
+
+def embed_slab_input(weights: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A single-slice 2D U-Net's weights for a 2.5D one that reads
+    ``in_channels`` (odd) slices: the first convolution reads the centre
+    slice with the old kernel and the neighbours with zero weights, so the
+    new network starts computing exactly the old output and learns to use
+    the neighbours from the first step. Other tensors are unchanged."""
+    key = "down.0.0.weight"
+    w = weights.get(key)
+    if w is None or w.shape[1] != 1 or in_channels % 2 == 0:
+        raise ValueError(f"a slab needs a single-channel U-Net's weights and an odd channel count, "
+                         f"got {None if w is None else w.shape[1]} -> {in_channels}")
+    out = dict(weights)
+    new = torch.zeros((w.shape[0], in_channels, *w.shape[2:]), dtype=w.dtype)
+    new[:, in_channels // 2] = w[:, 0]
+    out[key] = new
+    return out

@@ -115,11 +115,18 @@ class Synthesizer:
         self.brain_lut = brain_lut  # index -> 1 for brain, for simulated skull-stripping
 
     def spatial(self, index_map: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
-                out_shape=None, out_voxsize=None) -> tuple[torch.Tensor, Transform]:
-        """Warp the label map once (nearest neighbour) onto the output grid."""
+                out_shape=None, out_voxsize=None, shift: Sequence[float] | None = None
+                ) -> tuple[torch.Tensor, Transform]:
+        """Warp the label map once (nearest neighbour) onto the output grid.
+        ``shift`` (mm per input axis) moves the point the output grid's
+        centre samples away from the input's centre (on top of the random
+        translation): a thin output slab then cuts the anatomy where asked."""
         c = self.config
         t = sample_transform(index_map.shape, voxsize, gen, c.affine, c.warp, out_shape, out_voxsize,
                              index_map.device)
+        if shift is not None:
+            n = len(t.in_shape)
+            t.matrix[:n, n] += torch.tensor([float(v) for v in shift], dtype=t.matrix.dtype)
         return nearest(index_map, t.coords(index_map.device)), t
 
     def image(self, labels: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
@@ -140,8 +147,8 @@ class Synthesizer:
         return c.strip(x, brain, gen).clamp(0, 1)
 
     def __call__(self, index_map: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
-                 out_shape=None, out_voxsize=None) -> Sample:
-        labels, t = self.spatial(index_map, voxsize, gen, out_shape, out_voxsize)
+                 out_shape=None, out_voxsize=None, shift: Sequence[float] | None = None) -> Sample:
+        labels, t = self.spatial(index_map, voxsize, gen, out_shape, out_voxsize, shift)
         vox = t.out_voxsize
         fov = self.config.fov(labels.shape, gen, labels.device)
         image = self.image(labels, vox, gen, fov)

@@ -91,7 +91,7 @@ class SegmentRecipe(Recipe):
 
     def build_model(self) -> UNet:
         m = self.cfg.model
-        return UNet(self.ndim, 1, len(SYNTHSEG_LABELS), features=m.features or (16, 32, 64, 64),
+        return UNet(self.ndim, self.in_channels, len(SYNTHSEG_LABELS), features=m.features or (16, 32, 64, 64),
                     convs=m.convs, norm=m.norm, deep_supervision=m.deep_supervision)
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
@@ -103,9 +103,12 @@ class SegmentRecipe(Recipe):
         if uniform(gen, 0, 1) < self.flip_prob:
             # Axis 0 of the label maps (LIA) is left-right: mirror and swap sides.
             # A sagittal 2D slice (lr_axis None) mirrors to the other hemisphere's
-            # slice: same picture, swapped labels.
+            # slice: same picture, swapped labels; a sagittal slab's neighbours
+            # (its channels) also swap sides.
             if lr_axis is not None:
                 image, labels = image.flip(1 + lr_axis), labels.flip(lr_axis)
+            else:
+                image = image.flip(0)
             labels = self.flip_index.to(labels.device)[labels]
         return {"image": image, "target": self.to_channel.to(labels.device)[labels]}
 

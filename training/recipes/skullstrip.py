@@ -58,7 +58,7 @@ class SkullStripRecipe(Recipe):
 
     def build_model(self) -> UNet:
         m = self.cfg.model
-        return UNet(self.ndim, 1, len(self.boundaries), features=m.features or (16, 32, 64, 64), convs=m.convs)
+        return UNet(self.ndim, self.in_channels, len(self.boundaries), features=m.features or (16, 32, 64, 64), convs=m.convs)
 
     def targets(self, image: torch.Tensor, labels: torch.Tensor, fov: torch.Tensor, gen: torch.Generator,
                 lr_axis: int | None = 0) -> dict[str, torch.Tensor]:
