@@ -163,3 +163,15 @@ def test_sanity_gate_tiny_slab_segmenter_fits_one_sample(label_dir, tmp_path):
     train(get_recipe(cfg), tmp_path / "s", steps=300, sanity=True, log=lambda *a: None)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert losses[0] > 1.0 and min(losses) < 0.1
+
+
+def test_feature_diagnostic_reads_slabs_like_inference():
+    from synthtools.training.diagnostics import features
+    torch.manual_seed(0)
+    single = UNet(2, 1, 4, features=(4, 8, 16), convs=1, norm="instance").eval()
+    slab = UNet(2, 3, 4, features=(4, 8, 16), convs=1, norm="instance").eval()
+    load_init(slab, single.state_dict())
+    x = torch.rand(16, 16, 20)
+    for a, b in zip(features(single, x), features(slab, x)):
+        assert a.shape == b.shape and a.shape[-3:] in ((16, 16, 20), (8, 8, 20), (4, 4, 20))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

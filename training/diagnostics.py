@@ -96,13 +96,17 @@ def compare_features(fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor], mas
 
 def features(net: torch.nn.Module, x: torch.Tensor, chunk: int = 16) -> list[torch.Tensor]:
     """``net.features`` of a (X, Y, Z) image: each layer (C, *S). A 2D network
-    runs slice by slice along the last axis (as at inference)."""
+    runs slice by slice along the last axis (as at inference; a 2.5D one
+    reads each slice's neighbours as channels, zeros past the grid)."""
     with torch.inference_mode():
         if getattr(net, "ndim", 3) == 3:
             return [f[0].float() for f in net.features(x[None, None].float())]
+        slab = (getattr(net, "config", {}).get("in_channels", 1) - 1) // 2
+        padded = F.pad(x, (slab, slab))
         parts: list[list[torch.Tensor]] = []
         for z0 in range(0, x.shape[-1], chunk):
-            xb = x[..., z0:z0 + chunk].permute(2, 0, 1)[:, None].float()   # (slices, 1, X, Y)
+            z1 = min(z0 + chunk, x.shape[-1])
+            xb = padded[..., z0:z1 + 2 * slab].unfold(-1, 2 * slab + 1, 1).permute(2, 3, 0, 1).float()
             parts.append([f.float().permute(1, 2, 3, 0) for f in net.features(xb)])
         return [torch.cat(layer, dim=-1) for layer in zip(*parts)]
 
