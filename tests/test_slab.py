@@ -55,8 +55,9 @@ def test_synthesizer_shift_moves_the_output_grid_centre():
         assert torch.equal(s.labels, index[k - 1:k + 2])
 
 
-def test_slab_sample_reads_the_neighbouring_slices_in_order(label_dir, monkeypatch):
-    recipe = identity_recipe(label_dir, **{"recipe.flip_prob": 0.0})
+@pytest.mark.parametrize("draw", ["3d", "2d"])
+def test_slab_sample_reads_the_neighbouring_slices_in_order(label_dir, monkeypatch, draw):
+    recipe = identity_recipe(label_dir, **{"recipe.flip_prob": 0.0, "recipe.slab_draw": draw})
     index = random_index_map(recipe)
     padded = torch.nn.functional.pad(index, (1, 1, 1, 1, 1, 1))   # outside the map: background
     for axis, k in ((0, 7), (1, 0), (2, 15)):
@@ -71,12 +72,13 @@ def test_slab_sample_reads_the_neighbouring_slices_in_order(label_dir, monkeypat
             assert not is_function_of(sample["image"][0], padded.select(axis, k + 2)[1:-1, 1:-1])
 
 
+@pytest.mark.parametrize("draw", ["3d", "2d"])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_flipped_slab_mirrors_its_channels_and_swaps_the_labels(label_dir, monkeypatch, axis):
+def test_flipped_slab_mirrors_its_channels_and_swaps_the_labels(label_dir, monkeypatch, axis, draw):
     """A left-right mirror of a sagittal slab (axis 0 is left-right) reverses
     its slices; of a coronal or axial slab, it mirrors each slice."""
-    plain = identity_recipe(label_dir, **{"recipe.flip_prob": 0.0})
-    flipped = identity_recipe(label_dir, **{"recipe.flip_prob": 1.0})
+    plain = identity_recipe(label_dir, **{"recipe.flip_prob": 0.0, "recipe.slab_draw": draw})
+    flipped = identity_recipe(label_dir, **{"recipe.flip_prob": 1.0, "recipe.slab_draw": draw})
     index = random_index_map(plain)
     for r in (plain, flipped):
         monkeypatch.setattr(r, "random_slice", lambda *a: (axis, 8))
@@ -153,11 +155,14 @@ def test_slab_recipe_records_it_and_builds_a_multichannel_network(label_dir):
     assert "slab" not in get_recipe(slab_cfg(label_dir, **{"recipe.slab": 0})).metadata()["inference"]
     with pytest.raises(ValueError, match="slab"):
         get_recipe(slab_cfg(label_dir, **{"recipe.ndim": 3, "recipe.shape": [16, 16, 16]}))
+    with pytest.raises(ValueError, match="slab_draw"):
+        get_recipe(slab_cfg(label_dir, **{"recipe.slab_draw": "4d"}))
 
 
-def test_sanity_gate_tiny_slab_segmenter_fits_one_sample(label_dir, tmp_path):
+@pytest.mark.parametrize("draw", ["3d", "2d"])
+def test_sanity_gate_tiny_slab_segmenter_fits_one_sample(label_dir, tmp_path, draw):
     """Issue 29's gate for the 2.5D network at CI size."""
-    cfg = slab_cfg(label_dir, **{"train.optimizer": "adamw", "train.lr": 3e-3, "train.warmup": 20,
+    cfg = slab_cfg(label_dir, **{"recipe.slab_draw": draw, "train.optimizer": "adamw", "train.lr": 3e-3, "train.warmup": 20,
                                  "model.deep_supervision": 1, "train.bf16": False, "train.batch": 4,
                                  "recipe.voxsize": 8.0})
     train(get_recipe(cfg), tmp_path / "s", steps=300, sanity=True, log=lambda *a: None)

@@ -62,6 +62,7 @@ class RecipeSection(_Section):
     voxsize: float = 2.0              # training (and inference) voxel size, mm
     ndim: int = 3                     # 2: single-slice training, 2D U-Net
     slab: int = 0                     # 2D: neighbouring slices each side as extra input channels (2.5D)
+    slab_draw: str = "3d"             # "3d": the 3D generator draws the slab; "2d": label-map slices, one 2D draw
     shape: Optional[tuple[int, ...]] = None  # training crop, voxels (default: the recipe's)
     # segment
     flip_prob: float = 0.5            # probability of a left-right flip (fraction)

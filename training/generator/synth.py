@@ -130,11 +130,14 @@ class Synthesizer:
         return nearest(index_map, t.coords(index_map.device)), t
 
     def image(self, labels: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
-              fov: torch.Tensor | None = None) -> torch.Tensor:
-        """Synthesise a corrupted image (1, *S) from an (already warped) index map."""
+              fov: torch.Tensor | None = None, channels: bool = False) -> torch.Tensor:
+        """Synthesise a corrupted image (1, *S) from an (already warped) index
+        map; with ``channels``, (C, *S) from C maps (C, *S) of one grid, all
+        drawn with one contrast and one set of corruptions."""
         c = self.config
         num = self.num_labels or int(labels.max()) + 1
-        x = c.gmm(labels, num, gen)[None]
+        x = c.gmm(labels, num, gen)
+        x = x if channels else x[None]
         x = c.bias(x, gen)
         x = c.blur(x, voxsize, gen)
         x = c.noise(x, gen)
@@ -145,6 +148,22 @@ class Synthesizer:
         x = c.clear(x, gen)
         brain = self.brain_lut.to(labels.device)[labels.long()] if self.brain_lut is not None else None
         return c.strip(x, brain, gen).clamp(0, 1)
+
+    def stack(self, index_maps: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
+              out_shape=None, out_voxsize=None) -> Sample:
+        """C parallel maps (C, *S) drawn as one picture of C channels: one
+        transform of their shared grid, one contrast, one set of corruptions
+        (neighbouring 2D slices of a scan). ``labels`` is (C, *S_out)."""
+        c = self.config
+        device = index_maps.device
+        t = sample_transform(index_maps.shape[1:], voxsize, gen, c.affine, c.warp, out_shape, out_voxsize, device)
+        coords = t.coords(device)
+        labels = torch.stack([nearest(m, coords) for m in index_maps])
+        fov = c.fov(labels.shape[1:], gen, device)
+        image = self.image(labels, t.out_voxsize, gen, fov, channels=True)
+        if c.crop_labels:
+            labels = labels * fov
+        return Sample(image, labels, fov, t)
 
     def __call__(self, index_map: torch.Tensor, voxsize: Sequence[float], gen: torch.Generator,
                  out_shape=None, out_voxsize=None, shift: Sequence[float] | None = None) -> Sample:

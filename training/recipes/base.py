@@ -80,6 +80,9 @@ class Recipe:
             raise ValueError(f"recipe.slab must be 0, or a number of slices >= 1 with recipe.ndim = 2; "
                              f"got {self.slab} with ndim {self.ndim}")
         self.in_channels = 2 * self.slab + 1   # the image channels the network reads
+        self.slab_draw = cfg.recipe.slab_draw
+        if self.slab_draw not in ("2d", "3d"):
+            raise ValueError(f"recipe.slab_draw must be '2d' or '3d', got {self.slab_draw!r}")
         self.labels = LabelSet()
         self.real_target = cfg.real.target
         if self.real_target not in ("labels", "mask"):
@@ -108,13 +111,19 @@ class Recipe:
     def make_slab_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """A 2.5D sample: a slab of ``2 slab + 1`` slices (the training voxel
         size apart) across a random axis, centred on a random slice that
-        shows brain, drawn by the 3D generator: the slices share one
-        deformation, one contrast and one through-plane blur, as the
-        neighbouring slices of a scan do. The slices become the input
-        channels (in increasing order along the axis) and the centre slice's
-        labels the target. The 3D generator costs ~45 ms per slab on one
-        thread (its 3D warp), against ~4 ms for a single 2D slice."""
+        shows brain. The slices become the input channels (in increasing
+        order along the axis) and the centre slice's labels the target.
+
+        ``recipe.slab_draw = "3d"``: the 3D generator draws the slab, so the
+        slices share one 3D deformation, one contrast and one through-plane
+        blur, and the slab may lie oblique (the 3D rotations); ~45 ms per slab
+        on one thread (its 3D warp). ``"2d"``: the label map's own slices,
+        drawn by the 2D generator as one picture (one in-plane transform,
+        contrast and corruption for all): the single-slice recipe's
+        distribution plus the neighbours, ~3x its cost."""
         axis, k = self.random_slice(index_map, gen)
+        if self.slab_draw == "2d":
+            return self._stacked_slab_sample(index_map, voxsize, gen, axis, k)
         shape = list(self.shape)
         shape.insert(axis, 2 * self.slab + 1)
         shift = [0.0] * index_map.ndim
@@ -124,6 +133,17 @@ class Recipe:
         image = s.image[0].movedim(axis, 0)
         labels, fov = s.labels.select(axis, self.slab), s.fov.select(axis, self.slab)
         return self.targets(image, labels, fov, gen, self.lr_axis_of_slice(axis))
+
+    def _stacked_slab_sample(self, index_map: torch.Tensor, voxsize, gen: torch.Generator,
+                             axis: int, k: int) -> dict[str, torch.Tensor]:
+        step = self.voxsize / float(voxsize[axis])   # label-map slices between two neighbours
+        depth = index_map.shape[axis]
+        empty = torch.zeros_like(index_map.select(axis, k))
+        maps = torch.stack([index_map.select(axis, i) if 0 <= i < depth else empty
+                            for i in (int(round(k + j * step)) for j in range(-self.slab, self.slab + 1))])
+        vox = tuple(v for a, v in enumerate(voxsize) if a != axis)
+        s = self.synth.stack(maps, vox, gen, out_shape=self.shape, out_voxsize=(self.voxsize,) * 2)
+        return self.targets(s.image, s.labels[self.slab], s.fov, gen, self.lr_axis_of_slice(axis))
 
     def dataset(self, start: int = 0, rank: int = 0, world: int = 1) -> LabelMapDataset:
         t, real = self.cfg.train, self.cfg.real
