@@ -93,15 +93,18 @@ def test_flipped_slab_mirrors_its_channels_and_swaps_the_labels(label_dir, monke
         assert torch.equal(b["target"], swap[index.select(axis, 8)].flip(0))
 
 
-def test_real_slab_sample_takes_the_neighbours_and_repeats_the_edge(label_dir, monkeypatch):
+@pytest.mark.parametrize("axis", [0, 2])
+def test_real_slab_sample_takes_the_neighbours_and_zeros_past_the_edge(label_dir, monkeypatch, axis):
     recipe = get_recipe(slab_cfg(label_dir, **{"recipe.flip_prob": 0.0}))
     index = random_index_map(recipe)
     image = index.float()
-    for k, want in ((5, [4, 5, 6]), (0, [0, 0, 1])):
-        monkeypatch.setattr(recipe, "random_slice", lambda *a, _k=k: (2, _k))
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1, 1, 1))   # zeros past the grid, as inference
+    for k in (5, 0, 15):
+        monkeypatch.setattr(recipe, "random_slice", lambda *a, _k=k: (axis, _k))
         sample = recipe.real_sample((image, index), generator(0))
-        assert torch.equal(sample["image"], image[:, :, want].movedim(-1, 0))
-        assert torch.equal(sample["target"], recipe.to_channel[index[:, :, k]])
+        want = torch.stack([padded.select(axis, k + j)[1:-1, 1:-1] for j in range(3)])
+        assert torch.equal(sample["image"], want)
+        assert torch.equal(sample["target"], recipe.to_channel[index.select(axis, k)])
 
 
 def test_slab_inference_reads_the_same_neighbours_as_a_3d_kernel():

@@ -187,15 +187,16 @@ class Recipe:
 
     def real_sample(self, prepared: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """A training sample from a prepared real pair: a random slice (2D;
-        with its ``slab`` neighbours each side as channels, the edge slice
-        repeated past the grid's end), a random crop/pad to ``shape``, then
+        with its ``slab`` neighbours each side as channels, zeros past the
+        grid's end as at inference), a random crop/pad to ``shape``, then
         the recipe's own targets."""
         image, index = prepared
         lr_axis = self.space.lr_axis
         if self.ndim == 2:
             axis, k = self.random_slice(index, gen)
-            near = (k + torch.arange(-self.slab, self.slab + 1)).clamp(0, index.shape[axis] - 1)
-            image, index = image.index_select(axis, near).movedim(axis, 0), index.select(axis, k)
+            pad = [0, 0] * (image.ndim - 1 - axis) + [self.slab, self.slab]   # zeros past the grid, as inference
+            image = torch.nn.functional.pad(image, pad).narrow(axis, k, 2 * self.slab + 1).movedim(axis, 0)
+            index = index.select(axis, k)
             lr_axis = self.lr_axis_of_slice(axis)
         else:
             image = image[None]
