@@ -275,8 +275,8 @@ class Recipe:
         out: dict[str, Any] = {"bf16": self.ndim == 2}
         if self.ndim == 2:
             out["slice_axes"] = [0, 1, 2]
-        if self.slab:
-            out["slab"] = self.slab
+            if self.slab:
+                out["slab"] = self.slab
         elif self.cfg.model.norm == "instance":
             out["patch"] = list(self.grid_shape((64, 64, 64)))
         opts = self.cfg.inference   # the registration options are the linear recipe's (register.py)
