@@ -51,31 +51,37 @@ def predict(model: Model, x: torch.Tensor) -> torch.Tensor:
     return y[0].float().cpu()
 
 
+def slab_batches(x: torch.Tensor, slab: int = 0, chunk: int = 16):
+    """Batches of 2D network input from a (C, a, b, Z) volume sliced along
+    its last axis, (n, C * (2 slab + 1), a, b) for ``chunk`` slices at a
+    time. Each slice comes with its ``slab``
+    neighbours on either side, in increasing order along the axis (channel
+    c * (2 slab + 1) + j is slice z - slab + j), zeros past the grid (the
+    conformed background)."""
+    depth = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (slab, slab)) if slab else x
+    for z0 in range(0, depth, chunk):
+        z1 = min(z0 + chunk, depth)
+        xb = padded[..., z0:z1 + 2 * slab].unfold(-1, 2 * slab + 1, 1)   # (C, a, b, n, 2 slab + 1)
+        yield xb.permute(3, 0, 4, 1, 2).flatten(1, 2)
+
+
 def _predict_slices(model: Model, x: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
     """A 2D network on a 3D (C, X, Y, Z) input: slice by slice along each
     axis of ``metadata.inference.slice_axes`` (default: the last axis only,
     as the first 2D pilots ran), ``chunk`` slices per batch; the outputs of
     the axes are averaged (2.5D fusion). A network trained on slabs
     (``metadata.inference.slab`` = s) reads each slice with its s
-    neighbours on either side as channels, in increasing order along the
-    axis (zeros past the grid, the conformed background). Returns
+    neighbours on either side as channels (:func:`slab_batches`). Returns
     (C_out, X, Y, Z)."""
     meta = model.meta.get("inference") or {}
     axes, slab = meta.get("slice_axes", [2]), int(meta.get("slab", 0))
     total = None
     for axis in axes:
-        moved = x.movedim(1 + int(axis), -1)   # the slicing axis last
-        if slab:
-            moved = torch.nn.functional.pad(moved, (slab, slab))
-        depth = moved.shape[-1] - 2 * slab
         out = []
-        for z0 in range(0, depth, chunk):
-            z1 = min(z0 + chunk, depth)
-            # (slices, C * (2 slab + 1), a, b): channel c * (2 slab + 1) + j is slice z - slab + j
-            xb = moved[..., z0:z1 + 2 * slab].unfold(-1, 2 * slab + 1, 1)
-            xb = xb.permute(3, 0, 4, 1, 2).flatten(1, 2).to(device)
+        for xb in slab_batches(x.movedim(1 + int(axis), -1), slab, chunk):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
-                y = model.net(xb)
+                y = model.net(xb.to(device))
             out.append(y.float().cpu().permute(1, 2, 3, 0))
         y = torch.cat(out, dim=-1).movedim(-1, 1 + int(axis))
         total = y if total is None else total + y

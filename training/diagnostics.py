@@ -101,13 +101,11 @@ def features(net: torch.nn.Module, x: torch.Tensor, chunk: int = 16) -> list[tor
     with torch.inference_mode():
         if getattr(net, "ndim", 3) == 3:
             return [f[0].float() for f in net.features(x[None, None].float())]
+        from synthtools.infer import slab_batches
         slab = (getattr(net, "config", {}).get("in_channels", 1) - 1) // 2
-        padded = F.pad(x, (slab, slab))
         parts: list[list[torch.Tensor]] = []
-        for z0 in range(0, x.shape[-1], chunk):
-            z1 = min(z0 + chunk, x.shape[-1])
-            xb = padded[..., z0:z1 + 2 * slab].unfold(-1, 2 * slab + 1, 1).permute(2, 3, 0, 1).float()
-            parts.append([f.float().permute(1, 2, 3, 0) for f in net.features(xb)])
+        for xb in slab_batches(x[None], slab, chunk):
+            parts.append([f.float().permute(1, 2, 3, 0) for f in net.features(xb.float())])
         return [torch.cat(layer, dim=-1) for layer in zip(*parts)]
 
 

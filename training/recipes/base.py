@@ -194,8 +194,10 @@ class Recipe:
         lr_axis = self.space.lr_axis
         if self.ndim == 2:
             axis, k = self.random_slice(index, gen)
-            pad = [0, 0] * (image.ndim - 1 - axis) + [self.slab, self.slab]   # zeros past the grid, as inference
-            image = torch.nn.functional.pad(image, pad).narrow(axis, k, 2 * self.slab + 1).movedim(axis, 0)
+            # Only the slab is copied (not the volume); zeros past the grid, as inference.
+            lo, hi = max(k - self.slab, 0), min(k + self.slab + 1, index.shape[axis])
+            pad = [0, 0] * (image.ndim - 1 - axis) + [lo - (k - self.slab), k + self.slab + 1 - hi]
+            image = torch.nn.functional.pad(image.narrow(axis, lo, hi - lo), pad).movedim(axis, 0)
             index = index.select(axis, k)
             lr_axis = self.lr_axis_of_slice(axis)
         else:
