@@ -151,6 +151,22 @@ def test_slab_network_started_from_a_single_slice_one_computes_its_output():
                   single.state_dict())
 
 
+def test_wider_slab_network_from_a_narrow_single_slice_one_predicts_the_same():
+    """train.init_widen with recipe.slab: the neighbours are embedded, then
+    the channels widened; the fused three-axis prediction is unchanged."""
+    torch.manual_seed(2)
+    single = UNet(2, 1, 4, features=(4, 8, 16), convs=2, norm="instance", deep_supervision=1)
+    for p in single.parameters():
+        p.data.normal_(0, 0.3)
+    wide = UNet(2, 3, 4, features=(6, 12, 24), convs=2, norm="instance", deep_supervision=1)
+    load_init(wide, single.state_dict(), widen=True)
+    x = torch.rand(1, 16, 16, 16)
+    meta = {"slice_axes": [0, 1, 2], "bf16": False}
+    want = predict(Model(single.eval(), {"inference": meta}, None), x)
+    got = predict(Model(wide.eval(), {"inference": {**meta, "slab": 1}}, None), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_slab_recipe_records_it_and_builds_a_multichannel_network(label_dir):
     recipe = get_recipe(slab_cfg(label_dir, **{"recipe.slab": 2}))
     assert recipe.build_model().config["in_channels"] == 5

@@ -243,6 +243,32 @@ def test_widened_unet_computes_what_the_narrow_one_did():
         load_init(UNet(3, 1, 5, features=(6, 9), convs=2), narrow.state_dict(), widen=True)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_widened_instance_norm_unet_with_deep_supervision_keeps_every_output(ndim):
+    """The segmenter's kind of U-Net (instance norm, deep supervision heads,
+    a 2.5D input): widened, every output (full resolution and each head) is
+    the narrow network's; batch-norm networks are refused."""
+    from synthtools.nets.unet import UNet
+    from synthtools.training.loop import load_init
+    torch.manual_seed(1)
+    kw = dict(convs=2, norm="instance", deep_supervision=2)
+    narrow = UNet(ndim, 3, 5, features=(4, 6, 8, 10), **kw).double()
+    for p in narrow.parameters():   # scales and shifts away from 1 and 0 too
+        p.data.normal_(0, 0.3)
+    wide = UNet(ndim, 3, 5, features=(6, 9, 12, 16), **kw).double()
+    x = torch.randn(2, 3, *(16,) * ndim, dtype=torch.float64)
+    load_init(wide, narrow.state_dict(), widen=True)
+    outs_wide, outs_narrow = wide.forward_all(x), narrow.forward_all(x)
+    assert len(outs_wide) == 3
+    for a, b in zip(outs_wide, outs_narrow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    outs_wide[1].square().mean().backward()   # a head's weights from new channels learn
+    assert torch.all(wide.aux[0].weight[:, 6:] == 0) and wide.aux[0].weight.grad[:, 6:].abs().sum() > 0
+    bn = UNet(ndim, 3, 5, features=(6, 9, 12, 16), convs=2, norm="batch")
+    with pytest.raises(ValueError, match="instance-norm"):
+        load_init(bn, UNet(ndim, 3, 5, features=(4, 6, 8, 10), convs=2, norm="batch").state_dict(), widen=True)
+
+
 def test_batch_norm_unet_round_trips_and_ignores_the_batch(tmp_path):
     """A U-Net with batch normalisation: the saved model reproduces the
     network's eval output (running statistics saved in full precision), and

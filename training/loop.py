@@ -412,21 +412,20 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial:
     starts from a single-slice one's weights, embedded so that it computes
     the same output (``embed_slab_input``). Otherwise any mismatch is an
     error, so a wrong file cannot slip through."""
-    if widen:
-        from .widen import widen_unet_state
-        if partial:
-            raise ValueError("train.init_widen and train.init_partial do not combine")
-        arch = model.config
-        if arch.get("norm"):
-            raise ValueError("train.init_widen embeds plain U-Nets; this one has normalisation layers")
-        model.load_state_dict(widen_unet_state(weights, model.state_dict(), arch["in_channels"],
-                                               arch["out_channels"]))
-        return []
     arch = getattr(model, "config", {})
     first = weights.get("down.0.0.weight")
     if arch.get("ndim") == 2 and arch.get("in_channels", 1) > 1 and first is not None and first.shape[1] == 1:
         from .widen import embed_slab_input   # a 2.5D network from a single-slice one
         weights = embed_slab_input(weights, arch["in_channels"])
+    if widen:
+        from .widen import widen_unet_state
+        if partial:
+            raise ValueError("train.init_widen and train.init_partial do not combine")
+        if arch.get("norm") not in (None, "instance"):
+            raise ValueError(f"train.init_widen embeds plain or instance-norm U-Nets, not {arch['norm']!r} ones")
+        model.load_state_dict(widen_unet_state(weights, model.state_dict(), arch["in_channels"],
+                                               arch["out_channels"]))
+        return []
     if not partial:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
         return []

@@ -13,6 +13,12 @@ output channels keep the wider network's random initialisation and are read
 by nothing yet. Their outgoing weights are zero, not frozen: the gradient
 through them is non-zero as soon as the new channels are active, so they
 start learning at the first step.
+
+Instance normalisation works per channel, so an old channel's statistics
+and its learnt scale and shift are unchanged by the new channels beside it
+(the new ones start at scale 1, shift 0). Batch normalisation's running
+statistics would also be exact, but are not supported; deep supervision
+heads are widened like the output head.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Sequence
 import torch
 
 _CONV = re.compile(r"^(down|up)\.(\d+)\.(\d+)\.(weight|bias)$")
+_AUX = re.compile(r"^aux\.(\d+)\.(weight|bias)$")   # deep supervision head k reads level k + 1
 
 
 def unet_features(weights: dict[str, torch.Tensor]) -> list[int]:
@@ -50,6 +57,9 @@ def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list
     upsampled deeper features then the encoder's skip."""
     if key.startswith("head."):
         return [features[0]]
+    aux = _AUX.match(key)
+    if aux:
+        return [features[int(aux.group(1)) + 1]]
     level, source, first = _level(key, len(features))
     if not first:
         return [features[level]]
@@ -59,7 +69,12 @@ def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list
 
 
 def _out_size(key: str, features: Sequence[int], out_channels: int) -> int:
-    return out_channels if key.startswith("head.") else features[_level(key, len(features))[0]]
+    if key.startswith("head.") or _AUX.match(key):
+        return out_channels
+    if not _CONV.match(key):
+        raise ValueError(f"{key}: not a U-Net convolution or instance-norm tensor "
+                         "(batch-norm statistics cannot be widened exactly)")
+    return features[_level(key, len(features))[0]]
 
 
 def widen_unet_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
@@ -81,7 +96,7 @@ def widen_unet_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
         o_old, o_new = _out_size(key, f_old, out_channels), _out_size(key, f_new, out_channels)
         if src.shape[0] != o_old or init.shape[0] != o_new:
             raise ValueError(f"{key}: unexpected shape {tuple(src.shape)} -> {tuple(init.shape)}")
-        if key.endswith(".bias"):
+        if src.ndim == 1:   # a bias, or an instance norm's per-channel scale or shift
             w[:o_old] = src
         else:
             w[:o_old] = 0                 # old outputs read no new input channel
