@@ -42,6 +42,15 @@ def unet_features(weights: dict[str, torch.Tensor]) -> list[int]:
     return out
 
 
+def _head_level(key: str) -> int | None:
+    """The level an output head reads (the final head level 0, deep
+    supervision head k level k + 1); None for any other tensor."""
+    if key.startswith("head."):
+        return 0
+    aux = _AUX.match(key)
+    return int(aux.group(1)) + 1 if aux else None
+
+
 def _level(key: str, n: int) -> tuple[int, int, bool]:
     """(level the convolution works at, its block's input level, whether it
     is the block's first convolution) of a U-Net conv key; level 0 = full
@@ -55,11 +64,9 @@ def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list
     """Sizes of the consecutive input-channel groups a convolution reads:
     one group, except a decoder block's first convolution, which reads the
     upsampled deeper features then the encoder's skip."""
-    if key.startswith("head."):
-        return [features[0]]
-    aux = _AUX.match(key)
-    if aux:
-        return [features[int(aux.group(1)) + 1]]
+    head = _head_level(key)
+    if head is not None:
+        return [features[head]]
     level, source, first = _level(key, len(features))
     if not first:
         return [features[level]]
@@ -69,11 +76,11 @@ def _input_segments(key: str, features: Sequence[int], in_channels: int) -> list
 
 
 def _out_size(key: str, features: Sequence[int], out_channels: int) -> int:
-    if key.startswith("head.") or _AUX.match(key):
+    if _head_level(key) is not None:
         return out_channels
     if not _CONV.match(key):
         raise ValueError(f"{key}: not a U-Net convolution or instance-norm tensor "
-                         "(batch-norm statistics cannot be widened exactly)")
+                         "(batch-norm statistics are not supported)")
     return features[_level(key, len(features))[0]]
 
 
