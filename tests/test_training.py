@@ -212,6 +212,27 @@ def test_dice_plus_ce_revives_a_channel_the_softmax_has_shut():
     assert grads["dice+ce"] > 1e3 * grads["dice"]
 
 
+def test_batch_dice_charges_a_false_positive_in_a_sample_without_the_structure():
+    """Two slices; channel 2 (9 voxels) is in slice 0 only, and the network
+    also predicts it in slice 1. Per-sample Dice charges that only through
+    slice 1's background (9 of its 64 voxels missed); the batch Dice sums
+    over both slices, so channel 2 itself loses a third of its Dice."""
+    from synthtools.training.recipes.segment import soft_dice_loss
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = 2
+    logits = torch.full((2, 3, 8, 8), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 0, 2:5, 2:5], logits[0, 2, 2:5, 2:5] = -20.0, 20.0     # slice 0: exact
+    exact = logits.clone()
+    logits[1, 0, 2:5, 2:5], logits[1, 2, 2:5, 2:5] = -20.0, 20.0     # slice 1: a false positive
+    for over_batch in (False, True):
+        assert float(soft_dice_loss(exact, target, over_batch=over_batch)) < 1e-4
+    # per sample: (slice 0: ch 0, ch 2 exact; slice 1: ch 0 Dice 110/119) / 3 entries
+    assert float(soft_dice_loss(logits, target)) == pytest.approx(9 / 119 / 3, abs=1e-4)
+    # over the batch: ch 2 Dice 2*9/(18+9); ch 0 Dice 2*110/(110+119); mean of the 2 present
+    assert float(soft_dice_loss(logits, target, over_batch=True)) == pytest.approx((1 / 3 + 9 / 229) / 2, abs=1e-4)
+
+
 def test_segment_recipe_rejects_an_unknown_loss(label_dir):
     cfg = tiny_cfg("segment", label_dir).override({"recipe.loss": "focal"})
     with pytest.raises(ValueError, match="recipe.loss"):

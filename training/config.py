@@ -66,7 +66,7 @@ class RecipeSection(_Section):
     shape: Optional[tuple[int, ...]] = None  # training crop, voxels (default: the recipe's)
     # segment
     flip_prob: float = 0.5            # probability of a left-right flip (fraction)
-    loss: str = "dice"                # dice, dice+ce
+    loss: str = "dice"                # dice, dice+ce, batch-dice, batch-dice+ce (Dice summed over the batch)
     # skullstrip
     band: float = 5.0                 # signed-distance band, mm
     boundaries: Optional[tuple[str, ...]] = None  # csf and/or nocsf (default: from csf)

@@ -19,11 +19,18 @@ from ..generator.synth import Synthesizer
 from .base import Recipe
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over channels present in the batch (B, C, *S)."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
+                   over_batch: bool = False) -> torch.Tensor:
+    """1 - mean soft Dice over the channels present (B, C, *S). Per sample by
+    default: each sample's Dice counts only the channels in its own target,
+    so a channel it predicts but lacks costs nothing in Dice. ``over_batch``
+    (nnU-Net's batch Dice): the sums run over the whole batch, so a false
+    positive in any sample counts wherever the channel is in the batch; for
+    2D slices, where a small structure is absent from most slices, that is
+    the difference."""
     prob = torch.softmax(logits.float(), dim=1)
     onehot = torch.nn.functional.one_hot(target.long(), prob.shape[1]).movedim(-1, 1).float()
-    dims = tuple(range(2, prob.ndim))
+    dims = (0, *range(2, prob.ndim)) if over_batch else tuple(range(2, prob.ndim))
     inter = (prob * onehot).sum(dims)
     denom = prob.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + eps) / (denom + eps)
@@ -31,18 +38,20 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return 1 - dice[present].mean()
 
 
-LOSSES = ("dice", "dice+ce")
+LOSSES = ("dice", "dice+ce", "batch-dice", "batch-dice+ce")
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice") -> torch.Tensor:
-    """``dice``: soft Dice (SynthSeg). ``dice+ce``: soft Dice plus voxel-wise
-    cross-entropy (nnU-Net's pairing): the cross-entropy gives every voxel a
-    gradient, which soft Dice alone gives weakly to a structure the network
-    does not yet predict."""
+    """``dice``: soft Dice per sample (SynthSeg). ``dice+ce``: soft Dice plus
+    voxel-wise cross-entropy (nnU-Net's pairing): the cross-entropy gives
+    every voxel a gradient, which soft Dice alone gives weakly to a
+    structure the network does not yet predict. ``batch-dice`` and
+    ``batch-dice+ce``: the same with the Dice summed over the batch
+    (``soft_dice_loss(over_batch=True)``)."""
     if kind not in LOSSES:
         raise ValueError(f"unknown segmentation loss {kind!r} (one of {LOSSES})")
-    loss = soft_dice_loss(logits, target)
-    if kind == "dice+ce":
+    loss = soft_dice_loss(logits, target, over_batch=kind.startswith("batch-"))
+    if kind.endswith("+ce"):
         loss = loss + torch.nn.functional.cross_entropy(logits.float(), target.long())
     return loss
 
