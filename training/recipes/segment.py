@@ -23,7 +23,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
                    over_batch: bool = False) -> torch.Tensor:
     """1 - mean soft Dice over the channels present (B, C, *S). Per sample by
     default: each sample's Dice counts only the channels in its own target,
-    so a channel it predicts but lacks costs nothing in Dice. ``over_batch``
+    so a channel it predicts but lacks costs nothing in that channel's Dice
+    (only in the channels it covers). ``over_batch``
     (nnU-Net's batch Dice): the sums run over the whole batch, so a false
     positive in any sample counts wherever the channel is in the batch; for
     2D slices, where a small structure is absent from most slices, that is
