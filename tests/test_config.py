@@ -131,6 +131,29 @@ def test_every_bundled_and_run_config_loads_and_round_trips(path, tmp_path):
     assert back == cfg and back.to_dict() == cfg.to_dict()
 
 
+def test_saved_run_config_keeps_the_files_leading_comment_once(tmp_path):
+    """A run folder's config keeps its author's description through
+    synthgen train's rewrite, a resume and an override, without stacking
+    the header line."""
+    src = tmp_path / "mine.toml"
+    body = (CONFIGS / "segment.toml").read_text()
+    body = body[body.index("["):]    # the bundled file without its own comment
+    src.write_text("# Why this run exists.\n#\n# Second paragraph.\n\n" + body)
+    cfg = load_config(src)
+    assert cfg.note == "Why this run exists.\n\nSecond paragraph."
+    run = tmp_path / "run"
+    run.mkdir()
+    for _ in range(2):   # a first start, then a resume from the saved file
+        save_run_config(get_recipe(cfg), run)
+        text = (run / RUN_CONFIG).read_text()
+        assert text.startswith("# Written by synthgen train: this run's effective config.\n#\n"
+                               "# Why this run exists.\n#\n# Second paragraph.\n\n[")
+        assert text.count("Written by synthgen train") == 1
+        cfg = load_config(run / RUN_CONFIG)
+    assert cfg.override({"train.lr": 0.002}).note == cfg.note
+    assert load_config(run / RUN_CONFIG, {"train.lr": 0.002}).train.lr == 0.002
+
+
 def test_run_configs_are_checked():
     assert REPO / "runs" / "synthseg_2d" / "config.toml" in RUN_CONFIGS   # the long run resumes from it
     assert set(KNOWN_INCOMPATIBLE) <= {_run_key(p) for p in RUN_CONFIGS}

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 
+# First line of the config synthgen train saves in a run folder (training.loop.save_run_config).
+RUN_CONFIG_HEADER = "Written by synthgen train: this run's effective config."
+
+
 class ConfigError(ValueError):
     """A config that does not fit the schema (one-line message)."""
 
@@ -313,6 +317,9 @@ class Config:
     generator: Any = field(default_factory=_default_synth)      # SynthConfig
     generator_moving: Any = None                                # SynthConfig or None
     tables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The file's leading comment (its author's description of the run), carried into the
+    # run's saved config: a run folder keeps why it exists after synthgen train rewrites it.
+    note: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, tables: dict[str, Any]) -> "Config":
@@ -338,4 +345,4 @@ class Config:
         tables = self.to_dict()
         for key, value in values.items():
             set_key(tables, key, value)
-        return Config.from_dict(tables)
+        return dataclasses.replace(Config.from_dict(tables), note=self.note)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from synthtools.weights import save_model
 
-from .config import TrainSection
+from .config import RUN_CONFIG_HEADER, TrainSection
 
 
 def code_revision() -> str:
@@ -471,12 +471,15 @@ def save_run_config(recipe, out: Path) -> None:
     """The run's effective config (file plus ``--set`` overrides) as
     ``RUN_CONFIG`` in the run folder, so ``synthgen burst`` and ``export``
     can take the run alone. ``train.device`` is the machine's, not the
-    run's: it is left out, so a run resumed elsewhere starts on the CPU."""
+    run's: it is left out, so a run resumed elsewhere starts on the CPU.
+    The config file's leading comment (``Config.note``) is kept under the
+    header line."""
     from .presets import dump_toml
     tables = recipe.cfg.to_dict()
     tables.get("train", {}).pop("device", None)
     tmp = out / (RUN_CONFIG + ".tmp")
-    tmp.write_text(dump_toml(tables, "Written by synthgen train: this run's effective config."))
+    note = recipe.cfg.note
+    tmp.write_text(dump_toml(tables, RUN_CONFIG_HEADER + (f"\n\n{note}" if note else "")))
     os.replace(tmp, out / RUN_CONFIG)
 
 

@@ -2,6 +2,7 @@
 one task and says how to score a model on real data."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ..config import Config, ConfigError, set_key
+from ..config import RUN_CONFIG_HEADER, Config, ConfigError, set_key
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -32,7 +33,21 @@ def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = Non
         raise ValueError(f"{p}: not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
         set_key(tables, key, value)
-    return Config.from_dict(tables)
+    return dataclasses.replace(Config.from_dict(tables), note=leading_comment(p.read_text()))
+
+
+def leading_comment(text: str) -> str:
+    """The comment block that opens a TOML file, without its ``#`` marks
+    and without the line ``synthgen train`` writes above a run's saved
+    config (so a resumed run does not stack it)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" ").rstrip())
+    if lines and lines[0] == RUN_CONFIG_HEADER:
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n")
 
 
 def get_recipe(cfg: Config):
