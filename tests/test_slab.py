@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from synthtools.infer import predict
+from synthtools.infer import content_range, predict, slab_batches
 from synthtools.nets.unet import UNet
 from synthtools.training.generator.synth import SynthConfig, Synthesizer, generator
 from synthtools.training.loop import load_init, train
@@ -133,6 +133,32 @@ def test_slab_inference_reads_the_same_neighbours_as_a_3d_kernel():
         pad[axis] = 1
         want = torch.nn.functional.conv3d(x[None], kernel.reshape(shape), net.conv.bias.data, padding=pad)[0]
         torch.testing.assert_close(predict(model, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_slices_that_see_only_zeros_are_run_once_and_the_output_is_unchanged():
+    """A zero-padded head: the slices whose slab is all zero get the
+    all-zero slab's output computed once, and the fused output is exactly
+    what running every slice gives (instance norm included)."""
+    torch.manual_seed(0)
+    net = UNet(2, 3, 4, features=(4, 8), convs=1, norm="instance").eval()
+    x = torch.zeros(1, 16, 12, 20)
+    x[0, 4:11, 2:10, 5:13] = torch.rand(7, 8, 8) + 0.1
+    x[0, :, :, 8] = 0                                    # an empty slice inside the content stays in
+    model = Model(net, {"inference": {"slice_axes": [0, 1, 2], "slab": 1, "bf16": False}}, None)
+    want = 0
+    for axis in (0, 1, 2):
+        ys = [net(xb).permute(1, 2, 3, 0) for xb in slab_batches(x.movedim(1 + axis, -1), 1)]
+        want = want + torch.cat(ys, -1).movedim(-1, 1 + axis)
+    seen = []
+    hook = net.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    with torch.no_grad():
+        got = predict(model, x)
+    hook.remove()
+    torch.testing.assert_close(got, (want / 3).detach(), rtol=0, atol=1e-6)
+    # content slices (with their slab) 3-11, 1-10, 4-13 of 16, 12, 20: 9 + 10 + 10, plus one blank per axis
+    assert sum(seen) == 9 + 10 + 10 + 3
+    assert content_range(x.movedim(3, -1), 1) == (4, 14) and content_range(x.movedim(3, -1), 0) == (5, 13)
+    assert content_range(torch.zeros(1, 3, 3, 5), 1) == (0, 0)
 
 
 def test_slab_network_started_from_a_single_slice_one_computes_its_output():
