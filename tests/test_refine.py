@@ -219,3 +219,16 @@ def test_a_small_fluid_compartment_keeps_its_voxels_when_tied():
     apart = refine_posteriors(prior.clone(), image).argmax(1)[s]
     tied = refine_posteriors(prior.clone(), image, groups=[0, 1, 1, 3]).argmax(1)[s]
     assert (apart == 2).float().mean() < 0.5 and (tied == 2).float().mean() > 0.9
+
+
+def test_in_place_channel_softmax_matches_torch_softmax_on_every_block():
+    """The blockwise in-place softmax of the segmenter gives torch's softmax
+    over channels, also for a last block shorter than the step."""
+    from synthtools.seg.segmenter import _softmax_
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 3, 4) * 20
+    want = torch.softmax(logits, dim=0)
+    got = _softmax_(logits, step=3)
+    assert got is logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    torch.testing.assert_close(got.sum(0), torch.ones(7, 3, 4))
