@@ -27,13 +27,14 @@ def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = Non
         p = CONFIGS / f"{path_or_name}.toml"
     if not p.is_file():
         raise FileNotFoundError(f"{path_or_name}: no such config file or bundled config")
+    text = p.read_text()
     try:
-        tables = tomllib.loads(p.read_text())
+        tables = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
         set_key(tables, key, value)
-    return dataclasses.replace(Config.from_dict(tables), note=leading_comment(p.read_text()))
+    return dataclasses.replace(Config.from_dict(tables), note=leading_comment(text))
 
 
 def leading_comment(text: str) -> str:
