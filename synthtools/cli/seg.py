@@ -89,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="intensity refinement (on unless --no-refine): take the network's posteriors as "
                    "a prior and fit an intensity model per structure to this image, so boundaries follow "
-                   "its edges (shipped model, vxm T1 mean Dice 0.714 -> 0.772; BrainWeb grey/white matter 0.79-0.84 -> 0.94-0.96)")
+                   "its edges (shipped model, vxm T1 mean Dice 0.744 -> 0.793; BrainWeb grey/white matter 0.81-0.86 -> 0.93-0.96)")
     p.add_argument("--bias-field", action=argparse.BooleanOptionalAction, default=True,
                    help="with the refinement (on unless --no-bias-field): also fit a smooth multiplicative "
                    "intensity field (coil inhomogeneity), as SPM and SAMSEG do")
     p.add_argument("--atlases", type=int, metavar="N",
                    help="register the model's first N bundled atlases to the scan and multiply their labels "
                    "into the network's prior before the refinement (default: the model's, 3 for the shipped "
-                   "one: vxm T1 mean Dice 0.772 -> 0.797, ~5 s an atlas; 0: off)")
+                   "one: vxm T1 mean Dice 0.793 -> 0.804, ~3-5 s an atlas; 0: off)")
     p.add_argument("--snapshot", metavar="PNG",
                    help="PNG of three orthogonal slices with the labels in colour (file or folder)")
     p.add_argument("--example", action="store_true",
